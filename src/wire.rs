@@ -1,0 +1,144 @@
+//! The NATS side of the Qx wire format: subjects and header names, written once for the relay, the publisher
+//! and the consumer.
+//!
+//! Python workers read correlation and tenant only from these headers, never from the body, so every producer
+//! must set them exactly as Qx does.
+
+use async_nats::header::{HeaderMap, HeaderValue, NATS_MESSAGE_ID};
+use uuid::Uuid;
+
+/// The event's dotted name, e.g. `order.placed`.
+pub const HEADER_EVENT_NAME: &str = "qx.event_name";
+/// The payload schema version, as decimal text.
+pub const HEADER_EVENT_VERSION: &str = "qx.event_version";
+/// The envelope's `event_id`.
+pub const HEADER_EVENT_ID: &str = "qx.event_id";
+/// Set only when the event has a correlation id.
+pub const HEADER_CORRELATION_ID: &str = "qx.correlation_id";
+/// Set only when the event has a tenant; a Python worker takes the tenant from here alone.
+pub const HEADER_TENANT_ID: &str = "qx.tenant_id";
+
+/// Why an event name cannot become a subject. Retrying never helps.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubjectError {
+    /// The name is empty, or one of its dot-separated parts is.
+    #[error("event name {0:?} has an empty subject token")]
+    EmptyToken(String),
+    /// The name holds whitespace, a control character or a wildcard.
+    #[error("event name {0:?} is not a valid subject token (whitespace, control character or wildcard)")]
+    InvalidCharacter(String),
+}
+
+/// The subject an event is published on: `<subject_prefix>.<event_name>`.
+///
+/// # Errors
+/// When `event_name` would make an invalid or wildcard subject.
+pub fn subject(subject_prefix: &str, event_name: &str) -> Result<String, SubjectError> {
+    validate_event_name(event_name)?;
+    Ok(format!("{subject_prefix}.{event_name}"))
+}
+
+/// Checks that `event_name` is one or more literal subject tokens.
+///
+/// # Errors
+/// See [`SubjectError`].
+pub fn validate_event_name(event_name: &str) -> Result<(), SubjectError> {
+    if event_name.split('.').any(str::is_empty) {
+        return Err(SubjectError::EmptyToken(event_name.to_owned()));
+    }
+    let bad = |c: char| c.is_whitespace() || c.is_control() || c == '*' || c == '>';
+    if event_name.contains(bad) {
+        return Err(SubjectError::InvalidCharacter(event_name.to_owned()));
+    }
+    Ok(())
+}
+
+/// What a Qx message says about its event outside the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventHeaders {
+    /// `qx.event_name`.
+    pub event_name: String,
+    /// `qx.event_version`.
+    pub event_version: i32,
+    /// `qx.event_id`; absent only for rows whose envelope has no valid `event_id`.
+    pub event_id: Option<Uuid>,
+    /// `qx.correlation_id`.
+    pub correlation_id: Option<Uuid>,
+    /// `qx.tenant_id`.
+    pub tenant_id: Option<Uuid>,
+}
+
+impl EventHeaders {
+    /// The NATS headers Qx consumers expect, plus `Nats-Msg-Id` = `msg_id` for JetStream dedupe.
+    pub fn to_header_map(&self, msg_id: Uuid) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_EVENT_NAME, self.event_name.as_str());
+        headers.insert(HEADER_EVENT_VERSION, HeaderValue::from(self.event_version));
+        if let Some(event_id) = self.event_id {
+            headers.insert(HEADER_EVENT_ID, uuid_text(event_id));
+        }
+        if let Some(correlation_id) = self.correlation_id {
+            headers.insert(HEADER_CORRELATION_ID, uuid_text(correlation_id));
+        }
+        if let Some(tenant_id) = self.tenant_id {
+            headers.insert(HEADER_TENANT_ID, uuid_text(tenant_id));
+        }
+        headers.insert(NATS_MESSAGE_ID, uuid_text(msg_id));
+        headers
+    }
+
+    /// Reads the Qx headers of a received message. `None` when `qx.event_name` or `qx.event_version` is
+    /// missing or malformed; an unparsable optional id is read as absent.
+    pub fn from_header_map(headers: &HeaderMap) -> Option<Self> {
+        let text = |name: &str| headers.get(name).map(HeaderValue::as_str);
+        let id = |name: &str| text(name).and_then(|value| Uuid::parse_str(value).ok());
+        Some(Self {
+            event_name: text(HEADER_EVENT_NAME)?.to_owned(),
+            event_version: text(HEADER_EVENT_VERSION)?.parse().ok()?,
+            event_id: id(HEADER_EVENT_ID),
+            correlation_id: id(HEADER_CORRELATION_ID),
+            tenant_id: id(HEADER_TENANT_ID),
+        })
+    }
+}
+
+/// Lower-case hyphenated, as Postgres prints a `uuid` and Python's `str(uuid)` does.
+fn uuid_text(id: Uuid) -> String {
+    id.hyphenated().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_join_prefix_and_name() {
+        assert_eq!(subject("billing", "order.placed").unwrap(), "billing.order.placed");
+    }
+
+    #[test]
+    fn invalid_event_names_are_rejected() {
+        for name in ["", "order..placed", ".x", "x.", "order placed", "orders.*", ">", "a\tb", "a\u{0}b"] {
+            assert!(validate_event_name(name).is_err(), "{name:?} should be rejected");
+        }
+        for name in ["order.placed", "identity.user.registered", "ünïcødé"] {
+            assert!(validate_event_name(name).is_ok(), "{name:?} should be accepted");
+        }
+    }
+
+    #[test]
+    fn headers_round_trip() {
+        let event = EventHeaders {
+            event_name: "order.placed".into(),
+            event_version: 2,
+            event_id: Some(Uuid::new_v4()),
+            correlation_id: Some(Uuid::new_v4()),
+            tenant_id: None,
+        };
+        let msg_id = Uuid::new_v4();
+        let map = event.to_header_map(msg_id);
+        assert_eq!(map.get(NATS_MESSAGE_ID).unwrap().as_str(), msg_id.to_string());
+        assert!(map.get(HEADER_TENANT_ID).is_none());
+        assert_eq!(EventHeaders::from_header_map(&map), Some(event));
+    }
+}
