@@ -1,1 +1,72 @@
-fn main() {}
+//! `qx-relay`: CLI → telemetry → config → runtime → exit code; nothing else.
+
+use clap::Parser;
+use qx_relay::relay::cli::{Cli, Command, DeadCommand};
+use qx_relay::relay::config::Config;
+use qx_relay::relay::store::Requeue;
+use qx_relay::relay::{self, error_chain, ops, shutdown, telemetry, ExitCode};
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+fn main() -> std::process::ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return exit(if err.use_stderr() { ExitCode::Usage } else { ExitCode::Ok });
+        }
+    };
+    telemetry::init(cli.log_format);
+    let config = match Config::load(cli.config.as_deref(), &cli.overrides.to_overrides()) {
+        Ok(config) => config,
+        Err(err) => {
+            error!("configuration error: {err}");
+            return exit(ExitCode::Config);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            error!("cannot start the async runtime: {err}");
+            return exit(ExitCode::Internal);
+        }
+    };
+    exit(runtime.block_on(dispatch(cli.command.unwrap_or(Command::Run), config)))
+}
+
+async fn dispatch(command: Command, config: Config) -> ExitCode {
+    match command {
+        Command::Run => {
+            let token = CancellationToken::new();
+            if let Err(err) = shutdown::listen(token.clone()) {
+                error!("cannot install signal handlers: {err}");
+                return ExitCode::Internal;
+            }
+            match relay::run(config, token).await {
+                Ok(_) => ExitCode::Ok,
+                Err(err) => {
+                    error!("relay stopped: {}", error_chain(&err));
+                    err.exit_code()
+                }
+            }
+        }
+        Command::Check => ops::check(&config).await,
+        Command::Config => ops::print_config(&config),
+        Command::Status { json } => ops::status(&config, json).await,
+        Command::Dead { command: DeadCommand::List { limit, event_name, json } } => {
+            ops::dead_list(&config, limit, event_name.as_deref(), json).await
+        }
+        Command::Dead { command: DeadCommand::Requeue { ids, event_name, all, json } } => {
+            let which = match (all, event_name) {
+                (true, _) => Requeue::All,
+                (false, Some(name)) => Requeue::EventName(name),
+                (false, None) => Requeue::Ids(ids),
+            };
+            ops::dead_requeue(&config, &which, json).await
+        }
+    }
+}
+
+fn exit(code: ExitCode) -> std::process::ExitCode {
+    std::process::ExitCode::from(code as u8)
+}

@@ -1,0 +1,124 @@
+//! The command line: subcommands and the flags that override the config.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use uuid::Uuid;
+
+use super::config::{LeaderMode, Overrides};
+use super::telemetry::LogFormat;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0   clean stop (SIGTERM/SIGINT, in-flight batch finished)
+  1   a check failed (`check`)
+  64  usage error (bad flags)
+  69  a dependency (Postgres, NATS, Redis) unavailable at start or for longer than relay.give_up_after
+  70  internal error
+  78  configuration error (one line names the key)
+  130 second SIGTERM/SIGINT: stopped without finishing";
+
+/// Relays the Qx transactional outbox (`qx_outbox_events`) to NATS JetStream.
+///
+/// With no subcommand it runs the relay, so `qx-relay --shard-id 1 --shard-count 3` works.
+#[derive(Debug, Parser)]
+#[command(name = "qx-relay", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// What to do; `run` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings file (TOML); defaults and env apply without it.
+    #[arg(long, global = true, env = "QX_RELAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t, env = "QX_RELAY_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Settings that override the file and env.
+    #[command(flatten)]
+    pub overrides: OverrideArgs,
+}
+
+/// Flags that win over the file and the environment.
+#[derive(Debug, Args)]
+pub struct OverrideArgs {
+    /// This relay's shard (`relay.shard_id`).
+    #[arg(long, global = true)]
+    pub shard_id: Option<u32>,
+    /// Number of shards (`relay.shard_count`).
+    #[arg(long, global = true)]
+    pub shard_count: Option<u32>,
+    /// Leader election (`relay.leader`).
+    #[arg(long, global = true, value_enum)]
+    pub leader: Option<LeaderMode>,
+    /// Serve /metrics, /livez and /readyz here (`relay.metrics_addr`).
+    #[arg(long, global = true)]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl OverrideArgs {
+    /// As config overrides.
+    pub fn to_overrides(&self) -> Overrides {
+        Overrides {
+            shard_id: self.shard_id,
+            shard_count: self.shard_count,
+            leader: self.leader,
+            metrics_addr: self.metrics_addr,
+        }
+    }
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Relay the outbox until SIGTERM (the default).
+    Run,
+    /// Validate the config, connect to Postgres and NATS, check the table and the stream; one line per check.
+    Check,
+    /// Print the effective config (all layers merged) as TOML, secrets redacted.
+    Config,
+    /// Pending, parked and recently published rows per shard, and who holds the leader locks.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rows parked after failing for good.
+    Dead {
+        /// list or requeue.
+        #[command(subcommand)]
+        command: DeadCommand,
+    },
+}
+
+/// `qx-relay dead …`.
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// List parked rows, oldest first.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Only this event name.
+        #[arg(long)]
+        event_name: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give parked rows a fresh start (attempts = 0, last_error = NULL). Never deletes anything.
+    Requeue {
+        /// These row ids.
+        #[arg(long = "id", num_args = 1.., conflicts_with_all = ["event_name", "all"], required_unless_present_any = ["event_name", "all"])]
+        ids: Vec<Uuid>,
+        /// Every parked row of this event name.
+        #[arg(long, conflicts_with = "all")]
+        event_name: Option<String>,
+        /// Every parked row.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}

@@ -1,0 +1,70 @@
+//! Which rows a relay owns: pure functions over the shard id and count.
+//!
+//! The split is the Python relay's, `ABS(HASHTEXT(key)::bigint) % shard_count = shard_id` with the row id as
+//! the default key, so Python and Rust relays can share one table during a migration.
+
+use super::config::RelayConfig;
+
+/// One slice of the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// `0..count`.
+    pub id: u32,
+    /// How many slices the table is split into; 1 = the whole table.
+    pub count: u32,
+}
+
+impl Shard {
+    /// The shard `relay` is configured for.
+    pub fn of(relay: &RelayConfig) -> Self {
+        Self { id: relay.shard_id, count: relay.shard_count }
+    }
+
+    /// Every shard of a split into `count`.
+    pub fn all_of(count: u32) -> impl Iterator<Item = Self> {
+        (0..count.max(1)).map(move |id| Self { id, count: count.max(1) })
+    }
+
+    /// The `AND …` clause selecting this shard's rows by `key_sql`; empty when unsharded.
+    pub fn sql_clause(&self, key_sql: &str) -> String {
+        if self.count <= 1 {
+            return String::new();
+        }
+        format!("AND ABS(HASHTEXT({key_sql})::bigint) % {} = {}", self.count, self.id)
+    }
+
+    /// The leader-lock key of this shard: one lock per shard, so each shard can have a hot standby.
+    pub fn lock_key(&self, base: &str) -> String {
+        if self.count <= 1 {
+            base.to_owned()
+        } else {
+            format!("{base}:{}", self.id)
+        }
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.id, self.count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsharded_selects_everything() {
+        let whole = Shard { id: 0, count: 1 };
+        assert_eq!(whole.sql_clause("id::text"), "");
+        assert_eq!(whole.lock_key("leader:outbox-relay"), "leader:outbox-relay");
+    }
+
+    #[test]
+    fn sharded_matches_the_python_expression() {
+        let shard = Shard { id: 1, count: 3 };
+        assert_eq!(shard.sql_clause("id::text"), "AND ABS(HASHTEXT(id::text)::bigint) % 3 = 1");
+        assert_eq!(shard.lock_key("leader:outbox-relay"), "leader:outbox-relay:1");
+        assert_eq!(Shard::all_of(3).count(), 3);
+    }
+}

@@ -1,0 +1,385 @@
+//! The outbox table: every SQL statement the relay runs, and [`OutboxRow`]. Knows nothing about NATS.
+//!
+//! Works on the qx-db table exactly as qx-db creates it (no schema change). Rows are claimed with
+//! `FOR UPDATE SKIP LOCKED` inside a transaction that stays open only while the batch is published, so
+//! concurrent relays (Python or Rust) never claim the same row and a crash simply releases the locks.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use super::config::{OnPublish, RelayConfig, ShardKey};
+use super::shard::Shard;
+
+/// `last_error` is `VARCHAR(2048)`: longer text would fail the whole update.
+const LAST_ERROR_MAX_CHARS: usize = 2048;
+
+/// Columns the relay reads or writes; `check` verifies them.
+pub const REQUIRED_COLUMNS: &[&str] = &[
+    "id",
+    "event_name",
+    "event_version",
+    "payload",
+    "occurred_at",
+    "correlation_id",
+    "tenant_id",
+    "published_at",
+    "attempts",
+    "last_error",
+];
+
+/// A pending row, as much of it as publishing needs.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OutboxRow {
+    /// Random per row; the dedupe id when the envelope has no `event_id`.
+    pub id: Uuid,
+    /// The last part of the subject.
+    pub event_name: String,
+    /// Sent as `qx.event_version`.
+    pub event_version: i32,
+    /// The `payload` column as Postgres prints it: the message body, unchanged.
+    pub payload: String,
+    /// Sent as `qx.correlation_id`.
+    pub correlation_id: Option<Uuid>,
+    /// Sent as `qx.tenant_id`.
+    pub tenant_id: Option<Uuid>,
+    /// When the producer raised it; for the commit → PubAck delay.
+    pub occurred_at: DateTime<Utc>,
+    /// Failed publishes so far.
+    pub attempts: i32,
+    /// The shard/order key's value; `None` when the key is the row id.
+    pub order_key: Option<String>,
+}
+
+impl OutboxRow {
+    /// The value that orders this row against others: its shard key, or its id.
+    pub fn order_key(&self) -> String {
+        self.order_key.clone().unwrap_or_else(|| self.id.to_string())
+    }
+}
+
+/// Rows claimed by one transaction; their locks are held until [`OutboxStore::settle`] or drop (rollback).
+#[derive(Debug)]
+pub struct ClaimedBatch {
+    tx: Transaction<'static, Postgres>,
+    /// In claim order: `(occurred_at, id)`.
+    pub rows: Vec<OutboxRow>,
+}
+
+/// How a row that was not published is written back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowFailure {
+    /// The row.
+    pub id: Uuid,
+    /// New `attempts`: unchanged, plus one, or `max_attempts` to park it.
+    pub attempts: i32,
+    /// Why, for operators; cut to the column's size.
+    pub last_error: String,
+}
+
+/// Counts for `qx-relay status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OutboxStats {
+    /// Rows waiting to be published (not parked).
+    pub pending: i64,
+    /// Age of the oldest pending row.
+    pub oldest_pending_seconds: Option<f64>,
+    /// Rows at `max_attempts`: parked until requeued.
+    pub parked: i64,
+    /// Rows whose `published_at` is within the last five minutes.
+    pub published_last_5m: i64,
+}
+
+/// A parked row, for `qx-relay dead list`.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct ParkedRow {
+    /// Row id.
+    pub id: Uuid,
+    /// Event name.
+    pub event_name: String,
+    /// Failed attempts.
+    pub attempts: i32,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// When the producer raised it.
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// Which parked rows to requeue.
+#[derive(Debug, Clone)]
+pub enum Requeue {
+    /// These ids.
+    Ids(Vec<Uuid>),
+    /// Every parked row of this event name.
+    EventName(String),
+    /// Every parked row.
+    All,
+}
+
+/// All SQL on the outbox table, built once from the config.
+#[derive(Debug, Clone)]
+pub struct OutboxStore {
+    pool: PgPool,
+    max_attempts: i32,
+    claim_sql: String,
+    settle_published_sql: String,
+    fail_sql: String,
+    table: String,
+    key_sql: String,
+}
+
+impl OutboxStore {
+    /// Connects a pool sized for `shards` claim/publish/settle pipelines.
+    ///
+    /// # Errors
+    /// When Postgres cannot be reached within `connect_timeout`.
+    pub async fn connect(url: &str, shards: u32, connect_timeout: Duration) -> Result<PgPool, sqlx::Error> {
+        PgPoolOptions::new()
+            .max_connections(3 * shards + 2)
+            .acquire_timeout(connect_timeout)
+            .connect(url)
+            .await
+    }
+
+    /// The store for `relay`'s table, shard key and publish mode.
+    pub fn new(pool: PgPool, relay: &RelayConfig) -> Self {
+        let table = relay.table.clone();
+        let key_sql = key_sql(&relay.shard_key);
+        let shard_clause = Shard::of(relay).sql_clause(&key_sql);
+        let order_key_column = match relay.shard_key {
+            ShardKey::Id => "NULL::text".to_owned(),
+            _ => key_sql.clone(),
+        };
+        // `ORDER BY published_at, occurred_at` walks qx-db's (published_at, occurred_at) index instead of
+        // sorting every pending row; `id` breaks ties with an incremental sort.
+        let claim_sql = format!(
+            "SELECT id, event_name, event_version, payload::text AS payload, correlation_id, tenant_id, occurred_at, \
+                    attempts, {order_key_column} AS order_key \
+             FROM {table} \
+             WHERE published_at IS NULL AND attempts < $1 AND {key_sql} <> ALL($3) {shard_clause} \
+             ORDER BY published_at, occurred_at, id \
+             LIMIT $2 \
+             FOR UPDATE SKIP LOCKED"
+        );
+        let settle_published_sql = match relay.on_publish {
+            OnPublish::Mark => format!("UPDATE {table} SET published_at = now() WHERE id = ANY($1)"),
+            OnPublish::Delete => format!("DELETE FROM {table} WHERE id = ANY($1)"),
+        };
+        let fail_sql = format!(
+            "UPDATE {table} AS t SET attempts = f.attempts, last_error = f.last_error \
+             FROM UNNEST($1::uuid[], $2::int[], $3::text[]) AS f(id, attempts, last_error) \
+             WHERE t.id = f.id"
+        );
+        Self {
+            pool,
+            max_attempts: relay.max_attempts,
+            claim_sql,
+            settle_published_sql,
+            fail_sql,
+            table,
+            key_sql,
+        }
+    }
+
+    /// The pool, for health checks.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Locks and returns up to `limit` pending rows of this relay's shard, oldest first, skipping rows other relays hold
+    /// and rows whose order key is in `held` (keys waiting for a failed row's retry).
+    ///
+    /// # Errors
+    /// Any database error; nothing is locked then.
+    pub async fn claim(&self, limit: u32, held: &[String]) -> Result<ClaimedBatch, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query_as::<_, OutboxRow>(&self.claim_sql)
+            .bind(self.max_attempts)
+            .bind(i64::from(limit))
+            .bind(held)
+            .fetch_all(&mut *tx)
+            .await?;
+        Ok(ClaimedBatch { tx, rows })
+    }
+
+    /// Marks (or deletes) the published rows, writes the failures back and commits, in one transaction.
+    ///
+    /// # Errors
+    /// Any database error; the batch is rolled back, so its rows are published again later (dedupe absorbs it).
+    pub async fn settle(
+        &self,
+        batch: ClaimedBatch,
+        published: &[Uuid],
+        failures: &[RowFailure],
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = batch.tx;
+        if !published.is_empty() {
+            sqlx::query(&self.settle_published_sql).bind(published).execute(&mut *tx).await?;
+        }
+        if !failures.is_empty() {
+            let ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
+            let attempts: Vec<i32> = failures.iter().map(|f| f.attempts).collect();
+            let errors: Vec<String> = failures.iter().map(|f| truncate_chars(&f.last_error)).collect();
+            sqlx::query(&self.fail_sql).bind(ids).bind(attempts).bind(errors).execute(&mut *tx).await?;
+        }
+        tx.commit().await
+    }
+
+    /// Deletes up to `limit` rows published before `older_than` ago; returns how many. Skips rows another
+    /// transaction holds, so it never waits on a drain.
+    ///
+    /// # Errors
+    /// Any database error.
+    pub async fn delete_published(&self, older_than: Duration, limit: i64) -> Result<u64, sqlx::Error> {
+        let sql = format!(
+            "DELETE FROM {table} WHERE id IN (\
+               SELECT id FROM {table} WHERE published_at < now() - $1::interval \
+               LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            table = self.table
+        );
+        let older_than = sqlx::postgres::types::PgInterval::try_from(older_than)
+            .map_err(|err| sqlx::Error::Encode(err))?;
+        let done = sqlx::query(&sql).bind(older_than).bind(limit).execute(&self.pool).await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Subscribes to `channel` for immediate wake-ups when producers insert.
+    ///
+    /// # Errors
+    /// When the listening connection cannot be opened.
+    pub async fn listen(&self, channel: &str) -> Result<PgListener, sqlx::Error> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(channel).await?;
+        Ok(listener)
+    }
+
+    /// The relay's columns that the table lacks; an error when the table does not exist.
+    ///
+    /// # Errors
+    /// A database error, or `RowNotFound` when there is no such table.
+    pub async fn missing_columns(&self) -> Result<Vec<&'static str>, sqlx::Error> {
+        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(&self.table)
+            .fetch_one(&self.pool)
+            .await?;
+        if exists.is_none() {
+            return Err(sqlx::Error::RowNotFound);
+        }
+        let columns: Vec<String> = sqlx::query_scalar(
+            "SELECT attname::text FROM pg_attribute \
+             WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
+        )
+        .bind(&self.table)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(REQUIRED_COLUMNS.iter().copied().filter(|c| !columns.iter().any(|have| have == c)).collect())
+    }
+
+    /// Pending, parked and recently published counts for `shard`.
+    ///
+    /// # Errors
+    /// Any database error.
+    pub async fn stats(&self, shard: Shard) -> Result<OutboxStats, sqlx::Error> {
+        let table = &self.table;
+        let shard_clause = shard.sql_clause(&self.key_sql);
+        let sql = format!(
+            "SELECT \
+               count(*) FILTER (WHERE published_at IS NULL AND attempts < $1), \
+               EXTRACT(EPOCH FROM now() - min(occurred_at) FILTER (WHERE published_at IS NULL AND attempts < $1))::float8, \
+               count(*) FILTER (WHERE published_at IS NULL AND attempts >= $1), \
+               count(*) FILTER (WHERE published_at > now() - interval '5 minutes') \
+             FROM {table} WHERE true {shard_clause}"
+        );
+        let (pending, oldest_pending_seconds, parked, published_last_5m) =
+            sqlx::query_as(&sql).bind(self.max_attempts).fetch_one(&self.pool).await?;
+        Ok(OutboxStats { pending, oldest_pending_seconds, parked, published_last_5m })
+    }
+
+    /// Parked rows, oldest first.
+    ///
+    /// # Errors
+    /// Any database error.
+    pub async fn parked(&self, limit: i64, event_name: Option<&str>) -> Result<Vec<ParkedRow>, sqlx::Error> {
+        let sql = format!(
+            "SELECT id, event_name, attempts, last_error, occurred_at FROM {} \
+             WHERE published_at IS NULL AND attempts >= $1 AND ($2::text IS NULL OR event_name = $2) \
+             ORDER BY occurred_at, id LIMIT $3",
+            self.table
+        );
+        sqlx::query_as(&sql).bind(self.max_attempts).bind(event_name).bind(limit).fetch_all(&self.pool).await
+    }
+
+    /// Gives parked rows a fresh start (`attempts = 0`, `last_error = NULL`); returns how many.
+    ///
+    /// # Errors
+    /// Any database error.
+    pub async fn requeue(&self, which: &Requeue) -> Result<u64, sqlx::Error> {
+        let base = format!(
+            "UPDATE {} SET attempts = 0, last_error = NULL WHERE published_at IS NULL AND attempts >= $1",
+            self.table
+        );
+        let done = match which {
+            Requeue::Ids(ids) => {
+                sqlx::query(&format!("{base} AND id = ANY($2)"))
+                    .bind(self.max_attempts)
+                    .bind(ids)
+                    .execute(&self.pool)
+                    .await?
+            }
+            Requeue::EventName(name) => {
+                sqlx::query(&format!("{base} AND event_name = $2"))
+                    .bind(self.max_attempts)
+                    .bind(name)
+                    .execute(&self.pool)
+                    .await?
+            }
+            Requeue::All => sqlx::query(&base).bind(self.max_attempts).execute(&self.pool).await?,
+        };
+        Ok(done.rows_affected())
+    }
+}
+
+/// The SQL expression of a row's shard/order key. Rows whose key is NULL fall back to their id, so they are
+/// still sharded (and never pile up unowned).
+fn key_sql(key: &ShardKey) -> String {
+    let column = match key {
+        ShardKey::Id => return "id::text".to_owned(),
+        ShardKey::TenantId => "tenant_id::text".to_owned(),
+        ShardKey::CorrelationId => "correlation_id::text".to_owned(),
+        ShardKey::EventName => "event_name".to_owned(),
+        // Path parts are validated as [A-Za-z0-9_]+, so they are safe inside the literal.
+        ShardKey::Envelope(path) => format!("(payload #>> '{{{}}}')", path.join(",")),
+    };
+    format!("COALESCE({column}, id::text)")
+}
+
+fn truncate_chars(text: &str) -> String {
+    match text.char_indices().nth(LAST_ERROR_MAX_CHARS) {
+        Some((end, _)) => text[..end].to_owned(),
+        None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_error_is_cut_by_characters() {
+        let long = "ü".repeat(3000);
+        assert_eq!(truncate_chars(&long).chars().count(), LAST_ERROR_MAX_CHARS);
+        assert_eq!(truncate_chars("short"), "short");
+    }
+
+    #[test]
+    fn key_expressions() {
+        assert_eq!(key_sql(&ShardKey::Id), "id::text");
+        assert_eq!(
+            key_sql(&"payload.order_id".parse().unwrap()),
+            "COALESCE((payload #>> '{payload,order_id}'), id::text)"
+        );
+    }
+}
