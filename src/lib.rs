@@ -4,17 +4,23 @@
 //! - [`envelope`]: the Qx event envelope, the body of every message;
 //! - [`wire`]: subjects and `qx.*` header names, written once;
 //! - [`publisher`]: publish events to JetStream with the Qx headers and `Nats-Msg-Id`;
+//! - [`registry`]: typed events ([`QxEvent`]) and the [`EventRegistry`] that decodes messages into them;
+//! - [`consumer`]: a durable JetStream pull consumer that decodes, hands events to a handler and acks.
 //!
 //! With the `relay` feature (default), [`relay`] is the daemon that drains `qx_outbox_events` to JetStream.
 //! Services that only need the library depend with `default-features = false`.
 
+pub mod consumer;
 pub mod envelope;
 pub mod publisher;
+pub mod registry;
 pub mod wire;
 
 #[cfg(feature = "relay")]
 pub mod relay;
 
+pub use consumer::{ConsumerConfig, EventConsumer, EventMessage, HandlerError, RunConfig};
 pub use envelope::Envelope;
 pub use publisher::{PublishError, Publisher};
+pub use registry::{DecodedEvent, EventRegistry, QxEvent};
 pub use wire::EventHeaders;

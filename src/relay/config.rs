@@ -446,7 +446,14 @@ impl Config {
         if relay.retention.is_some_and(|r| r.is_zero()) {
             return Err(ConfigError::invalid("relay.retention", "must be longer than 0s"));
         }
-        sqlx::postgres::PgConnectOptions::from_str(&self.db.sqlx_url())
+        let db_url = self.db.sqlx_url();
+        if !(db_url.starts_with("postgres://") || db_url.starts_with("postgresql://")) {
+            return Err(ConfigError::invalid(
+                "db.url",
+                "must start with postgres://, postgresql:// or postgresql+<driver>://",
+            ));
+        }
+        sqlx::postgres::PgConnectOptions::from_str(&db_url)
             .map_err(|err| ConfigError::invalid("db.url", format!("not a Postgres URL: {err}")))?;
         if relay.leader == LeaderMode::Redis {
             redis::Client::open(self.cache.url.as_str())

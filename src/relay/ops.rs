@@ -73,7 +73,7 @@ pub async fn check(config: &Config) -> ExitCode {
 
 /// `qx-relay config`: the merged settings, secrets redacted.
 pub fn print_config(config: &Config) -> ExitCode {
-    match toml::to_string_pretty(&config.redacted()) {
+    match toml::to_string(&config.redacted()) {
         Ok(text) => {
             print!("{text}");
             ExitCode::Ok

@@ -1,0 +1,302 @@
+//! The relay foundation against real Postgres and NATS: what reaches the stream, byte for byte; shards;
+//! SIGTERM and kill -9 mid-drain; a missing stream; bad settings; `check`.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use async_nats::header::NATS_MESSAGE_ID;
+use common::{run_command, Relay, TestDb, TestStream};
+use qx_relay::wire::{
+    HEADER_CORRELATION_ID, HEADER_EVENT_ID, HEADER_EVENT_NAME, HEADER_EVENT_VERSION, HEADER_TENANT_ID,
+};
+use uuid::Uuid;
+
+const DRAIN: Duration = Duration::from_secs(60);
+
+/// One row as the table holds it, for comparing with what the stream got.
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: Uuid,
+    event_name: String,
+    event_version: i32,
+    payload: String,
+    correlation_id: Option<Uuid>,
+    tenant_id: Option<Uuid>,
+    event_id: Option<String>,
+}
+
+async fn rows(db: &TestDb) -> HashMap<String, Row> {
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, event_name, event_version, payload::text AS payload, correlation_id, tenant_id, \
+                payload->>'event_id' AS event_id FROM qx_outbox_events",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    rows.into_iter().map(|row| (row.event_id.clone().unwrap_or_else(|| row.id.to_string()), row)).collect()
+}
+
+/// Every message matches its row exactly: subject, body, headers, and each row is in the stream once.
+async fn assert_stream_matches_table(db: &TestDb, stream: &TestStream, prefix: &str) {
+    let rows = rows(db).await;
+    let messages = stream.messages().await;
+    assert_eq!(messages.len(), rows.len(), "one message per row");
+    let mut seen = HashSet::new();
+    for message in &messages {
+        let headers = message.headers.as_ref().expect("headers");
+        let msg_id = headers.get(NATS_MESSAGE_ID).expect("Nats-Msg-Id").as_str();
+        assert!(seen.insert(msg_id.to_owned()), "{msg_id} published twice");
+        let row = rows.get(msg_id).unwrap_or_else(|| panic!("no row for Nats-Msg-Id {msg_id}"));
+        assert_eq!(message.subject.as_str(), format!("{prefix}.{}", row.event_name));
+        assert_eq!(message.payload.as_ref(), row.payload.as_bytes(), "body is payload::text unchanged");
+        let header = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+        assert_eq!(header(HEADER_EVENT_NAME).as_deref(), Some(row.event_name.as_str()));
+        assert_eq!(header(HEADER_EVENT_VERSION), Some(row.event_version.to_string()));
+        assert_eq!(header(HEADER_EVENT_ID), row.event_id.clone());
+        assert_eq!(header(HEADER_CORRELATION_ID), row.correlation_id.map(|id| id.to_string()));
+        assert_eq!(header(HEADER_TENANT_ID), row.tenant_id.map(|id| id.to_string()));
+    }
+}
+
+#[tokio::test]
+async fn drains_rows_with_exact_bodies_and_headers() {
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    db.insert_events(3000, "order.placed").await;
+    db.insert_events(500, "identity.user.registered").await;
+    let relay = Relay::spawn(&Relay::env(&db, &stream.prefix), &[]);
+    db.wait_for("published_at IS NULL", 0, DRAIN).await;
+    relay.stop().await;
+    assert_stream_matches_table(&db, &stream, &stream.prefix).await;
+    assert_eq!(db.count("published_at IS NOT NULL AND attempts = 0 AND last_error IS NULL").await, 3500);
+    stream.delete().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn qx_db_fixture_rows_round_trip_byte_for_byte() {
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    let fixtures = db.insert_fixtures().await;
+    let relay = Relay::spawn(&Relay::env(&db, &stream.prefix), &[]);
+    db.wait_for("published_at IS NULL", 0, DRAIN).await;
+    relay.stop().await;
+    assert_stream_matches_table(&db, &stream, &stream.prefix).await;
+    // The fixture holds the column's text exactly as Postgres returned it to qx-db: the body must equal it.
+    let bodies: HashSet<Vec<u8>> = stream.messages().await.iter().map(|m| m.payload.to_vec()).collect();
+    for fixture in &fixtures {
+        assert!(bodies.contains(fixture.payload.as_bytes()), "fixture {} body changed", fixture.id);
+    }
+    stream.delete().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn three_shards_split_the_table_like_the_python_relay() {
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    db.insert_events(3000, "order.placed").await;
+    // Each relay publishes under its own sub-prefix, so the subject tells which relay sent a row.
+    let relays: Vec<Relay> = (0..3)
+        .map(|shard| {
+            let mut env = Relay::env(&db, &format!("{}.s{shard}", stream.prefix));
+            env.push(("QX_RELAY__SHARD_COUNT".into(), "3".into()));
+            Relay::spawn(&env, &["--shard-id", &shard.to_string()])
+        })
+        .collect();
+    db.wait_for("published_at IS NULL", 0, DRAIN).await;
+    for relay in relays {
+        relay.stop().await;
+    }
+    let expected: HashMap<String, i32> = sqlx::query_as::<_, (String, i32)>(
+        "SELECT payload->>'event_id', (ABS(HASHTEXT(id::text)::bigint) % 3)::int FROM qx_outbox_events",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    let messages = stream.messages().await;
+    assert_eq!(messages.len(), 3000, "each row published once");
+    let mut per_shard = [0; 3];
+    for message in &messages {
+        let msg_id = message.headers.as_ref().unwrap().get(NATS_MESSAGE_ID).unwrap().as_str();
+        let shard = expected[msg_id];
+        assert!(
+            message.subject.starts_with(&format!("{}.s{shard}.", stream.prefix)),
+            "{msg_id} belongs to shard {shard} but came on {}",
+            message.subject
+        );
+        per_shard[shard as usize] += 1;
+    }
+    assert!(per_shard.iter().all(|&n| n > 800), "hash split is roughly even: {per_shard:?}");
+    stream.delete().await;
+    db.drop().await;
+}
+
+/// Starts a relay on a large backlog and waits until it is part-way through.
+async fn relay_mid_drain(db: &TestDb, stream: &TestStream, rows: usize) -> Relay {
+    db.insert_events(rows, "order.placed").await;
+    let mut env = Relay::env(db, &stream.prefix);
+    env.push(("QX_RELAY__BATCH_SIZE".into(), "500".into()));
+    let relay = Relay::spawn(&env, &[]);
+    let deadline = tokio::time::Instant::now() + DRAIN;
+    while stream.count().await < 2000 {
+        assert!(tokio::time::Instant::now() < deadline, "relay did not start publishing:\n{}", relay.log());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    relay
+}
+
+#[tokio::test]
+async fn sigterm_mid_drain_exits_cleanly_and_a_restart_finishes() {
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    let rows = 60_000;
+    let mut relay = relay_mid_drain(&db, &stream, rows).await;
+    relay.signal("TERM");
+    let status = relay.wait(Duration::from_secs(10)).await; // drain_timeout
+    assert_eq!(status.code(), Some(0), "log:\n{}", relay.log());
+    assert!(relay.log().contains("relay stopped"), "stop is logged with totals");
+    let left = db.unpublished().await;
+    assert!(left > 0, "SIGTERM came after the drain finished; make the backlog larger");
+    // Every row marked so far is in the stream: a clean stop leaves nothing published-but-unmarked behind.
+    assert!(stream.count().await >= (rows as i64 - left) as u64);
+
+    let relay = Relay::spawn(&Relay::env(&db, &stream.prefix), &[]);
+    db.wait_for("published_at IS NULL", 0, DRAIN).await;
+    relay.stop().await;
+    assert_eq!(stream.count().await, rows as u64, "each event once");
+    stream.delete().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn kill_9_mid_batch_then_restart_publishes_each_event_exactly_once() {
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    let rows = 60_000;
+    let mut relay = relay_mid_drain(&db, &stream, rows).await;
+    relay.kill9();
+    let published_before_restart = stream.count().await;
+    let marked = rows as u64 - db.unpublished().await as u64;
+    assert!(marked < rows as u64, "kill came after the drain finished; make the backlog larger");
+
+    let relay = Relay::spawn(&Relay::env(&db, &stream.prefix), &[]);
+    db.wait_for("published_at IS NULL", 0, DRAIN).await;
+    relay.stop().await;
+    assert_eq!(stream.count().await, rows as u64, "JetStream dedupe absorbs the republished rows");
+    assert!(published_before_restart >= marked, "no row is marked before its PubAck");
+    assert_stream_matches_table(&db, &stream, &stream.prefix).await;
+    stream.delete().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn rows_wait_for_a_missing_stream_without_burning_attempts() {
+    let db = TestDb::create().await;
+    let stream = TestStream::unattached().await;
+    db.insert_events(200, "order.placed").await;
+    let relay = Relay::spawn(&Relay::env(&db, &stream.prefix), &[]);
+    let reason = format!("no stream captures {}.order.placed", stream.prefix);
+    db.wait_for(&format!("last_error = '{reason}'"), 200, DRAIN).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // a few retries
+    assert_eq!(db.count("attempts = 0 AND published_at IS NULL").await, 200, "no attempts burned");
+    assert!(relay.log().contains(&reason), "the log names the missing subject:\n{}", relay.log());
+
+    stream.attach().await;
+    db.wait_for("published_at IS NULL", 0, DRAIN).await;
+    relay.stop().await;
+    assert_eq!(stream.count().await, 200);
+    assert_eq!(db.count("attempts = 0").await, 200, "none parked");
+    stream.delete().await;
+    db.drop().await;
+}
+
+fn config_env(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("QX_RELAY__SUBJECT_PREFIX".to_owned(), "orders".to_owned()),
+        ("QX_DB__URL".to_owned(), "postgresql+asyncpg://u:pw@127.0.0.1:5432/app".to_owned()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    env
+}
+
+#[test]
+fn bad_settings_exit_78_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("qxr-config-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let typo = file("typo.toml", "[relay]\nbatchsize = 10\n");
+    let cases: Vec<(Vec<(String, String)>, Vec<String>, &str)> = vec![
+        (config_env(&[]), vec!["--config".into(), typo], "relay.batchsize"),
+        (config_env(&[("QX_RELAY__POLL_INTERVAL", "fast")]), vec![], "relay.poll_interval"),
+        (config_env(&[("QX_RELAY__BATCH_SIZE", "lots")]), vec![], "relay.batch_size"),
+        (config_env(&[("QX_DB__URL", "mysql://x/y")]), vec![], "db.url"),
+        (
+            config_env(&[]),
+            vec!["--shard-id".into(), "3".into(), "--shard-count".into(), "3".into()],
+            "relay.shard_id",
+        ),
+        (vec![], vec![], "relay.subject_prefix"),
+        (config_env(&[("QX_RELAY__BATCHSIZE", "10")]), vec![], "relay.batchsize"),
+    ];
+    for (env, args, key) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).chain(["run"]).collect();
+        let (code, _, stderr) = run_command(&env, &args);
+        assert_eq!(code, Some(78), "{args:?} {env:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one line: {stderr}");
+        assert!(lines[0].contains(key), "names {key}: {stderr}");
+    }
+    let (code, _, stderr) = run_command(&config_env(&[]), &["--config", "/nonexistent/qx-relay.toml", "run"]);
+    assert_eq!(code, Some(78), "{stderr}");
+    let (code, _, _) = run_command(&config_env(&[]), &["--no-such-flag"]);
+    assert_eq!(code, Some(64), "usage error");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_services_foreign_qx_settings_do_not_break_startup() {
+    let env = config_env(&[
+        ("QX_APP__NAME", "orders"),
+        ("QX_ENV", "production"),
+        ("QX_DB__POOL_SIZE", "20"),
+        ("QX_NATS__SERVERS", r#"["nats://a:4222","nats://b:4222"]"#),
+    ]);
+    let (code, stdout, stderr) = run_command(&env, &["config"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(r#"servers = ["nats://a:4222", "nats://b:4222"]"#), "{stdout}");
+    assert!(stdout.contains("u:***@"), "password redacted: {stdout}");
+    assert!(!stdout.contains("pw"), "password redacted: {stdout}");
+}
+
+#[tokio::test]
+async fn check_passes_on_a_good_setup_and_names_the_failing_check() {
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    let env = Relay::env(&db, &stream.prefix);
+    let (code, stdout, _) = run_command(&env, &["check"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert_eq!(stdout.lines().count(), 5, "one line per check:\n{stdout}");
+
+    let mut no_stream = env.clone();
+    no_stream.push(("QX_RELAY__SUBJECT_PREFIX".into(), format!("{}x", stream.prefix)));
+    let (code, stdout, _) = run_command(&no_stream, &["check"]);
+    assert_ne!(code, Some(0));
+    assert!(stdout.lines().any(|l| l.starts_with("FAIL  stream:")), "{stdout}");
+
+    let mut no_table = env.clone();
+    no_table.push(("QX_RELAY__TABLE".into(), "missing_outbox".into()));
+    let (code, stdout, _) = run_command(&no_table, &["check"]);
+    assert_eq!(code, Some(78), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("FAIL  table:")), "{stdout}");
+
+    let mut no_postgres = env;
+    no_postgres.push(("QX_DB__URL".into(), "postgres://postgres@127.0.0.1:1/x".into()));
+    let (code, stdout, _) = run_command(&no_postgres, &["check"]);
+    assert_eq!(code, Some(69), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("FAIL  postgres:")), "{stdout}");
+    stream.delete().await;
+    db.drop().await;
+}
