@@ -58,7 +58,7 @@ const TABLE_POLL: Duration = Duration::from_secs(2);
 /// Published rows deleted per retention statement, and statements per pass.
 const RETENTION_BATCH: (i64, u32) = (1000, 20);
 /// How often retention and the outbox gauges run.
-const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(15);
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 
 /// Why the relay stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -357,36 +357,41 @@ async fn listen(store: OutboxStore, channel: String, wake: Arc<Notify>, shutdown
 /// Retention (delete old published rows in small batches) and the outbox gauges, off the hot path.
 async fn housekeeping(store: OutboxStore, relay: RelayConfig, shard: Shard, shutdown: CancellationToken) {
     loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
-        }
         if let Some(retention) = relay.retention {
-            let (batch, passes) = RETENTION_BATCH;
-            let mut deleted = 0;
-            for _ in 0..passes {
-                match store.delete_published(retention, batch).await {
-                    Ok(n) => {
-                        deleted += n;
-                        if n < batch as u64 || shutdown.is_cancelled() {
-                            break;
-                        }
-                    }
-                    Err(err) => {
-                        warn!(error = %err, "retention delete failed");
-                        break;
-                    }
-                }
-            }
-            if deleted > 0 {
-                info!(deleted, retention = %humantime::format_duration(retention), "old published rows deleted");
-            }
+            delete_expired(&store, retention, &shutdown).await;
         }
         if relay.metrics_addr.is_some() {
             if let Ok(stats) = store.stats(shard).await {
                 metrics::set_outbox(&stats);
             }
         }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
+        }
+    }
+}
+
+/// One retention pass: a bounded number of small deletes, so it never holds long locks.
+async fn delete_expired(store: &OutboxStore, retention: Duration, shutdown: &CancellationToken) {
+    let (batch, passes) = RETENTION_BATCH;
+    let mut deleted = 0;
+    for _ in 0..passes {
+        match store.delete_published(retention, batch).await {
+            Ok(n) => {
+                deleted += n;
+                if n < batch.unsigned_abs() || shutdown.is_cancelled() {
+                    break;
+                }
+            }
+            Err(err) => {
+                warn!(error = %err, "retention delete failed");
+                break;
+            }
+        }
+    }
+    if deleted > 0 {
+        info!(deleted, retention = %humantime::format_duration(retention), "old published rows deleted");
     }
 }
 

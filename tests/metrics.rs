@@ -1,0 +1,151 @@
+//! `/metrics`, `/livez` and `/readyz` of a running relay, scraped over real HTTP.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Relay, TestDb, TestStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+/// `GET path` → (status, body); `None` while nothing listens.
+async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// The value of an unlabelled sample, 0 when absent.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_follow_a_drain() {
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    db.insert_events(20_000, "order.placed").await;
+    let port = free_port();
+    let mut env = Relay::env(&db, &stream.prefix);
+    env.push(("QX_RELAY__BATCH_SIZE".into(), "100".into()));
+    let relay = Relay::spawn(&env, &["--metrics-addr", &format!("127.0.0.1:{port}")]);
+
+    let mut published_seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while published_seen.last() != Some(&20_000.0) {
+        assert!(tokio::time::Instant::now() < deadline, "published stuck at {published_seen:?}");
+        if let Some((200, metrics)) = get(port, "/metrics").await {
+            published_seen.push(sample(&metrics, "qx_relay_published_total"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(published_seen.windows(2).all(|w| w[0] <= w[1]), "the counter only rises: {published_seen:?}");
+    assert!(published_seen.iter().any(|&n| n > 0.0 && n < 20_000.0), "seen mid-drain: {published_seen:?}");
+    wait_until("pending to fall to 0", || async {
+        let Some((200, metrics)) = get(port, "/metrics").await else { return false };
+        metrics.contains("qx_relay_pending_rows 0") && sample(&metrics, "qx_relay_is_leader") == 1.0
+    })
+    .await;
+    let (_, metrics) = get(port, "/metrics").await.unwrap();
+    assert_eq!(sample(&metrics, "qx_relay_published_total"), 20_000.0, "{metrics}");
+    assert!(metrics.contains("qx_relay_batch_duration_seconds"), "{metrics}");
+    assert!(metrics.contains("qx_relay_oldest_pending_age_seconds 0"), "{metrics}");
+    assert_eq!(get(port, "/livez").await.map(|r| r.0), Some(200));
+    relay.stop().await;
+    stream.delete().await;
+    db.drop().await;
+}
+
+/// A nats-server of our own, so it can be stopped without touching the shared one.
+struct NatsServer {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl NatsServer {
+    fn start(port: u16, dir: &std::path::Path) -> Self {
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        Self { child, port, dir: dir.to_owned() }
+    }
+
+    async fn ready(&self) {
+        let port = self.port;
+        wait_until("nats-server to listen", || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await;
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+async fn readiness_follows_nats() {
+    let db = TestDb::create().await;
+    let dir = std::env::temp_dir().join(format!("qxr-nats-{}", Uuid::new_v4().simple()));
+    let nats_port = free_port();
+    let mut nats = NatsServer::start(nats_port, &dir);
+    nats.ready().await;
+    let port = free_port();
+    let mut env = Relay::env(&db, "ready");
+    env.push(("QX_NATS__SERVERS".into(), format!("nats://127.0.0.1:{nats_port}")));
+    env.push(("QX_NATS__RECONNECT_TIME_WAIT_SECONDS".into(), "0.2".into()));
+    env.push(("QX_RELAY__ENSURE_STREAM".into(), "true".into()));
+    let relay = Relay::spawn(&env, &["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    wait_until("ready", || async { get(port, "/readyz").await.is_some_and(|(status, _)| status == 200) })
+        .await;
+
+    nats.kill();
+    wait_until("not ready without NATS", || async {
+        get(port, "/readyz").await.is_some_and(|(status, body)| status == 503 && body.contains("nats: down"))
+    })
+    .await;
+    assert_eq!(get(port, "/livez").await.map(|r| r.0), Some(200), "alive while NATS is down");
+
+    let nats = NatsServer::start(nats_port, &nats.dir);
+    nats.ready().await;
+    wait_until("ready again", || async {
+        get(port, "/readyz").await.is_some_and(|(status, _)| status == 200)
+    })
+    .await;
+    relay.stop().await;
+    drop(nats);
+    let _ = std::fs::remove_dir_all(dir);
+    db.drop().await;
+}
