@@ -582,11 +582,12 @@ fn from_figment(err: &figment::Error) -> ConfigError {
     };
     let mut key = if path.is_empty() { "config".to_owned() } else { path.join(".") };
     if let Some(metadata) = &err.metadata {
-        let profile = err.profile.clone().unwrap_or_default();
-        let source = metadata
-            .source
-            .as_ref()
-            .map_or_else(|| metadata.interpolate(&profile, &path), |source| source.to_string());
+        let source = match &metadata.source {
+            Some(source) => source.to_string(),
+            // Name the variable as the user wrote it, not figment's dotted path.
+            None if metadata.name.contains("environment") => format!("QX_{}", path.join("__").to_uppercase()),
+            None => metadata.name.to_string(),
+        };
         key = format!("{key} (from {source})");
     }
     ConfigError { key, reason }

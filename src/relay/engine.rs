@@ -19,13 +19,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
-use super::config::RelayConfig;
+use super::config::{RelayConfig, ShardKey};
 use super::metrics;
 use super::publisher::{Failure, FailureKind, Outcome, RelayPublisher};
 use super::store::{ClaimedBatch, OutboxRow, OutboxStore, RowFailure};
 
-/// How long to leave rows alone whose subject no stream captures, before trying again.
-const NO_STREAM_RETRY: Duration = Duration::from_secs(1);
+/// Shortest and longest wait before trying a subject again that no stream captured; it grows with how long
+/// the stream has been missing, so a long-missing stream costs a batch every half minute, not every poll.
+const NO_STREAM_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 /// Repeat the "no stream" error for one subject at most this often.
 const NO_STREAM_LOG_EVERY: Duration = Duration::from_secs(60);
 /// First and longest pause while Postgres or NATS is failing.
@@ -60,8 +61,19 @@ pub struct Totals {
 struct Settlement {
     published: Vec<Uuid>,
     failures: Vec<RowFailure>,
-    /// NATS failed us: pause before the next batch.
-    unavailable: bool,
+    /// Rows NATS did not confirm, and why the first one failed: pause until it is back.
+    unavailable: usize,
+    unavailable_reason: String,
+    /// Wait this long before claiming again (a missing stream while rows are ordered by a key).
+    wait: Duration,
+}
+
+/// A subject no stream captures.
+#[derive(Debug, Clone, Copy)]
+struct MissingStream {
+    since: Instant,
+    logged: Option<Instant>,
+    retry_at: Instant,
 }
 
 /// One shard's loop and its in-memory retry state (attempts and errors themselves live in the table).
@@ -72,7 +84,8 @@ pub struct Engine {
     wake: Arc<Notify>,
     /// Order keys waiting for a failed row's retry, and until when.
     held: HashMap<String, Instant>,
-    no_stream_logged: HashMap<String, Instant>,
+    /// Event names whose subject no stream captured, by event name.
+    missing_streams: HashMap<String, MissingStream>,
     /// Since when Postgres (or NATS) has been failing, if it is.
     store_down_since: Option<Instant>,
     nats_down_since: Option<Instant>,
@@ -88,7 +101,7 @@ impl Engine {
             relay,
             wake,
             held: HashMap::new(),
-            no_stream_logged: HashMap::new(),
+            missing_streams: HashMap::new(),
             store_down_since: None,
             nats_down_since: None,
             totals: Totals::default(),
@@ -142,12 +155,12 @@ impl Engine {
             self.release_held(&mut batch);
             // A full batch means a backlog: claim the next one while this one is published.
             let backlog = claimed == batch_size as usize && !stop.is_cancelled();
-            let held = self.held_keys();
+            let (held, skipped_names) = (self.held_keys(), self.skipped_event_names());
             let (outcomes, next, settled) = tokio::join!(
                 self.publisher.publish_batch(&batch.rows),
                 async {
                     if backlog {
-                        self.store.claim(batch_size, &held).await.map(Some)
+                        self.store.claim(batch_size, &held, &skipped_names).await.map(Some)
                     } else {
                         Ok(None)
                     }
@@ -159,7 +172,11 @@ impl Engine {
             metrics::batch_finished(started.elapsed());
             debug!(claimed, published = settlement.published.len(), failed = settlement.failures.len(),
                    elapsed = ?started.elapsed(), "batch published");
-            let unavailable = settlement.unavailable;
+            let (unavailable, wait) = (settlement.unavailable, settlement.wait);
+            if unavailable > 0 {
+                warn!(rows = unavailable, reason = %settlement.unavailable_reason,
+                      "NATS did not confirm publishes; pausing until it is back (no attempts counted)");
+            }
             unsettled = Some((batch, settlement));
             prefetched = match next {
                 Ok(next) => next,
@@ -168,11 +185,14 @@ impl Engine {
                     None
                 }
             };
-            pause = if unavailable {
+            pause = if unavailable > 0 {
                 // Rows of a prefetched batch would fail the same way: release them and wait for NATS.
                 prefetched = None;
                 self.settle(unsettled.take()).await?;
                 self.wait_for_nats(stop).await?
+            } else if !wait.is_zero() {
+                prefetched = None;
+                wait
             } else {
                 self.nats_down_since = None;
                 if backlog {
@@ -192,9 +212,24 @@ impl Engine {
         self.held.keys().cloned().collect()
     }
 
+    /// Event names to leave out of claims while their stream is missing. Only when every row is its own key:
+    /// with a shard key, skipping one event name could let a key's later events overtake it, so the loop
+    /// pauses instead.
+    fn skipped_event_names(&self) -> Vec<String> {
+        if self.relay.shard_key != ShardKey::Id {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        self.missing_streams
+            .iter()
+            .filter(|(_, missing)| missing.retry_at > now)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     async fn claim(&mut self) -> Result<Option<ClaimedBatch>, EngineError> {
-        let held = self.held_keys();
-        match self.store.claim(self.relay.batch_size, &held).await {
+        let (held, skipped_names) = (self.held_keys(), self.skipped_event_names());
+        match self.store.claim(self.relay.batch_size, &held, &skipped_names).await {
             Ok(batch) => {
                 self.store_recovered();
                 Ok(Some(batch))
@@ -247,6 +282,9 @@ impl Engine {
             match outcome {
                 Outcome::Published { duplicate } => {
                     settlement.published.push(row.id);
+                    if !self.missing_streams.is_empty() {
+                        self.missing_streams.remove(&row.event_name);
+                    }
                     metrics::publish_delay((wall_now - row.occurred_at).to_std().unwrap_or_default());
                     self.totals.published += 1;
                     duplicates += u64::from(duplicate);
@@ -290,26 +328,35 @@ impl Engine {
                 }
             }
             FailureKind::NoStream => {
-                let subject = format!("{}.{}", self.relay.subject_prefix(), row.event_name);
-                if self
-                    .no_stream_logged
-                    .get(&subject)
-                    .is_none_or(|at| now.duration_since(*at) >= NO_STREAM_LOG_EVERY)
-                {
-                    error!(%subject, "no stream captures {subject}: create a JetStream stream whose subjects include it \
-                           (e.g. {}.>); rows stay pending", self.relay.subject_prefix());
-                    self.no_stream_logged.insert(subject.clone(), now);
+                let prefix = self.relay.subject_prefix();
+                let subject = format!("{prefix}.{}", row.event_name);
+                let missing = self.missing_streams.entry(row.event_name.clone()).or_insert(MissingStream {
+                    since: now,
+                    logged: None,
+                    retry_at: now,
+                });
+                if missing.logged.is_none_or(|at| now.duration_since(at) >= NO_STREAM_LOG_EVERY) {
+                    error!(%subject, "no stream captures {subject}: create a JetStream stream whose subjects \
+                           include it (e.g. {prefix}.>); its rows stay pending");
+                    missing.logged = Some(now);
                 }
-                self.held.insert(key, now + NO_STREAM_RETRY);
+                let retry_in = now.duration_since(missing.since).clamp(NO_STREAM_RETRY.0, NO_STREAM_RETRY.1);
+                missing.retry_at = now + retry_in;
+                if self.relay.shard_key != ShardKey::Id {
+                    self.held.insert(key, now + retry_in);
+                    settlement.wait = settlement.wait.max(retry_in);
+                }
                 let last_error = format!("no stream captures {subject}");
                 settlement.failures.push(RowFailure { id: row.id, attempts: row.attempts, last_error });
             }
             FailureKind::Unavailable => {
                 // Not the row's fault: no attempt burned, nothing written. The hold keeps its key's later rows
                 // (perhaps already claimed) from overtaking it.
-                warn!(id = %row.id, reason = %failure.reason, "publish not confirmed; NATS unavailable");
                 self.held.insert(key, now + self.relay.poll_interval);
-                settlement.unavailable = true;
+                if settlement.unavailable == 0 {
+                    settlement.unavailable_reason = failure.reason;
+                }
+                settlement.unavailable += 1;
             }
         }
     }

@@ -159,7 +159,8 @@ impl OutboxStore {
             "SELECT id, event_name, event_version, payload::text AS payload, correlation_id, tenant_id, occurred_at, \
                     attempts, {order_key_column} AS order_key \
              FROM {table} \
-             WHERE published_at IS NULL AND attempts < $1 AND {key_sql} <> ALL($3) {shard_clause} \
+             WHERE published_at IS NULL AND attempts < $1 AND {key_sql} <> ALL($3) AND event_name <> ALL($4) \
+                   {shard_clause} \
              ORDER BY published_at, occurred_at, id \
              LIMIT $2 \
              FOR UPDATE SKIP LOCKED"
@@ -190,16 +191,23 @@ impl OutboxStore {
     }
 
     /// Locks and returns up to `limit` pending rows of this relay's shard, oldest first, skipping rows other relays hold
-    /// and rows whose order key is in `held` (keys waiting for a failed row's retry).
+    /// rows whose order key is in `held` (keys waiting for a failed row's retry) and rows of `skipped_names`
+    /// (event names whose stream is missing).
     ///
     /// # Errors
     /// Any database error; nothing is locked then.
-    pub async fn claim(&self, limit: u32, held: &[String]) -> Result<ClaimedBatch, sqlx::Error> {
+    pub async fn claim(
+        &self,
+        limit: u32,
+        held: &[String],
+        skipped_names: &[String],
+    ) -> Result<ClaimedBatch, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query_as::<_, OutboxRow>(&self.claim_sql)
             .bind(self.max_attempts)
             .bind(i64::from(limit))
             .bind(held)
+            .bind(skipped_names)
             .fetch_all(&mut *tx)
             .await?;
         Ok(ClaimedBatch { tx, rows })
