@@ -210,6 +210,29 @@ async fn rows_wait_for_a_missing_stream_without_burning_attempts() {
     db.drop().await;
 }
 
+#[tokio::test]
+async fn notify_wakes_an_idle_relay() {
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    sqlx::raw_sql(include_str!("../scripts/outbox-notify.sql")).execute(&db.pool).await.unwrap();
+    let mut env = Relay::env(&db, &stream.prefix);
+    // Polls so rare that only the notification can explain a publish within the test.
+    env.push(("QX_RELAY__IDLE_POLL_INTERVAL".into(), "1h".into()));
+    env.push(("QX_RELAY__POLL_INTERVAL".into(), "1h".into()));
+    env.push(("QX_RELAY__NOTIFY_CHANNEL".into(), "qx_outbox".into()));
+    let relay = Relay::spawn(&env, &[]);
+    db.insert_events(1, "order.placed").await;
+    db.wait_for("published_at IS NULL", 0, DRAIN).await; // the first claim at start
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await; // idle now
+        db.insert_events(10, "order.placed").await;
+        db.wait_for("published_at IS NULL", 0, Duration::from_secs(20)).await;
+    }
+    relay.stop().await;
+    assert_eq!(stream.count().await, 31);
+    stream.delete().await;
+    db.drop().await;
+}
+
 fn config_env(extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut env = vec![
         ("QX_RELAY__SUBJECT_PREFIX".to_owned(), "orders".to_owned()),
