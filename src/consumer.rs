@@ -1,6 +1,6 @@
-//! Consuming Qx events from JetStream: a durable pull consumer with explicit acks, each message decoded by an
-//! [`EventRegistry`], and [`EventConsumer::run`] to drive a handler with bounded concurrency, retry backoff and
-//! a clean stop.
+//! Consuming Qx events from JetStream: a durable pull consumer with explicit acks, each message decoded by
+//! an [`EventRegistry`], and [`EventConsumer::run`] to drive a handler with bounded concurrency, retry
+//! backoff and a clean stop.
 //!
 //! Owns the consumer's JetStream settings and what happens to a message after its handler; knows nothing
 //! about SQL or the relay.
@@ -54,7 +54,8 @@ pub struct ConsumerConfig {
     pub durable_name: String,
     /// Subjects to receive, e.g. `billing.>` for everything the `billing` relay publishes.
     pub filter_subject: String,
-    /// Messages asked for per pull request, and so at most held in memory before a handler takes them.
+    /// Messages asked for per pull request. The next is asked for when half a batch is left, so up to one and
+    /// a half batches may wait in memory for a handler while their `ack_wait` runs.
     pub batch_size: usize,
     /// How long one pull request waits on the server for messages; at least one second.
     pub expires: Duration,
@@ -467,13 +468,14 @@ impl EventConsumer {
         Ok(Messages { inner, registry: self.registry.clone() })
     }
 
-    /// Hands each decoded message to `handler`, at most `options.max_in_flight` at once, and settles it by the
-    /// outcome: ack on `Ok`, nak with backoff on [`HandlerError::Retry`], term on [`HandlerError::Permanent`].
+    /// Hands each decoded message to `handler`, at most `options.max_in_flight` at once, and settles it by
+    /// the outcome: ack on `Ok`, nak with backoff on [`HandlerError::Retry`], term on
+    /// [`HandlerError::Permanent`].
     /// Undecodable messages never reach the handler; `options.on_undecodable` settles them.
     ///
     /// Returns `Ok` once `cancel` fires and the handlers in flight have finished and been settled. Messages
-    /// pulled but not yet handled, and those of a panicking handler, come back after `ack_wait`. The handler
-    /// must not settle the message itself.
+    /// pulled but not yet handled, and those of a panicking handler, come back after `ack_wait`. Leave
+    /// settling to `run`: the handler's result is the verdict.
     ///
     /// # Errors
     /// [`ConsumerError::Invalid`] for `options.max_in_flight == 0`; otherwise only errors pulling cannot
@@ -503,8 +505,8 @@ impl EventConsumer {
         let handlers = TaskTracker::new();
         let max_deliver = self.config.max_deliver;
         let result = loop {
-            // A slot before the next message: while all handlers are busy the pull stream is not polled, so it
-            // asks the server for nothing more than the batch it holds.
+            // A slot before the next message: while all handlers are busy the pull stream is not polled, so
+            // it asks the server for nothing more than the batch it holds.
             let slot = tokio::select! {
                 biased;
                 () = cancel.cancelled() => break Ok(()),
@@ -538,10 +540,11 @@ impl EventConsumer {
                     settle(&message.delivery, action, &options, max_deliver).await;
                 }
                 Some(Err(err)) if err.is_transient() => {
-                    warn!(error = &err as &dyn StdError, pause = ?RECEIVE_ERROR_PAUSE, "receiving messages failed");
+                    let pause = RECEIVE_ERROR_PAUSE;
+                    warn!(error = &err as &dyn StdError, ?pause, "receiving messages failed; retrying");
                     tokio::select! {
                         () = cancel.cancelled() => break Ok(()),
-                        () = tokio::time::sleep(RECEIVE_ERROR_PAUSE) => {}
+                        () = tokio::time::sleep(pause) => {}
                     }
                 }
                 Some(Err(err)) => break Err(err),
@@ -614,15 +617,13 @@ mod tests {
     fn out_of_range_settings_are_refused_before_io() {
         let valid = ConsumerConfig::new("S", "d", "s.>");
         assert!(valid.validate().is_ok());
-        let cases: [(&str, fn(&mut ConsumerConfig)); 4] = [
-            ("batch_size", |c| c.batch_size = 0),
-            ("expires", |c| c.expires = Duration::from_millis(999)),
-            ("max_deliver", |c| c.max_deliver = 0),
-            ("ack_wait", |c| c.ack_wait = Duration::ZERO),
+        let cases = [
+            ("batch_size", ConsumerConfig { batch_size: 0, ..valid.clone() }),
+            ("expires", ConsumerConfig { expires: Duration::from_millis(999), ..valid.clone() }),
+            ("max_deliver", ConsumerConfig { max_deliver: 0, ..valid.clone() }),
+            ("ack_wait", ConsumerConfig { ack_wait: Duration::ZERO, ..valid.clone() }),
         ];
-        for (key, break_it) in cases {
-            let mut config = valid.clone();
-            break_it(&mut config);
+        for (key, config) in cases {
             assert!(
                 matches!(config.validate(), Err(ConsumerError::Invalid { key: k, .. }) if k == key),
                 "{key}"

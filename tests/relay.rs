@@ -252,7 +252,9 @@ fn bad_settings_exit_78_naming_the_key() {
         path.to_string_lossy().into_owned()
     };
     let typo = file("typo.toml", "[relay]\nbatchsize = 10\n");
-    let cases: Vec<(Vec<(String, String)>, Vec<String>, &str)> = vec![
+    // (environment, flags, the key the error must name)
+    type Case = (Vec<(String, String)>, Vec<String>, &'static str);
+    let cases: Vec<Case> = vec![
         (config_env(&[]), vec!["--config".into(), typo], "relay.batchsize"),
         (config_env(&[("QX_RELAY__POLL_INTERVAL", "fast")]), vec![], "relay.poll_interval"),
         (config_env(&[("QX_RELAY__BATCH_SIZE", "lots")]), vec![], "relay.batch_size"),

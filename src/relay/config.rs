@@ -616,6 +616,8 @@ fn list_or_comma_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Ve
 }
 
 #[cfg(test)]
+// figment's Jail closures return figment::Error, whose size we do not choose.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;

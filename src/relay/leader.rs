@@ -56,7 +56,7 @@ pub struct Holder {
 /// A leader lock on one key.
 pub enum LeaderLock {
     /// Redis lease.
-    Redis(RedisLock),
+    Redis(Box<RedisLock>),
     /// Postgres advisory lock.
     Postgres(AdvisoryLock),
 }

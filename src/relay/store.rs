@@ -248,8 +248,8 @@ impl OutboxStore {
                LIMIT $2 FOR UPDATE SKIP LOCKED)",
             table = self.table
         );
-        let older_than = sqlx::postgres::types::PgInterval::try_from(older_than)
-            .map_err(|err| sqlx::Error::Encode(err))?;
+        let older_than =
+            sqlx::postgres::types::PgInterval::try_from(older_than).map_err(sqlx::Error::Encode)?;
         let done = sqlx::query(&sql).bind(older_than).bind(limit).execute(&self.pool).await?;
         Ok(done.rows_affected())
     }

@@ -1,0 +1,430 @@
+//! The consumer against a real NATS: what the relay publishes decodes into typed events with the right
+//! headers; retries, terms and `max_deliver` behave as JetStream promises; cancel loses nothing.
+
+mod common;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer;
+use bytes::Bytes;
+use common::{FixtureRow, TestStream, FIXTURE_ROWS};
+use futures::StreamExt;
+use qx_relay::consumer::{Received, UndecodablePolicy};
+use qx_relay::registry::DecodeError;
+use qx_relay::{
+    ConsumerConfig, Envelope, EventConsumer, EventHeaders, EventRegistry, HandlerError, Publisher, QxEvent,
+    RunConfig,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Short enough to keep redelivery tests fast.
+const ACK_WAIT: Duration = Duration::from_secs(1);
+/// How long any expected event may take to arrive.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct OrderPlaced {
+    order_id: Uuid,
+    amount_cents: i64,
+    currency: String,
+    customer_email: String,
+}
+impl QxEvent for OrderPlaced {
+    const NAME: &'static str = "order.placed";
+    const VERSION: i32 = 1;
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct OrderPlacedV2 {
+    order_id: Uuid,
+    lines: Vec<OrderLine>,
+    note: Option<String>,
+}
+impl QxEvent for OrderPlacedV2 {
+    const NAME: &'static str = "order.placed";
+    const VERSION: i32 = 2;
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct OrderLine {
+    sku: String,
+    qty: u32,
+    // Kept as written: `0` and `9.99` stay distinct from `0.0` and a rounded float.
+    price: serde_json::Number,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct UserRegistered {
+    email: String,
+    display_name: String,
+    tags: Vec<String>,
+}
+impl QxEvent for UserRegistered {
+    const NAME: &'static str = "identity.user.registered";
+    const VERSION: i32 = 1;
+}
+
+fn registry() -> EventRegistry {
+    let mut registry = EventRegistry::new();
+    registry.register::<OrderPlaced>().unwrap().register::<OrderPlacedV2>().unwrap();
+    registry.register::<UserRegistered>().unwrap();
+    registry
+}
+
+fn fixture_rows() -> Vec<FixtureRow> {
+    FIXTURE_ROWS.lines().map(|line| serde_json::from_str(line).expect("fixture row")).collect()
+}
+
+/// The headers the relay sets for a row: name, version and ids from the columns, event id from the envelope.
+fn relay_headers(row: &FixtureRow) -> EventHeaders {
+    EventHeaders {
+        event_name: row.event_name.clone(),
+        event_version: row.event_version,
+        event_id: Some(Envelope::from_json(row.payload.as_bytes()).unwrap().event_id),
+        correlation_id: row.correlation_id,
+        tenant_id: row.tenant_id,
+    }
+}
+
+/// Publishes a row as the relay does: the `payload` text unchanged, deduplicated by the envelope's event id.
+async fn publish_row(publisher: &Publisher, row: &FixtureRow) {
+    let headers = relay_headers(row);
+    let msg_id = headers.event_id.unwrap();
+    let ack = publisher.send(&headers, msg_id, Bytes::from(row.payload.clone())).await.unwrap();
+    ack.await.unwrap();
+}
+
+/// Publishes a fresh `order.placed` v1 (a fixture row with a new event id); returns the event id.
+async fn publish_order(publisher: &Publisher) -> Uuid {
+    let mut envelope = Envelope::from_json(fixture_rows()[0].payload.as_bytes()).unwrap();
+    assert_eq!((envelope.event_name.as_str(), envelope.event_version), (OrderPlaced::NAME, 1));
+    envelope.event_id = Uuid::new_v4();
+    publisher.publish(&envelope).await.unwrap();
+    envelope.event_id
+}
+
+fn config(stream: &TestStream, durable: &str) -> ConsumerConfig {
+    ConsumerConfig {
+        ack_wait: ACK_WAIT,
+        expires: Duration::from_secs(1),
+        ..ConsumerConfig::new(&stream.name, durable, format!("{}.>", stream.prefix))
+    }
+}
+
+fn fast_retries() -> RunConfig {
+    RunConfig {
+        retry_delay: Duration::from_millis(50),
+        max_retry_delay: Duration::from_millis(200),
+        ..RunConfig::default()
+    }
+}
+
+async fn consumer_info(stream: &TestStream, durable: &str) -> consumer::Info {
+    let stream = stream.jetstream.get_stream(&stream.name).await.expect("get stream");
+    stream.consumer_info(durable).await.expect("consumer info")
+}
+
+/// Polls `check` until it holds; panics naming `what` after [`PATIENCE`].
+async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "waited {PATIENCE:?} for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Receives one value, or fails naming `what`.
+async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
+    tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap_or_else(|_| panic!("no {what}")).unwrap()
+}
+
+/// The typed event must be the envelope's `payload` in the type's serde form, and no other type.
+fn assert_typed<T: QxEvent + std::fmt::Debug>(received: &qx_relay::EventMessage) {
+    let event = received.event();
+    let typed = event.downcast_ref::<T>().unwrap_or_else(|| panic!("not a {}", std::any::type_name::<T>()));
+    let payload = serde_json::Value::Object(event.envelope().payload.clone());
+    assert_eq!(serde_json::to_value(typed).unwrap(), payload, "{typed:?}");
+}
+
+#[tokio::test]
+async fn every_fixture_row_decodes_into_its_type_with_the_relay_headers() {
+    let stream = TestStream::create().await;
+    let publisher = Publisher::new(stream.jetstream.clone(), &stream.prefix);
+    let rows = fixture_rows();
+    for row in &rows {
+        publish_row(&publisher, row).await;
+    }
+    let consumer =
+        EventConsumer::bind(&stream.jetstream, config(&stream, "fixtures"), registry()).await.unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+
+    let mut seen = HashSet::new();
+    for _ in &rows {
+        let next = tokio::time::timeout(PATIENCE, messages.next()).await.expect("a message").unwrap();
+        let message = match next.unwrap() {
+            Received::Event(message) => message,
+            Received::Undecodable(message) => panic!("undecodable: {:?}", message.error()),
+        };
+        let envelope = message.event().envelope();
+        let row = rows.iter().find(|row| row.payload.contains(&envelope.event_id.to_string())).unwrap();
+        assert!(seen.insert(envelope.event_id), "{} delivered twice", envelope.event_id);
+        assert_eq!(envelope, &Envelope::from_json(row.payload.as_bytes()).unwrap());
+        assert_eq!(message.headers(), Some(&relay_headers(row)));
+        assert_eq!(message.delivery().delivered(), 1);
+        let raw = message.delivery().message();
+        assert_eq!(raw.subject.as_str(), format!("{}.{}", stream.prefix, row.event_name));
+        assert_eq!(raw.payload.as_ref(), row.payload.as_bytes());
+        match (row.event_name.as_str(), row.event_version) {
+            ("order.placed", 1) => assert_typed::<OrderPlaced>(&message),
+            ("order.placed", 2) => assert_typed::<OrderPlacedV2>(&message),
+            ("identity.user.registered", 1) => assert_typed::<UserRegistered>(&message),
+            other => panic!("fixture event {other:?} has no type in this test"),
+        }
+        let event = message.event();
+        let fits = [
+            event.downcast_ref::<OrderPlaced>().is_some(),
+            event.downcast_ref::<OrderPlacedV2>().is_some(),
+            event.downcast_ref::<UserRegistered>().is_some(),
+        ];
+        assert_eq!(fits.iter().filter(|fits| **fits).count(), 1, "one type only: {fits:?}");
+        message.delivery().ack().await.unwrap();
+    }
+    drop(messages);
+    eventually("all acks", || async { consumer_info(&stream, "fixtures").await.num_ack_pending == 0 }).await;
+    assert_eq!(consumer_info(&stream, "fixtures").await.num_pending, 0);
+    stream.delete().await;
+}
+
+#[tokio::test]
+async fn a_retryable_failure_is_redelivered_with_a_rising_count_then_acked() {
+    let stream = TestStream::create().await;
+    let publisher = Publisher::new(stream.jetstream.clone(), &stream.prefix);
+    let event_id = publish_order(&publisher).await;
+    let consumer =
+        EventConsumer::bind(&stream.jetstream, config(&stream, "retry"), registry()).await.unwrap();
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            consumer
+                .run(fast_retries(), cancel, move |message| {
+                    let delivered = message.delivery().delivered();
+                    tx.send((message.event().envelope().event_id, delivered)).unwrap();
+                    async move {
+                        if delivered < 3 {
+                            return Err(HandlerError::retry("downstream unavailable"));
+                        }
+                        Ok(())
+                    }
+                })
+                .await
+        }
+    });
+    for expected in 1..=3 {
+        assert_eq!(recv(&mut rx, "delivery").await, (event_id, expected));
+    }
+    // Acked on the third delivery: nothing comes back after ack_wait.
+    tokio::time::sleep(ACK_WAIT * 2).await;
+    assert!(rx.try_recv().is_err(), "redelivered after a successful handler");
+    cancel.cancel();
+    run.await.unwrap().unwrap();
+    let info = consumer_info(&stream, "retry").await;
+    assert_eq!((info.num_ack_pending, info.num_pending, info.delivered.consumer_sequence), (0, 0, 3));
+    stream.delete().await;
+}
+
+#[tokio::test]
+async fn undecodable_messages_are_terminated_and_never_reach_the_handler() {
+    let stream = TestStream::create().await;
+    let publisher = Publisher::new(stream.jetstream.clone(), &stream.prefix);
+    let row = &fixture_rows()[0];
+    let headers = relay_headers(row);
+    let mut unknown = headers.clone();
+    unknown.event_name = "order.shipped".into();
+    let wrong_payload = row.payload.replace("\"amount_cents\"", "\"amount\"");
+    assert_ne!(wrong_payload, row.payload);
+    let bad: [(&EventHeaders, &str); 3] =
+        [(&headers, "not json"), (&unknown, &row.payload), (&headers, &wrong_payload)];
+    for (headers, body) in bad {
+        let ack = publisher.send(headers, Uuid::new_v4(), Bytes::from(body.to_owned())).await.unwrap();
+        ack.await.unwrap();
+    }
+    let good = publish_order(&publisher).await;
+
+    let client = async_nats::connect(common::env("NATS_URL")).await.unwrap();
+    let advisory = format!("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{}.bad", stream.name);
+    let mut terminated = client.subscribe(advisory).await.unwrap();
+    client.flush().await.unwrap();
+
+    // The decode errors, one of each kind, as the message stream reports them; nothing is settled here.
+    let consumer = EventConsumer::bind(&stream.jetstream, config(&stream, "peek"), registry()).await.unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut errors = Vec::new();
+    for _ in 0..3 {
+        let next = tokio::time::timeout(PATIENCE, messages.next()).await.expect("a message").unwrap();
+        match next.unwrap() {
+            Received::Undecodable(message) => errors.push(match message.error() {
+                DecodeError::NotEnvelope(_) => "not an envelope",
+                DecodeError::Unknown { .. } => "unknown",
+                DecodeError::Payload { .. } => "payload",
+                other => panic!("{other:?}"),
+            }),
+            Received::Event(message) => panic!("decoded {:?}", message.event()),
+        }
+    }
+    assert_eq!(errors, ["not an envelope", "unknown", "payload"]);
+    drop(messages);
+
+    let consumer = EventConsumer::bind(&stream.jetstream, config(&stream, "bad"), registry()).await.unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            let options = RunConfig { on_undecodable: UndecodablePolicy::Term, ..fast_retries() };
+            consumer
+                .run(options, cancel, move |message| {
+                    tx.send(message.event().envelope().event_id).unwrap();
+                    async { Ok(()) }
+                })
+                .await
+        }
+    });
+    assert_eq!(recv(&mut rx, "the good event").await, good);
+    for _ in 0..3 {
+        tokio::time::timeout(PATIENCE, terminated.next()).await.expect("a MSG_TERMINATED advisory");
+    }
+    // Past ack_wait: a message that was neither acked nor termed would be delivered again by now.
+    tokio::time::sleep(ACK_WAIT * 2).await;
+    assert!(rx.try_recv().is_err(), "the handler saw an undecodable message");
+    cancel.cancel();
+    run.await.unwrap().unwrap();
+    let info = consumer_info(&stream, "bad").await;
+    assert_eq!((info.num_ack_pending, info.num_redelivered, info.delivered.consumer_sequence), (0, 0, 4));
+    stream.delete().await;
+}
+
+#[tokio::test]
+async fn max_deliver_bounds_the_retries() {
+    let stream = TestStream::create().await;
+    let publisher = Publisher::new(stream.jetstream.clone(), &stream.prefix);
+    publish_order(&publisher).await;
+    let config = ConsumerConfig { max_deliver: 3, ..config(&stream, "bounded") };
+    let consumer = EventConsumer::bind(&stream.jetstream, config, registry()).await.unwrap();
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            consumer
+                .run(fast_retries(), cancel, move |message| {
+                    tx.send(message.delivery().delivered()).unwrap();
+                    async { Err(HandlerError::retry("always failing")) }
+                })
+                .await
+        }
+    });
+    for expected in 1..=3 {
+        assert_eq!(recv(&mut rx, "delivery").await, expected);
+    }
+    // Retries come every 50-200 ms; without max_deliver more would arrive in this time.
+    tokio::time::sleep(ACK_WAIT * 2).await;
+    assert!(rx.try_recv().is_err(), "delivered more than max_deliver times");
+    cancel.cancel();
+    run.await.unwrap().unwrap();
+    stream.delete().await;
+}
+
+#[tokio::test]
+async fn cancel_finishes_in_flight_handlers_and_loses_nothing() {
+    const EVENTS: usize = 30;
+    const MAX_IN_FLIGHT: usize = 4;
+    let stream = TestStream::create().await;
+    let publisher = Publisher::new(stream.jetstream.clone(), &stream.prefix);
+    let mut published = HashSet::new();
+    for _ in 0..EVENTS {
+        published.insert(publish_order(&publisher).await);
+    }
+
+    // First consumer: slow handlers, cancelled after a few.
+    let first_handled = Arc::new(Mutex::new(HashSet::new()));
+    let (running, most_running, started) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let cancel = CancellationToken::new();
+    let consumer = EventConsumer::bind(
+        &stream.jetstream,
+        ConsumerConfig { batch_size: 10, ..config(&stream, "workers") },
+        registry(),
+    )
+    .await
+    .unwrap();
+    let run = tokio::spawn({
+        let (handled, running, most_running, started) =
+            (first_handled.clone(), running.clone(), most_running.clone(), started.clone());
+        let options = RunConfig { max_in_flight: MAX_IN_FLIGHT, ..fast_retries() };
+        let cancel = cancel.clone();
+        async move {
+            consumer
+                .run(options, cancel, move |message| {
+                    let (handled, running, most_running) =
+                        (handled.clone(), running.clone(), most_running.clone());
+                    started.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most_running.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(150)).await;
+                        handled.lock().unwrap().insert(message.event().envelope().event_id);
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        Ok(())
+                    }
+                })
+                .await
+        }
+    });
+    eventually("a few handlers to start", || async { started.load(Ordering::SeqCst) >= 10 }).await;
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(2), run).await.expect("run stops promptly").unwrap().unwrap();
+    let first_handled = first_handled.lock().unwrap().clone();
+    assert_eq!(first_handled.len(), started.load(Ordering::SeqCst), "every started handler finished");
+    assert!(first_handled.len() < EVENTS, "cancelled before the end");
+    assert_eq!(most_running.load(Ordering::SeqCst), MAX_IN_FLIGHT);
+
+    // Second consumer on the same durable: gets exactly what the first did not handle.
+    let consumer =
+        EventConsumer::bind(&stream.jetstream, config(&stream, "workers"), registry()).await.unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            consumer
+                .run(RunConfig::default(), cancel, move |message| {
+                    tx.send(message.event().envelope().event_id).unwrap();
+                    async { Ok(()) }
+                })
+                .await
+        }
+    });
+    let mut second_handled = HashSet::new();
+    while first_handled.len() + second_handled.len() < EVENTS {
+        let event_id = recv(&mut rx, "an event the first consumer left").await;
+        assert!(!first_handled.contains(&event_id), "{event_id} was handled and acked, yet came back");
+        assert!(second_handled.insert(event_id), "{event_id} twice");
+    }
+    let all: HashSet<_> = first_handled.union(&second_handled).copied().collect();
+    assert_eq!(all, published);
+    eventually("all acks", || async { consumer_info(&stream, "workers").await.num_ack_pending == 0 }).await;
+    cancel.cancel();
+    run.await.unwrap().unwrap();
+    stream.delete().await;
+}
