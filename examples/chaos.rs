@@ -3,7 +3,7 @@
 //! Afterwards every committed event must be in the stream exactly once and every row marked.
 //!
 //! ```text
-//! scripts/chaos [--cycles 8] [--leader redis|none] [--relays 2] [--seed N] [--rate 200]
+//! scripts/chaos [--cycles 8] [--leader redis|none] [--relays 2] [--seed N] [--rate 500]
 //! ```
 //! Everything runs on private servers (nats-server, redis-server, a Postgres cluster from initdb) on free
 //! loopback ports, in temporary directories, so the shared services are never touched. Prints one line per
@@ -55,7 +55,7 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     relays: usize,
     /// Events per second the producer commits.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 500)]
     rate: u32,
     /// Seed of the fault schedule; random when unset (the summary prints it).
     #[arg(long)]
@@ -100,13 +100,14 @@ impl Relays {
         self.procs[index].child = Some(child);
     }
 
-    /// Restarts relays that exited by themselves, noting why they exited.
+    /// Restarts relays that exited by themselves, noting why they exited. Relays stopped on purpose (no child)
+    /// stay down.
     fn supervise(&mut self) {
         for index in 0..self.procs.len() {
             let exited = match self.procs[index].child.as_mut().map(Child::try_wait) {
                 Some(Ok(Some(status))) => Some(status.code()),
-                Some(Ok(None)) => None,
-                Some(Err(_)) | None => Some(None),
+                Some(Err(_)) => Some(None),
+                Some(Ok(None)) | None => None,
             };
             if let Some(code) = exited {
                 self.procs[index].child = None;
@@ -153,6 +154,14 @@ impl Relays {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Relays {
+    fn drop(&mut self) {
+        for index in 0..self.procs.len() {
+            self.kill9(index);
         }
     }
 }
@@ -344,6 +353,19 @@ async fn stream_ids(jetstream: &jetstream::Context) -> Vec<String> {
     ids
 }
 
+/// Republished events the stream recognised, as reported by the relays that stopped cleanly (`relay stopped`
+/// lines); evidence that the faults hit rows between their PubAck and their mark.
+fn reported_duplicates(log: &std::path::Path) -> u64 {
+    let log = fs::read_to_string(log).unwrap_or_default();
+    log.lines()
+        .filter(|line| line.contains("relay stopped"))
+        .filter_map(|line| {
+            let count = line.split_once(" duplicates=")?.1;
+            count.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -397,6 +419,7 @@ async fn main() -> ExitCode {
         ("QX_RELAY__DRAIN_TIMEOUT", "3s"),
         ("QX_RELAY__GIVE_UP_AFTER", "20s"),
         ("QX_RELAY__LOG", "info"),
+        ("NO_COLOR", "1"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -470,13 +493,15 @@ async fn main() -> ExitCode {
     let unknown = in_stream.iter().filter(|id| !in_table.contains(*id)).count();
     let not_marked = rows.iter().filter(|r| !r.1).count();
     let with_attempts = rows.iter().filter(|r| r.2 > 0).count();
+    let dedupe_hits: u64 = world.relays.procs.iter().map(|p| reported_duplicates(&p.log)).sum();
     let mut exits: Vec<String> = world.relays.exits.iter().map(|(code, n)| format!("{n}×{code}")).collect();
     exits.sort();
 
     println!(
         "chaos: cycles {}, events {}, lost {lost}, duplicates {duplicates}, unmarked {not_marked}, \
          not-in-table {unknown}, commits-lost {commits_lost}, rows-with-attempts {with_attempts}, \
-         messages {}, producer commit-unknown {} failed {}, relay exits [{}], wall {:.1?}, seed {seed}",
+         messages {}, dedupe hits {dedupe_hits}, producer commit-unknown {} failed {}, relay exits [{}], \
+         wall {:.1?}, seed {seed}",
         if timed_out { "(timed out)".to_owned() } else { args.cycles.to_string() },
         rows.len(),
         ids.len(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::jetstream::context::{GetStreamByNameErrorKind, PublishAckFuture};
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, stream, ErrorCode};
 use async_nats::ConnectOptions;
 use bytes::Bytes;
 use serde::Deserialize;
@@ -182,7 +182,7 @@ impl RelayPublisher {
             PublishError::Subject(_) => FailureKind::Poison,
             PublishError::Nats(err) => classify_nats(err, self.is_connected()),
         };
-        Failure { kind, reason: super::error_chain(err) }
+        Failure { kind, reason: reason(err) }
     }
 
     /// The stream capturing `<subject_prefix>.>`, if any.
@@ -244,7 +244,13 @@ impl RelayPublisher {
     }
 }
 
+/// JetStream errors about the stream's state, not the message: the stream is full (discard new: maximum
+/// messages or bytes exceeded) or the server is out of storage. Every row would fail alike and later succeed.
+const STREAM_STATE_ERRORS: [ErrorCode; 2] =
+    [ErrorCode::STREAM_STORE_FAILED, ErrorCode::INSUFFICIENT_RESOURCES];
+
 fn classify_nats(err: &NatsPublishError, connected: bool) -> FailureKind {
+    let jetstream_error = err.source().and_then(|s| s.downcast_ref::<jetstream::Error>());
     match err.kind() {
         PublishErrorKind::MaxPayloadExceeded => FailureKind::Poison,
         PublishErrorKind::StreamNotFound => FailureKind::NoStream,
@@ -252,9 +258,23 @@ fn classify_nats(err: &NatsPublishError, connected: bool) -> FailureKind {
             FailureKind::Unavailable
         }
         PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => FailureKind::Rejected,
-        // A JetStream error response is about this message; anything else is the connection's.
-        _ if connected && err.source().is_some_and(|s| s.is::<jetstream::Error>()) => FailureKind::Rejected,
+        // Burning attempts here would park the whole outbox while the stream is full.
+        _ if jetstream_error.is_some_and(|e| STREAM_STATE_ERRORS.contains(&e.error_code())) => {
+            FailureKind::Unavailable
+        }
+        // Any other JetStream error response is about this message; anything else is the connection's.
+        _ if connected && jetstream_error.is_some() => FailureKind::Rejected,
         _ => FailureKind::Unavailable,
+    }
+}
+
+/// The text for `last_error` and the log, e.g. `jetstream publish: max payload size exceeded: Payload size limit
+/// of 1048576 exceeded by message size of 1153724`. An async-nats error prints its own source, so the chain ends
+/// at it; following `source()` further would repeat that text.
+fn reason(err: &PublishError) -> String {
+    match err.source() {
+        Some(cause) => format!("{err}: {cause}"),
+        None => err.to_string(),
     }
 }
 
@@ -313,6 +333,18 @@ mod tests {
     }
 
     #[test]
+    fn reasons_name_each_cause_once() {
+        let limit = "Payload size limit of 1048576 exceeded by message size of 1153724";
+        let too_big =
+            PublishError::Nats(NatsPublishError::with_source(PublishErrorKind::MaxPayloadExceeded, limit));
+        assert_eq!(reason(&too_big), format!("jetstream publish: max payload size exceeded: {limit}"));
+        let subject = PublishError::Subject(crate::wire::validate_event_name("a b").unwrap_err());
+        assert_eq!(reason(&subject).matches("a b").count(), 1, "{}", reason(&subject));
+        let timeout = PublishError::Nats(NatsPublishError::new(PublishErrorKind::TimedOut));
+        assert_eq!(reason(&timeout), "jetstream publish: timed out: didn't receive ack in time");
+    }
+
+    #[test]
     fn connection_failures_burn_no_attempts() {
         let timeout = NatsPublishError::new(PublishErrorKind::TimedOut);
         assert_eq!(classify_nats(&timeout, true), FailureKind::Unavailable);
@@ -320,5 +352,24 @@ mod tests {
         assert_eq!(classify_nats(&no_stream, true), FailureKind::NoStream);
         let too_big = NatsPublishError::new(PublishErrorKind::MaxPayloadExceeded);
         assert_eq!(classify_nats(&too_big, true), FailureKind::Poison);
+    }
+
+    #[test]
+    fn a_full_stream_is_not_the_rows_fault() {
+        let response = |json: &str| {
+            let error: jetstream::Error = serde_json::from_str(json).expect("a JetStream error response");
+            NatsPublishError::with_source(PublishErrorKind::Other, error)
+        };
+        let full =
+            response(r#"{"code": 503, "err_code": 10077, "description": "maximum messages exceeded"}"#);
+        assert_eq!(classify_nats(&full, true), FailureKind::Unavailable);
+        let no_space =
+            response(r#"{"code": 503, "err_code": 10023, "description": "insufficient resources"}"#);
+        assert_eq!(classify_nats(&no_space, true), FailureKind::Unavailable);
+        let too_big = response(
+            r#"{"code": 400, "err_code": 10054, "description": "message size exceeds maximum allowed"}"#,
+        );
+        assert_eq!(classify_nats(&too_big, true), FailureKind::Rejected);
+        assert_eq!(classify_nats(&too_big, false), FailureKind::Unavailable);
     }
 }
