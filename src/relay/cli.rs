@@ -97,7 +97,7 @@ pub enum DeadCommand {
     /// List parked rows, oldest first.
     List {
         /// At most this many.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
         /// Only this event name.
         #[arg(long)]

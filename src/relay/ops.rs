@@ -209,7 +209,13 @@ async fn lock_holders(config: &Config) -> Result<Vec<Holder>, String> {
     Ok(holders)
 }
 
-fn unavailable(what: &str, err: &dyn std::error::Error) -> ExitCode {
+/// Reports a database failure: a missing table is the configuration's fault (78), anything else Postgres' (69).
+fn unavailable(what: &str, err: &sqlx::Error) -> ExitCode {
     eprintln!("{what}: {}", error_chain(err));
-    ExitCode::Unavailable
+    let undefined_table = err.as_database_error().and_then(|e| e.code()).is_some_and(|code| code == "42P01");
+    if undefined_table {
+        ExitCode::Config
+    } else {
+        ExitCode::Unavailable
+    }
 }
