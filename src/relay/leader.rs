@@ -2,17 +2,20 @@
 //!
 //! Redis: Qx's `DistributedLock` protocol (`SET key token NX`, compare-token renew and release), so a Python
 //! relay holding the key keeps us waiting and the other way round. Unlike the Python relay we renew every
-//! third of the TTL and step down the moment a renewal fails or finds another token, before the lease could
-//! have run out. Postgres: a session advisory lock on a dedicated connection; it dies with the session, so a
-//! partitioned leader is fenced by construction.
+//! third of the TTL and step down the moment a renewal fails or finds another token, at least a third of the
+//! TTL before the lease could have run out; [`Kept::Lost`] then says by when the work started under the lease
+//! must have stopped, so a new leader never claims around rows an old one still holds. Postgres: a session
+//! advisory lock on a dedicated connection; it dies with the session, so a partitioned leader is fenced by
+//! construction.
 
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
+use redis::AsyncConnectionConfig;
 use sqlx::{Connection, PgConnection};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 /// Standbys never wait longer than this between attempts, so a released lock is taken within about a second.
@@ -21,6 +24,10 @@ const STANDBY_POLL_MAX: Duration = Duration::from_millis(500);
 /// Renew only if the key still holds our token.
 const RENEW_SCRIPT: &str = r"
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end";
+/// After a refused `SET NX`: `{1, 0}` and a fresh lease when the key holds our own token, else `{0, PTTL}`.
+const RECLAIM_SCRIPT: &str = r"
+if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) return {1, 0} end
+return {0, redis.call('pttl', KEYS[1])}";
 /// Delete only if the key still holds our token.
 const RELEASE_SCRIPT: &str = r"
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
@@ -80,15 +87,24 @@ impl LeaderLock {
             let wait = match attempt {
                 Ok(Acquired::Yes) => return Ok(true),
                 Ok(Acquired::No { retry_in }) => {
-                    failing_since = None;
+                    if let Some(since) = failing_since.take() {
+                        info!(down_for = ?since.elapsed(), "leader lock backend available again");
+                    }
                     retry_in
                 }
                 Err(err) => {
+                    let first = failing_since.is_none();
                     let since = *failing_since.get_or_insert_with(Instant::now);
                     if since.elapsed() > give_up_after {
                         return Err(LockError::GaveUp(give_up_after));
                     }
-                    warn!(error = %super::error_chain(&err), "leader lock backend unavailable; standing by");
+                    // WARN once per outage: standbys retry twice a second.
+                    if first {
+                        warn!(error = %super::error_chain(&err), "leader lock backend unavailable; standing by");
+                    } else {
+                        debug!(error = %super::error_chain(&err), down_for = ?since.elapsed(),
+                               "leader lock backend still unavailable");
+                    }
                     STANDBY_POLL_MAX
                 }
             };
@@ -100,31 +116,47 @@ impl LeaderLock {
     }
 
     /// Keeps the lock until `term` is cancelled, renewing it; cancels `term` itself the moment the lease can
-    /// no longer be proven (renewal failed, timed out, or found another token). Returns whether we still hold it.
-    pub async fn keep(&mut self, term: &CancellationToken) -> bool {
+    /// no longer be proven (renewal failed, timed out, or found another token).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping it only stops the renewals.
+    pub async fn keep(&mut self, term: &CancellationToken) -> Kept {
         let interval = self.renew_interval();
+        let mut next = Instant::now() + interval;
         loop {
             tokio::select! {
-                _ = term.cancelled() => return true,
-                _ = tokio::time::sleep(interval) => {}
+                _ = term.cancelled() => return Kept::Held,
+                _ = tokio::time::sleep_until(next) => {}
             }
+            // Counted from when a renewal starts, so a slow reply does not push the next one back.
+            next = Instant::now() + interval;
             let renewed = match self {
                 Self::Redis(lock) => lock.renew().await,
                 Self::Postgres(lock) => lock.check(interval).await,
             };
             match renewed {
-                Ok(true) => {}
-                Ok(false) => {
-                    warn!("leader lock taken by another holder; stepping down");
-                    term.cancel();
-                    return false;
-                }
+                Ok(true) => continue,
+                Ok(false) => warn!("leader lock taken by another holder; stepping down"),
                 Err(err) => {
-                    warn!(error = %super::error_chain(&err), "leader lock renewal failed; stepping down");
-                    term.cancel();
-                    return false;
+                    warn!(error = %super::error_chain(&err), "leader lock renewal failed; stepping down")
                 }
             }
+            term.cancel();
+            return Kept::Lost { fence: self.fence() };
+        }
+    }
+
+    /// After a lost lease: when work started under it must have stopped. A Redis lease we could not renew
+    /// runs on for at least a third of the TTL after we stepped down; stopping half way there leaves the
+    /// rollback of the batch in flight time to land before anyone else can claim. Otherwise at once: another
+    /// holder may already lead (the key holds another token, or our advisory lock's session is gone).
+    fn fence(&self) -> Instant {
+        let now = Instant::now();
+        match self {
+            Self::Redis(lock) => {
+                lock.lease_until.and_then(|until| until.checked_sub(lock.ttl / 6)).map_or(now, |f| f.max(now))
+            }
+            Self::Postgres(_) => now,
         }
     }
 
@@ -150,6 +182,19 @@ impl LeaderLock {
     }
 }
 
+/// How keeping the lock ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// `term` was cancelled by the caller; the lock is still ours to release.
+    Held,
+    /// The lease could no longer be proven: stop what was started under it by `fence`, abandoning it if need
+    /// be (its rows are rolled back and published again, deduplicated).
+    Lost {
+        /// When work under the lost lease must have stopped.
+        fence: Instant,
+    },
+}
+
 enum Acquired {
     Yes,
     No { retry_in: Duration },
@@ -162,6 +207,9 @@ pub struct RedisLock {
     key: String,
     token: String,
     ttl: Duration,
+    /// Until when the lease is certainly ours: when the last `SET` or renewal that succeeded was *sent*, plus
+    /// the TTL (Redis started the lease after that).
+    lease_until: Option<Instant>,
 }
 
 impl RedisLock {
@@ -171,7 +219,7 @@ impl RedisLock {
     /// When `url` is not a Redis URL.
     pub fn new(url: &str, key: String, ttl: Duration) -> Result<Self, LockError> {
         let client = redis::Client::open(url)?;
-        Ok(Self { client, connection: None, key, token: Uuid::new_v4().to_string(), ttl })
+        Ok(Self { client, connection: None, key, token: Uuid::new_v4().to_string(), ttl, lease_until: None })
     }
 
     /// Our token, logged so operators can tell holders apart.
@@ -184,41 +232,58 @@ impl RedisLock {
     /// # Errors
     /// When Redis cannot be reached.
     pub async fn holder(&mut self) -> Result<Holder, LockError> {
-        let token: Option<String> = self.query(redis::cmd("GET").arg(&self.key).to_owned()).await?;
-        let ttl: i64 = self.query(redis::cmd("PTTL").arg(&self.key).to_owned()).await?;
+        let limit = self.ttl / 3;
+        let token: Option<String> = self.query(redis::cmd("GET").arg(&self.key).to_owned(), limit).await?;
+        let ttl: i64 = self.query(redis::cmd("PTTL").arg(&self.key).to_owned(), limit).await?;
         Ok(Holder { key: self.key.clone(), token, ttl_left_ms: (ttl >= 0).then_some(ttl) })
     }
 
     async fn try_acquire(&mut self) -> Result<Acquired, LockError> {
-        let set: Option<String> = self
-            .query(
-                redis::cmd("SET")
-                    .arg(&self.key)
-                    .arg(&self.token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(self.ttl_ms())
-                    .to_owned(),
-            )
-            .await?;
+        let set_cmd = redis::cmd("SET")
+            .arg(&self.key)
+            .arg(&self.token)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.ttl_ms())
+            .to_owned();
+        let sent = Instant::now();
+        let set: Option<String> = self.query(set_cmd, self.ttl / 3).await?;
         if set.is_some() {
+            self.lease_until = Some(sent + self.ttl);
             info!(key = %self.key, token = %self.token, "leader lock acquired");
             return Ok(Acquired::Yes);
         }
-        // Wake just after the holder's lease would end, but poll at least every STANDBY_POLL_MAX.
-        let left: i64 = self.query(redis::cmd("PTTL").arg(&self.key).to_owned()).await?;
-        let until_expiry = Duration::from_millis(u64::try_from(left).unwrap_or(0) + 10);
-        Ok(Acquired::No { retry_in: until_expiry.min(self.ttl / 3).min(STANDBY_POLL_MAX) })
+        // The key may hold our own token: a SET whose reply timed out but which Redis still ran (it runs what a
+        // frozen server had queued), or a lease we stepped down from for want of a reply. Only we write our
+        // token, so nobody else held the key since: take it back now rather than standing by for our own lease.
+        let reclaim = self.script(RECLAIM_SCRIPT).arg(self.ttl_ms()).to_owned();
+        let sent = Instant::now();
+        let (ours, left): (i64, i64) = self.query(reclaim, self.ttl / 3).await?;
+        if ours == 1 {
+            self.lease_until = Some(sent + self.ttl);
+            info!(key = %self.key, token = %self.token, reclaimed = true, "leader lock acquired");
+            return Ok(Acquired::Yes);
+        }
+        Ok(Acquired::No { retry_in: standby_wait(left, self.ttl) })
     }
 
     async fn renew(&mut self) -> Result<bool, LockError> {
+        let sent = Instant::now();
+        let lease_left =
+            self.lease_until.map_or(Duration::ZERO, |until| until.saturating_duration_since(sent));
+        let limit = renew_limit(lease_left, self.ttl);
+        if limit.is_zero() {
+            return Err(LockError::TimedOut);
+        }
         let renew = self.script(RENEW_SCRIPT).arg(self.ttl_ms()).to_owned();
-        let renewed: i64 = self.query(renew).await?;
-        Ok(renewed == 1)
+        let renewed = self.query::<i64>(renew, limit).await? == 1;
+        self.lease_until = renewed.then_some(sent + self.ttl);
+        Ok(renewed)
     }
 
     async fn release(&mut self) -> Result<(), LockError> {
-        let _: i64 = self.query(self.script(RELEASE_SCRIPT)).await?;
+        self.lease_until = None;
+        let _: i64 = self.query(self.script(RELEASE_SCRIPT), self.ttl / 3).await?;
         Ok(())
     }
 
@@ -231,12 +296,18 @@ impl RedisLock {
         redis::cmd("EVAL").arg(script).arg(1).arg(&self.key).arg(&self.token).to_owned()
     }
 
-    /// Runs `cmd` within a third of the TTL, dropping the connection on any failure so the next call
-    /// reconnects.
-    async fn query<T: redis::FromRedisValue>(&mut self, cmd: redis::Cmd) -> Result<T, LockError> {
-        let limit = self.ttl / 3;
+    /// Runs `cmd` within `limit`, connecting first if needed; drops the connection on any failure so the next
+    /// call reconnects.
+    async fn query<T: redis::FromRedisValue>(
+        &mut self,
+        cmd: redis::Cmd,
+        limit: Duration,
+    ) -> Result<T, LockError> {
         if self.connection.is_none() {
-            let connect = self.client.get_multiplexed_async_connection();
+            // Our `limit` is the only timeout: the client's default 500 ms reply timeout would make a leader step
+            // down on a hiccup its lease easily covers.
+            let config = AsyncConnectionConfig::new().set_connection_timeout(None).set_response_timeout(None);
+            let connect = self.client.get_multiplexed_async_connection_with_config(&config);
             self.connection = Some(timeout(limit, connect).await.map_err(|_| LockError::TimedOut)??);
         }
         let connection = self.connection.as_mut().expect("just connected");
@@ -311,6 +382,25 @@ impl AdvisoryLock {
     }
 }
 
+/// How long a standby waits after finding the key held with `pttl` ms left: just past the holder's lease, but
+/// never longer than a third of our TTL or [`STANDBY_POLL_MAX`]. PTTL is -2 when the key has just gone (retry at
+/// once) and -1 when it never expires (poll).
+fn standby_wait(pttl: i64, ttl: Duration) -> Duration {
+    let until_expiry = match u64::try_from(pttl) {
+        Ok(left) => Duration::from_millis(left + 10),
+        Err(_) if pttl == -2 => Duration::ZERO,
+        Err(_) => STANDBY_POLL_MAX,
+    };
+    until_expiry.min(ttl / 3).min(STANDBY_POLL_MAX)
+}
+
+/// How long to wait for a renewal's reply with `lease_left` on the lease: only as long as the reply could still
+/// prove the lease in time. Stepping down at least a third of the TTL before the lease could end leaves the
+/// batch in flight time to finish inside it.
+fn renew_limit(lease_left: Duration, ttl: Duration) -> Duration {
+    lease_left.saturating_sub(ttl / 3).min(ttl / 3)
+}
+
 /// A stable 64-bit key for `name` (FNV-1a), so every relay of a table and shard picks the same lock.
 fn advisory_key(name: &str) -> i64 {
     let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
@@ -322,6 +412,25 @@ fn advisory_key(name: &str) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn standbys_wake_after_the_lease_and_poll_at_least_twice_a_second() {
+        let ttl = Duration::from_secs(3);
+        assert_eq!(standby_wait(200, ttl), Duration::from_millis(210));
+        assert_eq!(standby_wait(2500, ttl), STANDBY_POLL_MAX);
+        assert_eq!(standby_wait(-2, ttl), Duration::ZERO, "key gone: retry at once");
+        assert_eq!(standby_wait(-1, ttl), STANDBY_POLL_MAX, "key without expiry: poll, don't spin");
+        assert_eq!(standby_wait(900, Duration::from_secs(1)), Duration::from_secs(1) / 3);
+    }
+
+    #[test]
+    fn renewals_give_up_a_third_of_the_ttl_before_the_lease_ends() {
+        let ttl = Duration::from_secs(3);
+        assert_eq!(renew_limit(Duration::from_secs(2), ttl), Duration::from_secs(1));
+        assert_eq!(renew_limit(Duration::from_millis(1500), ttl), Duration::from_millis(500));
+        assert_eq!(renew_limit(Duration::from_millis(900), ttl), Duration::ZERO);
+        assert_eq!(renew_limit(Duration::from_secs(3), ttl), Duration::from_secs(1), "never above ttl/3");
+    }
 
     #[test]
     fn advisory_keys_are_stable_and_distinct() {

@@ -28,7 +28,7 @@ use tracing::{error, info, warn};
 
 use config::{Config, ConfigError, LeaderMode, RelayConfig};
 use engine::{Engine, EngineError, Totals};
-use leader::{AdvisoryLock, LeaderLock, LockError, RedisLock};
+use leader::{AdvisoryLock, Kept, LeaderLock, LockError, RedisLock};
 use publisher::RelayPublisher;
 use shard::Shard;
 use store::OutboxStore;
@@ -221,19 +221,42 @@ async fn lead(
         metrics::set_leader(true);
         health.set_leading(true);
         let term = shutdown.child_token();
-        let (still_held, result) = tokio::join!(lock.keep(&term), async {
-            let result = engine.run(&term).await;
-            term.cancel(); // stops the renewals once the loop is done
-            result
-        });
+        let run = engine.run(&term);
+        tokio::pin!(run);
+        let (kept, finished) = {
+            let keep = lock.keep(&term);
+            tokio::pin!(keep);
+            tokio::select! {
+                kept = &mut keep => (kept, None),
+                result = &mut run => {
+                    term.cancel(); // stops the renewals
+                    (keep.await, Some(result))
+                }
+            }
+        };
+        let result = match (finished, kept) {
+            (Some(result), _) => result,
+            // Shutdown: the batch in flight finishes (run's drain_timeout bounds it).
+            (None, Kept::Held) => run.await,
+            // Lost: finish the batch in flight only while nobody else can have the lock. Its rows stay locked
+            // until then, so a new leader claiming later rows of the same keys would publish them first.
+            (None, Kept::Lost { fence }) => match tokio::time::timeout_at(fence, &mut run).await {
+                Ok(result) => result,
+                Err(_) => {
+                    warn!("lease ending with a batch in flight: abandoned, its rows will be published again");
+                    Ok(())
+                }
+            },
+        };
         metrics::set_leader(false);
         health.set_leading(false);
-        result?;
-        if shutdown.is_cancelled() {
-            if still_held {
+        if result.is_err() || shutdown.is_cancelled() {
+            // We are exiting: let a standby take over now rather than when the lease runs out.
+            if kept == Kept::Held {
+                info!("stopped claiming; handing the leader lock over");
                 lock.release().await;
             }
-            return Ok(());
+            return result.map_err(RelayError::from);
         }
         warn!("leadership lost; stopped claiming");
     }
@@ -395,13 +418,16 @@ async fn delete_expired(store: &OutboxStore, retention: Duration, shutdown: &Can
     }
 }
 
-/// `outer: inner: …`, each link once.
+/// `outer: inner: …`, each link once (some errors, async-nats' among them, already print their source).
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text
