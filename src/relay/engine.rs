@@ -343,8 +343,10 @@ impl Engine {
                 let retry_in = now.duration_since(missing.since).clamp(NO_STREAM_RETRY.0, NO_STREAM_RETRY.1);
                 missing.retry_at = now + retry_in;
                 if self.relay.shard_key != ShardKey::Id {
-                    self.held.insert(key, now + retry_in);
-                    settlement.wait = settlement.wait.max(retry_in);
+                    // Order first: retry the whole shard soon, without letting the wait grow, so the other
+                    // subjects still move a batch a second.
+                    self.held.insert(key, now + NO_STREAM_RETRY.0);
+                    settlement.wait = NO_STREAM_RETRY.0;
                 }
                 let last_error = format!("no stream captures {subject}");
                 settlement.failures.push(RowFailure { id: row.id, attempts: row.attempts, last_error });
