@@ -1,0 +1,488 @@
+//! Drain benchmark: how fast qx-relay empties the outbox, against what Postgres and NATS allow on their own
+//! and against the seed's serial algorithm, plus commit → delivery latency, memory and CPU.
+//!
+//! ```text
+//! cargo bench --features integration-tests --bench drain -- --quick   # ≤ 60 s, proves the harness works
+//! cargo bench --features integration-tests --bench drain -- --full    # the README's numbers
+//! ```
+//! Options: `--json PATH` (default `target/bench/drain.json`), `--only pg,nats,baseline,engine,backlog,latency`,
+//! `--private-postgres` (an initdb'd cluster of its own, autovacuum on, instead of `DATABASE_URL`'s server),
+//! `--perf` (`perf record` on the relay during the engine drains, into `target/bench/`).
+//!
+//! Needs `DATABASE_URL` (an admin URL; the run creates and drops a database of its own) and `NATS_URL` (the
+//! run creates and deletes streams of its own). It asserts correctness (every row published and marked once),
+//! never speed: the target column says whether a number met the goal set for a 2-core machine.
+
+#[path = "../../tests/common/cluster.rs"]
+mod cluster;
+mod scenarios;
+mod services;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use qx_relay::relay::config::OnPublish;
+use serde::Serialize;
+use uuid::Uuid;
+
+use scenarios::{Bench, Idle, Latency, Throughput};
+use services::{BenchDb, Machine};
+
+/// How much each part does.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Sizes {
+    ceiling_rows: u64,
+    nats_messages: u64,
+    baseline_rows: u64,
+    engine_rows: u64,
+    backlog_small: u64,
+    backlog_large: u64,
+    latency_seconds_200: u64,
+    latency_seconds_2000: u64,
+    idle_seconds: u64,
+}
+
+const QUICK: Sizes = Sizes {
+    ceiling_rows: 10_000,
+    nats_messages: 10_000,
+    baseline_rows: 2_000,
+    engine_rows: 10_000,
+    backlog_small: 10_000,
+    backlog_large: 50_000,
+    latency_seconds_200: 2,
+    latency_seconds_2000: 2,
+    idle_seconds: 3,
+};
+
+const FULL: Sizes = Sizes {
+    ceiling_rows: 200_000,
+    nats_messages: 200_000,
+    baseline_rows: 20_000,
+    engine_rows: 200_000,
+    backlog_small: 10_000,
+    backlog_large: 1_000_000,
+    latency_seconds_200: 30,
+    latency_seconds_2000: 15,
+    idle_seconds: 10,
+};
+
+const PARTS: &[&str] = &["pg", "nats", "baseline", "engine", "backlog", "latency"];
+
+#[derive(Debug, Clone)]
+struct Options {
+    full: bool,
+    json: PathBuf,
+    only: Vec<String>,
+    private_postgres: bool,
+    perf: bool,
+}
+
+impl Options {
+    fn parse() -> Self {
+        let mut options = Self {
+            full: false,
+            json: PathBuf::from("target/bench/drain.json"),
+            only: PARTS.iter().map(|p| (*p).to_owned()).collect(),
+            private_postgres: false,
+            perf: false,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--quick" => options.full = false,
+                "--full" => options.full = true,
+                "--json" => options.json = args.next().expect("--json PATH").into(),
+                "--only" => {
+                    options.only = args.next().expect("--only a,b").split(',').map(str::to_owned).collect();
+                    if let Some(bad) = options.only.iter().find(|p| !PARTS.contains(&p.as_str())) {
+                        panic!("--only: unknown part {bad:?}; parts: {}", PARTS.join(","));
+                    }
+                }
+                "--private-postgres" => options.private_postgres = true,
+                "--perf" => options.perf = true,
+                // cargo bench passes --bench to harness = false targets.
+                "--bench" => {}
+                other => panic!(
+                    "unknown argument {other:?}; use --quick | --full, --json PATH, --only {}, --private-postgres, --perf",
+                    PARTS.join(",")
+                ),
+            }
+        }
+        options
+    }
+
+    fn runs(&self, part: &str) -> bool {
+        self.only.iter().any(|p| p == part)
+    }
+}
+
+/// A goal of the issue and whether this run met it.
+#[derive(Debug, Clone, Serialize)]
+struct Target {
+    name: &'static str,
+    value: f64,
+    goal: &'static str,
+    met: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    mode: &'static str,
+    started_at: String,
+    seconds: f64,
+    /// The services are shared: the load average says how busy the machine was besides this run.
+    load_average_at_end: String,
+    machine: Machine,
+    postgres: &'static str,
+    autovacuum_table_settings: &'static str,
+    sizes: Sizes,
+    throughput: Vec<Throughput>,
+    idle: Option<Idle>,
+    latency: Vec<Latency>,
+    targets: Vec<Target>,
+}
+
+fn main() {
+    let options = Options::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    runtime.block_on(run(options));
+}
+
+async fn run(options: Options) {
+    let started = Instant::now();
+    let started_at = chrono::Utc::now().to_rfc3339();
+    let sizes = if options.full { FULL } else { QUICK };
+    let out_dir = options.json.parent().map_or_else(|| PathBuf::from("."), PathBuf::from);
+    std::fs::create_dir_all(&out_dir).expect("create output directory");
+
+    // A private cluster, when asked for, lives until the end of the run.
+    let private = if options.private_postgres { Some(cluster::PgCluster::start().await) } else { None };
+    let admin_url = match &private {
+        Some(cluster) => {
+            let url = cluster.url("postgres");
+            // Visit the outbox table often enough for its per-table thresholds to matter.
+            let pool = sqlx::PgPool::connect(&url).await.expect("connect private cluster");
+            for statement in ["ALTER SYSTEM SET autovacuum_naptime = '10s'", "SELECT pg_reload_conf()"] {
+                sqlx::raw_sql(statement).execute(&pool).await.expect("configure private cluster");
+            }
+            pool.close().await;
+            url
+        }
+        None => services::env("DATABASE_URL"),
+    };
+    let nats_url = services::env("NATS_URL");
+    let nats = async_nats::connect(&nats_url).await.expect("connect to NATS (NATS_URL)");
+    let nats_port =
+        nats_url.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse().ok()).unwrap_or(4222);
+    let db = BenchDb::create(&admin_url).await;
+    let machine = Machine::describe(&db.pool, &nats).await;
+    let mode = if options.full { "full" } else { "quick" };
+    eprintln!(
+        "drain benchmark, {mode} mode: database {}, {} × {}, PostgreSQL {} (autovacuum {}), nats-server {}",
+        db.name,
+        machine.cpus,
+        machine.cpu_model,
+        machine.postgres,
+        machine.postgres_autovacuum,
+        machine.nats_server
+    );
+    if machine.postgres_autovacuum != "on" {
+        eprintln!(
+            "warning: autovacuum is off on this server, so the outbox table's autovacuum settings do nothing; \
+             --private-postgres measures with them"
+        );
+    }
+    let bench = Bench {
+        db,
+        nats,
+        run: Uuid::new_v4().simple().to_string()[..8].to_owned(),
+        out_dir,
+        perf: options.perf,
+        nats_pid: services::nats_server_pid(nats_port),
+    };
+
+    // The scenarios run in a task, so the database is dropped even when one of them panics.
+    let bench = std::sync::Arc::new(bench);
+    let task = {
+        let bench = bench.clone();
+        let options = options.clone();
+        tokio::spawn(async move { scenarios(&bench, &options, sizes).await })
+    };
+    let outcome = task.await;
+    let bench = std::sync::Arc::into_inner(bench).expect("the scenarios are done");
+    bench.db.drop().await;
+    drop(private);
+    let (throughput, idle, latency) = match outcome {
+        Ok(results) => results,
+        Err(err) => std::panic::resume_unwind(err.into_panic()),
+    };
+
+    let targets = targets(&throughput, idle.as_ref(), &latency);
+    let report = Report {
+        mode,
+        started_at,
+        seconds: started.elapsed().as_secs_f64(),
+        load_average_at_end: services::load_average(),
+        machine,
+        postgres: if options.private_postgres {
+            "private cluster (initdb, autovacuum on, naptime 10s)"
+        } else {
+            "DATABASE_URL"
+        },
+        autovacuum_table_settings: services::AUTOVACUUM_SQL,
+        sizes,
+        throughput,
+        idle,
+        latency,
+        targets,
+    };
+    print_report(&report);
+    let json = serde_json::to_string_pretty(&report).expect("serialize report");
+    std::fs::write(&options.json, json + "\n").expect("write JSON report");
+    println!("\nwritten: {}", options.json.display());
+}
+
+async fn scenarios(
+    bench: &Bench,
+    options: &Options,
+    sizes: Sizes,
+) -> (Vec<Throughput>, Option<Idle>, Vec<Latency>) {
+    let mut throughput = Vec::new();
+    let mut idle = None;
+    let mut latency = Vec::new();
+    let record = |result: Throughput, list: &mut Vec<Throughput>| {
+        eprintln!("  {:<58} {:>10.0} rows/s", result.label, result.rows_per_second);
+        list.push(result);
+    };
+    if options.runs("pg") {
+        for (on_publish, pipelined) in [
+            (OnPublish::Mark, false),
+            (OnPublish::Mark, true),
+            (OnPublish::Delete, false),
+            (OnPublish::Delete, true),
+        ] {
+            let result = scenarios::postgres_ceiling(bench, sizes.ceiling_rows, on_publish, pipelined).await;
+            record(result, &mut throughput);
+        }
+    }
+    if options.runs("nats") {
+        for raw in [true, false] {
+            record(scenarios::nats_ceiling(bench, sizes.nats_messages, raw).await, &mut throughput);
+        }
+    }
+    if options.runs("baseline") {
+        record(scenarios::baseline(bench, sizes.baseline_rows).await, &mut throughput);
+    }
+    if options.runs("engine") {
+        let idle_for = Some(Duration::from_secs(sizes.idle_seconds));
+        let (result, idle_result) = scenarios::relay_drain(
+            bench,
+            "engine_mark",
+            "qx-relay, mark mode",
+            sizes.engine_rows,
+            OnPublish::Mark,
+            idle_for,
+        )
+        .await;
+        record(result, &mut throughput);
+        idle = idle_result;
+        let (result, _) = scenarios::relay_drain(
+            bench,
+            "engine_delete",
+            "qx-relay, delete mode",
+            sizes.engine_rows,
+            OnPublish::Delete,
+            None,
+        )
+        .await;
+        record(result, &mut throughput);
+    }
+    if options.runs("backlog") {
+        // A small drain lasts a fraction of a second, so one run is mostly noise: take the median of three.
+        for (name, rows, runs) in
+            [("backlog_small", sizes.backlog_small, 3), ("backlog_large", sizes.backlog_large, 1)]
+        {
+            let label = format!("qx-relay, mark mode, {} pending", count_text(rows));
+            let mut results = Vec::new();
+            for _ in 0..runs {
+                results
+                    .push(scenarios::relay_drain(bench, name, &label, rows, OnPublish::Mark, None).await.0);
+            }
+            results.sort_by(|a, b| a.rows_per_second.total_cmp(&b.rows_per_second));
+            let rates: Vec<f64> = results.iter().map(|r| r.rows_per_second).collect();
+            let mut median = results.swap_remove(results.len() / 2);
+            if runs > 1 {
+                median.runs_rows_per_second = Some(rates);
+            }
+            record(median, &mut throughput);
+        }
+    }
+    if options.runs("latency") {
+        for (rate, seconds) in [(200, sizes.latency_seconds_200), (2000, sizes.latency_seconds_2000)] {
+            for notify in [true, false] {
+                let result = scenarios::latency(bench, rate, Duration::from_secs(seconds), notify).await;
+                eprintln!(
+                    "  latency {:<6} {:>5}/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
+                    result.wake_up, rate, result.p50_ms, result.p99_ms, result.p999_ms
+                );
+                latency.push(result);
+            }
+        }
+    }
+    (throughput, idle, latency)
+}
+
+fn count_text(rows: u64) -> String {
+    match rows {
+        n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
+        n if n >= 1_000 && n % 1_000 == 0 => format!("{}k", n / 1_000),
+        n => n.to_string(),
+    }
+}
+
+fn rate(throughput: &[Throughput], name: &str) -> Option<f64> {
+    throughput.iter().find(|t| t.name == name).map(|t| t.rows_per_second)
+}
+
+fn targets(throughput: &[Throughput], idle: Option<&Idle>, latency: &[Latency]) -> Vec<Target> {
+    let mut targets = Vec::new();
+    let mut ratio = |name, value: Option<f64>, goal, met: fn(f64) -> bool| {
+        if let Some(value) = value {
+            targets.push(Target { name, value, goal, met: met(value) });
+        }
+    };
+    let mark = rate(throughput, "engine_mark");
+    let ceiling =
+        match (rate(throughput, "pg_ceiling_mark_serial"), rate(throughput, "pg_ceiling_mark_pipelined")) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    let div = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+    ratio("engine mark / Postgres claim+mark ceiling (best)", div(mark, ceiling), "≥ 0.8", |v| v >= 0.8);
+    ratio("engine mark / serial baseline", div(mark, rate(throughput, "baseline_serial")), "≥ 5", |v| {
+        v >= 5.0
+    });
+    ratio("engine delete / engine mark", div(rate(throughput, "engine_delete"), mark), "≥ 1.25", |v| {
+        v >= 1.25
+    });
+    ratio(
+        "drain rate, large backlog / small backlog",
+        div(rate(throughput, "backlog_large"), rate(throughput, "backlog_small")),
+        "≥ 0.9",
+        |v| v >= 0.9,
+    );
+    let p99 =
+        |rate: u32| latency.iter().find(|l| l.wake_up == "listen" && l.target_rate == rate).map(|l| l.p99_ms);
+    ratio("LISTEN/NOTIFY p99 at 200 ev/s, ms", p99(200), "≤ 2", |v| v <= 2.0);
+    ratio("LISTEN/NOTIFY p99 at 2,000 ev/s, ms", p99(2000), "≤ 15", |v| v <= 15.0);
+    let peak_rss = throughput.iter().filter_map(|t| t.relay_peak_rss_mib).reduce(f64::max);
+    ratio("relay peak RSS over the drains, MiB", peak_rss, "≤ 40", |v| v <= 40.0);
+    ratio("relay idle CPU, % of a core", idle.map(|i| i.relay_cpu_percent), "< 1", |v| v < 1.0);
+    targets
+}
+
+fn print_report(report: &Report) {
+    let m = &report.machine;
+    println!(
+        "\nqx-relay drain benchmark ({} mode, {:.0} s) on {} × {}, {:.1} GiB, Linux {}, load {} → {}",
+        report.mode,
+        report.seconds,
+        m.cpus,
+        m.cpu_model,
+        m.memory_gib,
+        m.kernel,
+        m.load_average_at_start,
+        report.load_average_at_end
+    );
+    println!(
+        "PostgreSQL {} ({}; autovacuum {}, naptime {}, synchronous_commit {}, shared_buffers {}), nats-server {}",
+        m.postgres,
+        report.postgres,
+        m.postgres_autovacuum,
+        m.postgres_autovacuum_naptime,
+        m.postgres_synchronous_commit,
+        m.postgres_shared_buffers,
+        m.nats_server
+    );
+    if !report.throughput.is_empty() {
+        println!(
+            "\n{:<52} {:>9} {:>8} {:>9} {:>10} {:>8} {:>8} {:>8}",
+            "throughput", "rows", "seconds", "rows/s", "client CPU", "PG CPU", "NATS CPU", "peak RSS"
+        );
+        for t in &report.throughput {
+            let seconds_text = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}s"));
+            println!(
+                "{:<52} {:>9} {:>8.2} {:>9.0} {:>9.0}% {:>8} {:>8} {:>8}",
+                t.label,
+                t.rows,
+                t.seconds,
+                t.rows_per_second,
+                t.client_cpu_percent(),
+                seconds_text(t.postgres_cpu_seconds),
+                seconds_text(t.nats_server_cpu_seconds),
+                t.relay_peak_rss_mib.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}M")),
+            );
+            if let (Some(first), Some(last)) = (t.first_tenth_rows_per_second, t.last_tenth_rows_per_second) {
+                println!("{:<52} first tenth {first:.0} rows/s, last tenth {last:.0} rows/s", "");
+            }
+        }
+        println!(
+            "(client CPU: the relay process for qx-relay rows, the bench process otherwise; % of one core)"
+        );
+    }
+    if let Some(idle) = &report.idle {
+        println!(
+            "\nidle relay (empty table, polling every 1 s): {:.2}% of a core over {:.0} s (CPU time counts in 10 ms \
+             ticks), RSS {:.1} MiB",
+            idle.relay_cpu_percent, idle.seconds, idle.relay_rss_mib
+        );
+    }
+    if !report.latency.is_empty() {
+        println!(
+            "\n{:<36} {:>8} {:>7} {:>8} {:>8} {:>9} {:>8} {:>9} {:>7}",
+            "latency: commit → consumer",
+            "events",
+            "lost",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "max ms",
+            "relay CPU",
+            "PG CPU"
+        );
+        for l in &report.latency {
+            let label = format!(
+                "{} at {}/s (got {:.0}/s)",
+                if l.wake_up == "listen" { "LISTEN/NOTIFY" } else { "polling" },
+                l.target_rate,
+                l.achieved_rate
+            );
+            println!(
+                "{label:<36} {:>8} {:>7} {:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>8.1}% {:>6.1}%",
+                l.events,
+                l.missing,
+                l.p50_ms,
+                l.p99_ms,
+                l.p999_ms,
+                l.max_ms,
+                l.relay_cpu_percent,
+                l.postgres_cpu_percent
+            );
+        }
+    }
+    if !report.targets.is_empty() {
+        println!("\n{:<46} {:>9} {:>7}", "target", "measured", "goal");
+        for t in &report.targets {
+            println!(
+                "{:<46} {:>9.2} {:>7}  {}",
+                t.name,
+                t.value,
+                t.goal,
+                if t.met { "met" } else { "MISSED" }
+            );
+        }
+        if report.mode == "quick" {
+            println!("(quick mode: small sizes, indicative only)");
+        }
+    }
+}
