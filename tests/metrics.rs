@@ -1,13 +1,14 @@
 //! `/metrics`, `/livez` and `/readyz` of a running relay, scraped over real HTTP.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use cluster::{free_port, NatsServer};
 use common::{Relay, TestDb, TestStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use uuid::Uuid;
 
 /// `GET path` → (status, body); `None` while nothing listens.
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -27,10 +28,6 @@ fn sample(metrics: &str, name: &str) -> f64 {
         .lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or(0.0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
@@ -76,76 +73,32 @@ async fn metrics_follow_a_drain() {
     db.drop().await;
 }
 
-/// A nats-server of our own, so it can be stopped without touching the shared one.
-struct NatsServer {
-    child: Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl NatsServer {
-    fn start(port: u16, dir: &std::path::Path) -> Self {
-        let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        Self { child, port, dir: dir.to_owned() }
-    }
-
-    async fn ready(&self) {
-        let port = self.port;
-        wait_until("nats-server to listen", || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
-        })
-        .await;
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test]
 async fn readiness_follows_nats() {
     let db = TestDb::create().await;
-    let dir = std::env::temp_dir().join(format!("qxr-nats-{}", Uuid::new_v4().simple()));
-    let nats_port = free_port();
-    let mut nats = NatsServer::start(nats_port, &dir);
-    nats.ready().await;
+    // A nats-server of our own, so it can be stopped without touching the shared one.
+    let mut nats = NatsServer::start().await;
     let port = free_port();
     let mut env = Relay::env(&db, "ready");
-    env.push(("QX_NATS__SERVERS".into(), format!("nats://127.0.0.1:{nats_port}")));
+    env.push(("QX_NATS__SERVERS".into(), nats.url()));
     env.push(("QX_NATS__RECONNECT_TIME_WAIT_SECONDS".into(), "0.2".into()));
     env.push(("QX_RELAY__ENSURE_STREAM".into(), "true".into()));
     let relay = Relay::spawn(&env, &["--metrics-addr", &format!("127.0.0.1:{port}")]);
     wait_until("ready", || async { get(port, "/readyz").await.is_some_and(|(status, _)| status == 200) })
         .await;
 
-    nats.kill();
+    nats.kill9();
     wait_until("not ready without NATS", || async {
         get(port, "/readyz").await.is_some_and(|(status, body)| status == 503 && body.contains("nats: down"))
     })
     .await;
     assert_eq!(get(port, "/livez").await.map(|r| r.0), Some(200), "alive while NATS is down");
 
-    let nats = NatsServer::start(nats_port, &nats.dir);
-    nats.ready().await;
+    nats.restart().await;
     wait_until("ready again", || async {
         get(port, "/readyz").await.is_some_and(|(status, _)| status == 200)
     })
     .await;
     relay.stop().await;
-    drop(nats);
-    let _ = std::fs::remove_dir_all(dir);
     db.drop().await;
 }
