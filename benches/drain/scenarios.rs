@@ -187,13 +187,21 @@ pub async fn postgres_ceiling(
     if pipelined {
         let mut previous: Option<(ClaimedBatch, Vec<Uuid>)> = None;
         loop {
+            let after =
+                previous.as_ref().and_then(|(batch, _)| batch.rows.last()).map(|r| (r.occurred_at, r.id));
             let settle = async {
                 match previous.take() {
                     Some((batch, ids)) => store.settle(batch, &ids, &[]).await,
                     None => Ok(()),
                 }
             };
-            let (claimed, settled) = tokio::join!(store.claim(BATCH_SIZE, &[], &[]), settle);
+            let claim = async {
+                match after {
+                    Some(after) => store.claim_after(BATCH_SIZE, &[], &[], after).await,
+                    None => store.claim(BATCH_SIZE, &[], &[]).await,
+                }
+            };
+            let (claimed, settled) = tokio::join!(claim, settle);
             settled.expect("settle");
             progress.push((Instant::now(), done));
             let batch = claimed.expect("claim");

@@ -29,6 +29,8 @@ use super::store::{ClaimedBatch, OutboxRow, OutboxStore, RowFailure};
 const NO_STREAM_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 /// Repeat the "no stream" error for one subject at most this often.
 const NO_STREAM_LOG_EVERY: Duration = Duration::from_secs(60);
+/// During a backlog, claims continue after the batch in flight; this often one starts from the oldest row.
+const RESCAN_EVERY: Duration = Duration::from_secs(1);
 /// First and longest pause while Postgres or NATS is failing.
 const OUTAGE_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 
@@ -89,6 +91,8 @@ pub struct Engine {
     /// Since when Postgres (or NATS) has been failing, if it is.
     store_down_since: Option<Instant>,
     nats_down_since: Option<Instant>,
+    /// When a backlog claim last started from the oldest pending row.
+    rescanned_at: Instant,
     totals: Totals,
 }
 
@@ -104,6 +108,7 @@ impl Engine {
             missing_streams: HashMap::new(),
             store_down_since: None,
             nats_down_since: None,
+            rescanned_at: Instant::now(),
             totals: Totals::default(),
         }
     }
@@ -152,17 +157,25 @@ impl Engine {
                 continue;
             }
             let started = Instant::now();
+            let last_key = batch.rows.last().map(|row| (row.occurred_at, row.id));
             self.release_held(&mut batch);
-            // A full batch means a backlog: claim the next one while this one is published.
+            // A full batch means a backlog: claim the next one while this one is published, continuing after it.
+            // Now and then a claim starts from the oldest row again, for rows that committed after younger ones.
             let backlog = claimed == batch_size as usize && !stop.is_cancelled();
+            let resume_after = last_key.filter(|_| self.rescanned_at.elapsed() < RESCAN_EVERY);
+            if backlog && resume_after.is_none() {
+                self.rescanned_at = Instant::now();
+            }
             let (held, skipped_names) = (self.held_keys(), self.skipped_event_names());
             let (outcomes, next, settled) = tokio::join!(
                 self.publisher.publish_batch(&batch.rows),
                 async {
-                    if backlog {
-                        self.store.claim(batch_size, &held, &skipped_names).await.map(Some)
-                    } else {
-                        Ok(None)
+                    match (backlog, resume_after) {
+                        (false, _) => Ok(None),
+                        (true, None) => self.store.claim(batch_size, &held, &skipped_names).await.map(Some),
+                        (true, Some(after)) => {
+                            self.store.claim_after(batch_size, &held, &skipped_names, after).await.map(Some)
+                        }
                     }
                 },
                 self.store_settle(unsettled.take()),

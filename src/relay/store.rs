@@ -14,6 +14,15 @@ use uuid::Uuid;
 use super::config::{OnPublish, RelayConfig, ShardKey};
 use super::shard::Shard;
 
+/// Starts a claim transaction, in the same round trip as `BEGIN`:
+/// - the claim must walk the pending index in order and stop after `limit` rows; when few rows look pending,
+///   the planner may otherwise choose a bitmap or sequential scan that sorts every pending row (80-200 ms
+///   instead of 3 ms per claim near the end of a 200k-row drain);
+/// - its commit (the marks) need not wait for the WAL flush: a mark lost in a Postgres crash only means the
+///   row is published again, and the stream's dedupe drops the repeat.
+const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
+                           SET LOCAL synchronous_commit = off";
+
 /// `last_error` is `VARCHAR(2048)`: longer text would fail the whole update.
 const LAST_ERROR_MAX_CHARS: usize = 2048;
 
@@ -125,6 +134,7 @@ pub struct OutboxStore {
     pool: PgPool,
     max_attempts: i32,
     claim_sql: String,
+    claim_after_sql: String,
     settle_published_sql: String,
     fail_sql: String,
     table: String,
@@ -155,16 +165,22 @@ impl OutboxStore {
         };
         // `ORDER BY published_at, occurred_at` walks qx-db's (published_at, occurred_at) index instead of
         // sorting every pending row; `id` breaks ties with an incremental sort.
-        let claim_sql = format!(
-            "SELECT id, event_name, event_version, payload::text AS payload, correlation_id, tenant_id, occurred_at, \
-                    attempts, {order_key_column} AS order_key \
-             FROM {table} \
-             WHERE published_at IS NULL AND attempts < $1 AND {key_sql} <> ALL($3) AND event_name <> ALL($4) \
-                   {shard_clause} \
-             ORDER BY published_at, occurred_at, id \
-             LIMIT $2 \
-             FOR UPDATE SKIP LOCKED"
-        );
+        let claim_sql = |after: &str| {
+            format!(
+                "SELECT id, event_name, event_version, payload::text AS payload, correlation_id, tenant_id, \
+                        occurred_at, attempts, {order_key_column} AS order_key \
+                 FROM {table} \
+                 WHERE published_at IS NULL AND attempts < $1 AND {key_sql} <> ALL($3) AND event_name <> ALL($4) \
+                       {after} {shard_clause} \
+                 ORDER BY published_at, occurred_at, id \
+                 LIMIT $2 \
+                 FOR UPDATE SKIP LOCKED"
+            )
+        };
+        // `occurred_at >= $5` is an index condition: the scan starts after the batches in flight instead of
+        // fetching and lock-checking their rows (and stepping over the dead entries of settled ones) again.
+        let claim_after_sql = claim_sql("AND occurred_at >= $5 AND (occurred_at, id) > ($5, $6)");
+        let claim_sql = claim_sql("");
         let settle_published_sql = match relay.on_publish {
             OnPublish::Mark => format!("UPDATE {table} SET published_at = now() WHERE id = ANY($1)"),
             OnPublish::Delete => format!("DELETE FROM {table} WHERE id = ANY($1)"),
@@ -178,6 +194,7 @@ impl OutboxStore {
             pool,
             max_attempts: relay.max_attempts,
             claim_sql,
+            claim_after_sql,
             settle_published_sql,
             fail_sql,
             table,
@@ -202,12 +219,38 @@ impl OutboxStore {
         held: &[String],
         skipped_names: &[String],
     ) -> Result<ClaimedBatch, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(CLAIM_BEGIN).await?;
         let rows = sqlx::query_as::<_, OutboxRow>(&self.claim_sql)
             .bind(self.max_attempts)
             .bind(i64::from(limit))
             .bind(held)
             .bind(skipped_names)
+            .fetch_all(&mut *tx)
+            .await?;
+        Ok(ClaimedBatch { tx, rows })
+    }
+
+    /// As [`OutboxStore::claim`], but only rows after `after` (an `(occurred_at, id)` claim key): the next batch
+    /// of a backlog, claimed while the batch ending at `after` is in flight. Rows before it that are still
+    /// pending (committed late, or locked by another relay) are left to the next [`OutboxStore::claim`].
+    ///
+    /// # Errors
+    /// Any database error; nothing is locked then.
+    pub async fn claim_after(
+        &self,
+        limit: u32,
+        held: &[String],
+        skipped_names: &[String],
+        after: (DateTime<Utc>, Uuid),
+    ) -> Result<ClaimedBatch, sqlx::Error> {
+        let mut tx = self.pool.begin_with(CLAIM_BEGIN).await?;
+        let rows = sqlx::query_as::<_, OutboxRow>(&self.claim_after_sql)
+            .bind(self.max_attempts)
+            .bind(i64::from(limit))
+            .bind(held)
+            .bind(skipped_names)
+            .bind(after.0)
+            .bind(after.1)
             .fetch_all(&mut *tx)
             .await?;
         Ok(ClaimedBatch { tx, rows })
