@@ -192,7 +192,12 @@ impl Engine {
             }
             unsettled = Some((batch, settlement));
             prefetched = match next {
-                Ok(next) => next,
+                Ok(next) => {
+                    if next.is_some() {
+                        self.store_recovered();
+                    }
+                    next
+                }
                 Err(err) => {
                     self.store_failed(err)?;
                     None
@@ -268,18 +273,23 @@ impl Engine {
         self.after_settle(settled)
     }
 
-    async fn store_settle(&self, unsettled: Option<(ClaimedBatch, Settlement)>) -> Result<(), sqlx::Error> {
+    /// Whether there was a batch to settle, or why settling it failed.
+    async fn store_settle(&self, unsettled: Option<(ClaimedBatch, Settlement)>) -> Result<bool, sqlx::Error> {
         match unsettled {
             Some((batch, settlement)) => {
-                self.store.settle(batch, &settlement.published, &settlement.failures).await
+                self.store.settle(batch, &settlement.published, &settlement.failures).await.map(|()| true)
             }
-            None => Ok(()),
+            None => Ok(false),
         }
     }
 
-    fn after_settle(&mut self, settled: Result<(), sqlx::Error>) -> Result<(), EngineError> {
+    fn after_settle(&mut self, settled: Result<bool, sqlx::Error>) -> Result<(), EngineError> {
         match settled {
-            Ok(()) => Ok(()),
+            Ok(true) => {
+                self.store_recovered();
+                Ok(())
+            }
+            Ok(false) => Ok(()),
             // Published but not marked: those rows go out again later and the stream drops the repeats.
             Err(err) => self.store_failed(err),
         }

@@ -3,15 +3,17 @@
 //!
 //! Rows go out through the library's [`Publisher`], so the relay and Rust producers share one wire format.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::error::Error as _;
 use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::jetstream::context::{GetStreamByNameErrorKind, PublishAckFuture};
+use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, stream, ErrorCode};
 use async_nats::ConnectOptions;
 use bytes::Bytes;
+use futures::stream::{FuturesOrdered, StreamExt};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -139,20 +141,22 @@ impl RelayPublisher {
     }
 
     async fn publish_wave(&self, rows: &[OutboxRow], wave: &[usize], outcomes: &mut [Option<Outcome>]) {
-        let mut in_flight: VecDeque<(usize, PublishAckFuture)> = VecDeque::with_capacity(self.max_in_flight);
+        // Polled together, so every ack's timeout runs at once: a dead connection costs one ack_timeout per
+        // wave, not one per message.
+        let mut in_flight = FuturesOrdered::new();
         for &index in wave {
             // The context's semaphore also bounds acks, but it would deadlock on acks we have not awaited yet.
             if in_flight.len() >= self.max_in_flight {
-                let (done, ack) = in_flight.pop_front().expect("window is full");
-                outcomes[done] = Some(self.resolve(ack).await);
+                let (done, acked) = in_flight.next().await.expect("window is full");
+                outcomes[done] = Some(self.resolve(acked));
             }
             match self.send(&rows[index]).await {
-                Ok(ack) => in_flight.push_back((index, ack)),
+                Ok(ack) => in_flight.push_back(async move { (index, ack.await) }),
                 Err(err) => outcomes[index] = Some(Outcome::Failed(self.classify(&err))),
             }
         }
-        for (index, ack) in in_flight {
-            outcomes[index] = Some(self.resolve(ack).await);
+        while let Some((index, acked)) = in_flight.next().await {
+            outcomes[index] = Some(self.resolve(acked));
         }
     }
 
@@ -170,8 +174,8 @@ impl RelayPublisher {
         self.publisher.send(&headers, msg_id, Bytes::copy_from_slice(row.payload.as_bytes())).await
     }
 
-    async fn resolve(&self, ack: PublishAckFuture) -> Outcome {
-        match ack.await {
+    fn resolve(&self, acked: Result<PublishAck, NatsPublishError>) -> Outcome {
+        match acked {
             Ok(ack) => Outcome::Published { duplicate: ack.duplicate },
             Err(err) => Outcome::Failed(self.classify(&PublishError::Nats(err))),
         }
