@@ -12,7 +12,6 @@ use super::telemetry::LogFormat;
 const EXIT_CODES: &str = "\
 Exit codes:
   0   clean stop (SIGTERM/SIGINT, in-flight batch finished)
-  1   a check failed (`check`)
   64  usage error (bad flags)
   69  a dependency (Postgres, NATS, Redis) unavailable at start or for longer than relay.give_up_after
   70  internal error

@@ -39,8 +39,6 @@ use store::OutboxStore;
 pub enum ExitCode {
     /// Clean stop.
     Ok = 0,
-    /// A `check` failed.
-    CheckFailed = 1,
     /// Bad flags.
     Usage = 64,
     /// Postgres, NATS or Redis unavailable at start or for longer than `give_up_after`.
