@@ -4,7 +4,7 @@
 //! Python workers read correlation and tenant only from these headers, never from the body, so every producer
 //! must set them exactly as Qx does.
 
-use async_nats::header::{HeaderMap, HeaderValue, NATS_MESSAGE_ID};
+use async_nats::header::{HeaderMap, HeaderName, HeaderValue, NATS_MESSAGE_ID};
 use uuid::Uuid;
 
 /// The event's dotted name, e.g. `order.placed`.
@@ -71,19 +71,25 @@ pub struct EventHeaders {
 impl EventHeaders {
     /// The NATS headers Qx consumers expect, plus `Nats-Msg-Id` = `msg_id` for JetStream dedupe.
     pub fn to_header_map(&self, msg_id: Uuid) -> HeaderMap {
+        // Built once per published row: static names skip the per-insert name check and copy.
+        const EVENT_NAME: HeaderName = HeaderName::from_static(HEADER_EVENT_NAME);
+        const EVENT_VERSION: HeaderName = HeaderName::from_static(HEADER_EVENT_VERSION);
+        const EVENT_ID: HeaderName = HeaderName::from_static(HEADER_EVENT_ID);
+        const CORRELATION_ID: HeaderName = HeaderName::from_static(HEADER_CORRELATION_ID);
+        const TENANT_ID: HeaderName = HeaderName::from_static(HEADER_TENANT_ID);
         let mut headers = HeaderMap::new();
-        headers.insert(HEADER_EVENT_NAME, self.event_name.as_str());
-        headers.insert(HEADER_EVENT_VERSION, HeaderValue::from(self.event_version));
-        if let Some(event_id) = self.event_id {
-            headers.insert(HEADER_EVENT_ID, uuid_text(event_id));
+        headers.insert(EVENT_NAME, self.event_name.as_str());
+        headers.insert(EVENT_VERSION, HeaderValue::from(self.event_version));
+        for (name, id) in [
+            (EVENT_ID, self.event_id),
+            (CORRELATION_ID, self.correlation_id),
+            (TENANT_ID, self.tenant_id),
+            (NATS_MESSAGE_ID, Some(msg_id)),
+        ] {
+            if let Some(id) = id {
+                headers.insert(name, uuid_text(id));
+            }
         }
-        if let Some(correlation_id) = self.correlation_id {
-            headers.insert(HEADER_CORRELATION_ID, uuid_text(correlation_id));
-        }
-        if let Some(tenant_id) = self.tenant_id {
-            headers.insert(HEADER_TENANT_ID, uuid_text(tenant_id));
-        }
-        headers.insert(NATS_MESSAGE_ID, uuid_text(msg_id));
         headers
     }
 
@@ -103,8 +109,8 @@ impl EventHeaders {
 }
 
 /// Lower-case hyphenated, as Postgres prints a `uuid` and Python's `str(uuid)` does.
-fn uuid_text(id: Uuid) -> String {
-    id.hyphenated().to_string()
+fn uuid_text(id: Uuid) -> HeaderValue {
+    HeaderValue::from(&*id.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
 }
 
 #[cfg(test)]
