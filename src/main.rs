@@ -24,7 +24,9 @@ fn main() -> std::process::ExitCode {
             return exit(ExitCode::Config);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One thread: the relay spends under half a core, mostly waiting on Postgres and NATS, and on a second
+    // worker every ack and every batch would cross threads to wake the engine.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             error!("cannot start the async runtime: {err}");
