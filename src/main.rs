@@ -8,6 +8,9 @@ use qx_relay::relay::{self, error_chain, ops, shutdown, telemetry, ExitCode};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
