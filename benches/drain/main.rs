@@ -17,6 +17,8 @@
 mod cluster;
 mod scenarios;
 mod services;
+#[path = "../../tests/common/support.rs"]
+mod support;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -125,6 +127,22 @@ struct Target {
     met: bool,
 }
 
+/// Where a drain's CPU went, per row. A machine whose cores are all busy cannot drain faster than its cores
+/// divided by the CPU one row costs; `free_relay_bound` is that rate for a relay that cost nothing, from the
+/// Postgres and nats-server CPU of this very drain: the physical limit on `engine / Postgres ceiling`.
+#[derive(Debug, Clone, Serialize)]
+struct CpuBudget {
+    scenario: String,
+    label: String,
+    relay_us_per_row: f64,
+    postgres_us_per_row: f64,
+    nats_server_us_per_row: f64,
+    cores_busy: f64,
+    free_relay_bound_rows_per_second: f64,
+    /// `free_relay_bound` over the best Postgres ceiling for the same write (mark or delete).
+    free_relay_bound_over_ceiling: Option<f64>,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     mode: &'static str,
@@ -139,6 +157,7 @@ struct Report {
     throughput: Vec<Throughput>,
     idle: Option<Idle>,
     latency: Vec<Latency>,
+    cpu_budget: Vec<CpuBudget>,
     targets: Vec<Target>,
 }
 
@@ -218,6 +237,7 @@ async fn run(options: Options) {
     };
 
     let targets = targets(&throughput, idle.as_ref(), &latency);
+    let cpu_budget = cpu_budgets(&throughput, machine.cpus);
     let report = Report {
         mode,
         started_at,
@@ -234,6 +254,7 @@ async fn run(options: Options) {
         throughput,
         idle,
         latency,
+        cpu_budget,
         targets,
     };
     print_report(&report);
@@ -344,6 +365,38 @@ fn rate(throughput: &[Throughput], name: &str) -> Option<f64> {
     throughput.iter().find(|t| t.name == name).map(|t| t.rows_per_second)
 }
 
+/// The better of a Postgres ceiling's serial and pipelined runs, for `write` = `mark` or `delete`.
+fn best_ceiling(throughput: &[Throughput], write: &str) -> Option<f64> {
+    let serial = rate(throughput, &format!("pg_ceiling_{write}_serial"));
+    let pipelined = rate(throughput, &format!("pg_ceiling_{write}_pipelined"));
+    match (serial, pipelined) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn cpu_budgets(throughput: &[Throughput], cpus: usize) -> Vec<CpuBudget> {
+    throughput
+        .iter()
+        .filter_map(|t| {
+            let write = t.name.strip_prefix("engine_")?;
+            let (postgres, nats) = (t.postgres_cpu_seconds?, t.nats_server_cpu_seconds?);
+            let per_row = |cpu_seconds: f64| 1e6 * cpu_seconds / t.rows as f64;
+            let free_relay_bound = cpus as f64 * 1e6 / (per_row(postgres) + per_row(nats));
+            Some(CpuBudget {
+                scenario: t.name.clone(),
+                label: t.label.clone(),
+                relay_us_per_row: per_row(t.client_cpu_seconds),
+                postgres_us_per_row: per_row(postgres),
+                nats_server_us_per_row: per_row(nats),
+                cores_busy: (t.client_cpu_seconds + postgres + nats) / t.seconds,
+                free_relay_bound_rows_per_second: free_relay_bound,
+                free_relay_bound_over_ceiling: best_ceiling(throughput, write).map(|c| free_relay_bound / c),
+            })
+        })
+        .collect()
+}
+
 fn targets(throughput: &[Throughput], idle: Option<&Idle>, latency: &[Latency]) -> Vec<Target> {
     let mut targets = Vec::new();
     let mut ratio = |name, value: Option<f64>, goal, met: fn(f64) -> bool| {
@@ -352,11 +405,7 @@ fn targets(throughput: &[Throughput], idle: Option<&Idle>, latency: &[Latency]) 
         }
     };
     let mark = rate(throughput, "engine_mark");
-    let ceiling =
-        match (rate(throughput, "pg_ceiling_mark_serial"), rate(throughput, "pg_ceiling_mark_pipelined")) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
+    let ceiling = best_ceiling(throughput, "mark");
     let div = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
     ratio("engine mark / Postgres claim+mark ceiling (best)", div(mark, ceiling), "≥ 0.8", |v| v >= 0.8);
     ratio("engine mark / serial baseline", div(mark, rate(throughput, "baseline_serial")), "≥ 5", |v| {
@@ -428,6 +477,30 @@ fn print_report(report: &Report) {
         }
         println!(
             "(client CPU: the relay process for qx-relay rows, the bench process otherwise; % of one core)"
+        );
+    }
+    if !report.cpu_budget.is_empty() {
+        println!(
+            "\n{:<36} {:>6} {:>9} {:>12} {:>11} {:>22}",
+            "CPU per row, µs", "relay", "Postgres", "nats-server", "cores busy", "free relay's bound"
+        );
+        for b in &report.cpu_budget {
+            let over_ceiling =
+                b.free_relay_bound_over_ceiling.map_or_else(String::new, |r| format!(" = {r:.2} × ceiling"));
+            println!(
+                "{:<36} {:>6.1} {:>9.1} {:>12.1} {:>6.2} of {} {:>9.0} rows/s{over_ceiling}",
+                b.label,
+                b.relay_us_per_row,
+                b.postgres_us_per_row,
+                b.nats_server_us_per_row,
+                b.cores_busy,
+                report.machine.cpus,
+                b.free_relay_bound_rows_per_second,
+            );
+        }
+        println!(
+            "(free relay's bound: the machine's cores over this drain's Postgres + nats-server CPU per row, the \
+             fastest any relay could drain here)"
         );
     }
     if let Some(idle) = &report.idle {
