@@ -12,6 +12,8 @@
 
 #[path = "../tests/common/cluster.rs"]
 mod cluster;
+#[path = "../tests/common/support.rs"]
+mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -22,10 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::header::NATS_MESSAGE_ID;
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, stream};
 use clap::Parser;
 use cluster::{NatsServer, PgCluster, RedisServer};
-use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -324,33 +325,9 @@ impl World {
 
 /// Every message in the stream: its `Nats-Msg-Id`s, in stream order.
 async fn stream_ids(jetstream: &jetstream::Context) -> Vec<String> {
-    let mut stream = jetstream.get_stream(STREAM).await.expect("get stream");
-    let total = stream.info().await.expect("stream info").state.messages as usize;
-    let reader = stream
-        .create_consumer(consumer::pull::Config {
-            ack_policy: consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .expect("create reader");
-    let mut ids = Vec::with_capacity(total);
-    while ids.len() < total {
-        let mut batch = reader
-            .fetch()
-            .max_messages(1000)
-            .expires(Duration::from_secs(1))
-            .messages()
-            .await
-            .expect("fetch");
-        let before = ids.len();
-        while let Some(message) = batch.next().await {
-            let message = message.expect("message");
-            let id = message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|v| v.to_string());
-            ids.push(id.unwrap_or_default());
-        }
-        assert!(ids.len() > before, "stream reported {total} messages but delivered {}", ids.len());
-    }
-    ids
+    let messages = support::stream_messages(jetstream, STREAM).await;
+    let id = |m: &jetstream::Message| m.headers.as_ref()?.get(NATS_MESSAGE_ID).map(ToString::to_string);
+    messages.iter().map(|m| id(m).unwrap_or_default()).collect()
 }
 
 /// Republished events the stream recognised, as reported by the relays that stopped cleanly (`relay stopped`

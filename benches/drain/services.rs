@@ -10,6 +10,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
+use crate::support::with_database;
+
 /// The qx-db DDL of the outbox table, shared with the tests.
 const OUTBOX_DDL: &str = include_str!("../../tests/fixtures/qx_outbox_events.sql");
 /// The optional LISTEN/NOTIFY trigger, shared with the README.
@@ -185,16 +187,6 @@ pub struct TableHealth {
     pub dead: i64,
     pub autovacuums: i64,
     pub vacuums: i64,
-}
-
-/// Replaces the database of a `postgres://…/db` URL.
-pub fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
-    let (server, _) = base.rsplit_once('/').expect("DATABASE_URL names a database");
-    match query {
-        Some(query) => format!("{server}/{database}?{query}"),
-        None => format!("{server}/{database}"),
-    }
 }
 
 /// A stream of one scenario's own, capturing `<prefix>.>`.

@@ -10,12 +10,14 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
-use futures::StreamExt;
+use async_nats::jetstream::{self, stream};
 use serde::Deserialize;
 use sqlx::postgres::PgPool;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
+
+mod support;
+pub use support::with_database;
 
 /// The qx-db DDL of the outbox table.
 pub const OUTBOX_DDL: &str = include_str!("../fixtures/qx_outbox_events.sql");
@@ -169,16 +171,6 @@ pub struct FixtureRow {
     pub last_error: Option<String>,
 }
 
-/// Replaces the database of a `postgres://…/db` URL.
-pub fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
-    let (server, _) = base.rsplit_once('/').expect("DATABASE_URL has a database");
-    match query {
-        Some(query) => format!("{server}/{database}?{query}"),
-        None => format!("{server}/{database}"),
-    }
-}
-
 /// A stream of its own capturing `<prefix>.>`.
 pub struct TestStream {
     pub name: String,
@@ -220,35 +212,7 @@ impl TestStream {
 
     /// Every message in the stream, in stream order.
     pub async fn messages(&self) -> Vec<jetstream::Message> {
-        let total = self.count().await as usize;
-        let stream = self.jetstream.get_stream(&self.name).await.expect("get stream");
-        let consumer = stream
-            .create_consumer(consumer::pull::Config {
-                ack_policy: consumer::AckPolicy::None,
-                ..Default::default()
-            })
-            .await
-            .expect("create reader");
-        let mut messages = Vec::with_capacity(total);
-        while messages.len() < total {
-            let mut batch = consumer
-                .fetch()
-                .max_messages(1000)
-                .expires(Duration::from_secs(1))
-                .messages()
-                .await
-                .expect("fetch");
-            let before = messages.len();
-            while let Some(message) = batch.next().await {
-                messages.push(message.expect("message"));
-            }
-            assert!(
-                messages.len() > before,
-                "stream reported {total} messages but delivered {}",
-                messages.len()
-            );
-        }
-        messages
+        support::stream_messages(&self.jetstream, &self.name).await
     }
 
     pub async fn delete(self) {
