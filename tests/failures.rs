@@ -1,6 +1,7 @@
 //! Failures the relay must ride out: poison rows parked at once while the rest flow, a row the stream keeps
-//! rejecting retried on a backoff curve, a full stream, a missing stream (waited for, or created), and NATS or
-//! Postgres killed and restarted mid-drain. The last two run private servers (tests/common/cluster.rs).
+//! rejecting retried on a backoff curve, a full stream, a missing stream (waited for, or created), NATS or
+//! Postgres killed and restarted mid-drain, and a relay frozen while it holds a batch. The last three run
+//! private servers (tests/common/cluster.rs).
 
 #[path = "common/cluster.rs"]
 mod cluster;
@@ -371,4 +372,60 @@ async fn postgres_restarted_mid_drain_the_relay_recovers_and_finishes() {
     assert_eq!(db.count("attempts = 0").await, rows as i64, "nothing parked");
     stream.delete().await;
     db.pool.close().await;
+}
+
+#[tokio::test]
+async fn a_frozen_relay_releases_its_claimed_rows_after_give_up_after() {
+    let frozen_nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let frozen_stream = private_stream(&frozen_nats).await;
+    let mut env = Relay::env(&db, &frozen_stream.prefix);
+    set(
+        &mut env,
+        &[
+            ("QX_NATS__SERVERS", &frozen_nats.url()),
+            // Left alone, the claim would stay open this long waiting for acks.
+            ("QX_RELAY__ACK_TIMEOUT", "10m"),
+            ("QX_RELAY__GIVE_UP_AFTER", "2s"),
+        ],
+    );
+    let mut frozen = Relay::spawn(&env, &[]);
+    let deadline = Instant::now() + DRAIN;
+    while !frozen.log().contains("connected to Postgres and NATS") {
+        assert!(Instant::now() < deadline, "relay did not start:\n{}", frozen.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Its NATS stops answering, so the batch it claims next stays in flight; then the relay itself stops.
+    frozen_nats.freeze();
+    let rows = 50;
+    let ids = db.insert_events(rows, "order.placed").await;
+    // A row's xmax names the transaction that locked it: the relay's claim, as nothing else locks rows here.
+    let claimed = "SELECT count(*) FROM qx_outbox_events WHERE xmax::text <> '0'";
+    let deadline = Instant::now() + DRAIN;
+    while sqlx::query_scalar::<_, i64>(claimed).fetch_one(&db.pool).await.expect("count claimed rows")
+        < rows as i64
+    {
+        assert!(Instant::now() < deadline, "the relay never claimed the rows:\n{}", frozen.log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    frozen.signal("STOP");
+    let unlocked = "SELECT count(*) FROM (SELECT 1 FROM qx_outbox_events FOR UPDATE SKIP LOCKED) AS free";
+    let free: i64 = sqlx::query_scalar(unlocked).fetch_one(&db.pool).await.expect("count unlocked rows");
+    assert_eq!(free, 0, "the frozen relay holds every row");
+
+    // Another relay gets every row once Postgres ends the frozen relay's idle claim.
+    let stream = TestStream::create().await;
+    let relay = Relay::spawn(&Relay::env(&db, &stream.prefix), &[]);
+    db.wait_for("published_at IS NULL", 0, DRAIN).await;
+    relay.stop().await;
+    let published: HashSet<String> = stream
+        .messages()
+        .await
+        .iter()
+        .filter_map(|m| Some(m.headers.as_ref()?.get(NATS_MESSAGE_ID)?.to_string()))
+        .collect();
+    assert_eq!(published.len(), ids.len(), "every row reached the other relay's stream");
+    frozen.kill9();
+    stream.delete().await;
+    db.drop().await;
 }

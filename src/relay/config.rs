@@ -288,7 +288,8 @@ pub struct RelayConfig {
     pub shard_count: u32,
     /// What rows are sharded and ordered by.
     pub shard_key: ShardKey,
-    /// Exit 69 when Postgres, NATS or Redis stays unreachable this long.
+    /// Exit 69 when Postgres, NATS or Redis stays unreachable this long. Also the longest a claimed batch may
+    /// sit idle in its transaction before Postgres ends it, releasing the rows of a relay that stopped answering.
     #[serde(with = "humantime_serde")]
     pub give_up_after: Duration,
     /// Postgres channel to LISTEN on for immediate wake-up; polling alone when unset.

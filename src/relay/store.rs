@@ -19,9 +19,18 @@ use super::shard::Shard;
 ///   the planner may otherwise choose a bitmap or sequential scan that sorts every pending row (80-200 ms
 ///   instead of 3 ms per claim near the end of a 200k-row drain);
 /// - its commit (the marks) need not wait for the WAL flush: a mark lost in a Postgres crash only means the
-///   row is published again, and the stream's dedupe drops the repeat.
-const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
-                           SET LOCAL synchronous_commit = off";
+///   row is published again, and the stream's dedupe drops the repeat;
+/// - a relay that stops answering (frozen, partitioned) must not keep its rows locked for as long as TCP
+///   takes to notice: Postgres ends a claim left idle for `give_up_after`, which releases the rows to the
+///   other relays. A live relay never idles that long inside a claim; if it did, its marks would fail and the
+///   rows would be published again.
+fn claim_begin(give_up_after: Duration) -> String {
+    let idle_ms = give_up_after.as_millis().clamp(1, i32::MAX as u128);
+    format!(
+        "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
+         SET LOCAL synchronous_commit = off; SET LOCAL idle_in_transaction_session_timeout = {idle_ms}"
+    )
+}
 
 /// `last_error` is `VARCHAR(2048)`: longer text would fail the whole update.
 const LAST_ERROR_MAX_CHARS: usize = 2048;
@@ -133,6 +142,7 @@ pub enum Requeue {
 pub struct OutboxStore {
     pool: PgPool,
     max_attempts: i32,
+    claim_begin: String,
     claim_sql: String,
     claim_after_sql: String,
     settle_published_sql: String,
@@ -193,6 +203,7 @@ impl OutboxStore {
         Self {
             pool,
             max_attempts: relay.max_attempts,
+            claim_begin: claim_begin(relay.give_up_after),
             claim_sql,
             claim_after_sql,
             settle_published_sql,
@@ -219,7 +230,7 @@ impl OutboxStore {
         held: &[String],
         skipped_names: &[String],
     ) -> Result<ClaimedBatch, sqlx::Error> {
-        let mut tx = self.pool.begin_with(CLAIM_BEGIN).await?;
+        let mut tx = self.pool.begin_with(self.claim_begin.clone()).await?;
         let rows = sqlx::query_as::<_, OutboxRow>(&self.claim_sql)
             .bind(self.max_attempts)
             .bind(i64::from(limit))
@@ -243,7 +254,7 @@ impl OutboxStore {
         skipped_names: &[String],
         after: (DateTime<Utc>, Uuid),
     ) -> Result<ClaimedBatch, sqlx::Error> {
-        let mut tx = self.pool.begin_with(CLAIM_BEGIN).await?;
+        let mut tx = self.pool.begin_with(self.claim_begin.clone()).await?;
         let rows = sqlx::query_as::<_, OutboxRow>(&self.claim_after_sql)
             .bind(self.max_attempts)
             .bind(i64::from(limit))

@@ -114,6 +114,14 @@ impl NatsServer {
         }
     }
 
+    /// SIGSTOP: connections stay open but nothing answers, as with a hung server or a partition. Killing it
+    /// (or dropping it) still works while it is frozen.
+    pub fn freeze(&self) {
+        if let Some(child) = &self.child {
+            assert!(signal(child.id(), "STOP"), "freeze nats-server");
+        }
+    }
+
     /// SIGTERM, then wait for it to exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
