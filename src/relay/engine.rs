@@ -222,7 +222,6 @@ impl Engine {
         }
     }
 
-    /// Claims a batch, or `None` after a database error (the outage clock is running).
     /// Keys whose hold has not run out; forgets the others.
     fn held_keys(&mut self) -> Vec<String> {
         let now = Instant::now();
@@ -245,6 +244,7 @@ impl Engine {
             .collect()
     }
 
+    /// Claims a batch, or `None` after a database error (the outage clock is running).
     async fn claim(&mut self) -> Result<Option<ClaimedBatch>, EngineError> {
         let (held, skipped_names) = (self.held_keys(), self.skipped_event_names());
         match self.store.claim(self.relay.batch_size, &held, &skipped_names).await {
