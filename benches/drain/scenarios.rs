@@ -21,8 +21,8 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::services::{
-    cpu_seconds, cpu_seconds_of, BenchDb, BenchStream, ProcStats, RelayProcess, TableHealth, EVENT_NAME,
-    NOTIFY_CHANNEL, PRODUCE_SQL,
+    cpu_seconds, cpu_seconds_of, machine_busy_seconds, BenchDb, BenchStream, ProcStats, RelayProcess,
+    TableHealth, EVENT_NAME, NOTIFY_CHANNEL, PRODUCE_SQL,
 };
 
 /// The relay's defaults, which every in-process scenario uses too.
@@ -76,6 +76,10 @@ pub struct Throughput {
     /// CPU of the whole nats-server during the interval (shared: includes anyone else's traffic).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nats_server_cpu_seconds: Option<f64>,
+    /// CPU the whole machine spent during a relay drain (spawn → drained): with the three above, what
+    /// else (autovacuum, checkpoints, this process) took the cores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine_cpu_seconds: Option<f64>,
     /// VmHWM of the relay process.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relay_peak_rss_mib: Option<f64>,
@@ -427,6 +431,7 @@ pub async fn relay_drain(
     env.push(("QX_RELAY__ON_PUBLISH".into(), mode.into()));
 
     let nats_before = bench.nats_pid.and_then(cpu_seconds);
+    let machine_before = machine_busy_seconds();
     let spawned = Instant::now();
     let mut relay = RelayProcess::spawn(&env, &bench.out_dir, name);
     let perf =
@@ -460,6 +465,7 @@ pub async fn relay_drain(
     let postgres_cpu = cpu_seconds_of(&bench.db.relay_backends().await);
     let nats_cpu =
         bench.nats_pid.and_then(cpu_seconds).zip(nats_before).map(|(after, before)| after - before);
+    let machine_cpu = machine_busy_seconds().zip(machine_before).map(|(after, before)| after - before);
     if let Some(perf) = perf {
         perf.stop();
     }
@@ -498,6 +504,7 @@ pub async fn relay_drain(
         client_cpu_seconds: stats.cpu_seconds,
         postgres_cpu_seconds: Some(postgres_cpu),
         nats_server_cpu_seconds: nats_cpu,
+        machine_cpu_seconds: machine_cpu,
         relay_peak_rss_mib: Some(mib(stats.peak_rss_kib)),
         relay_exit_code: exit_code,
         seed_seconds: Some(seed_seconds),

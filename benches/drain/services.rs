@@ -270,6 +270,21 @@ pub fn cpu_seconds_of(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|&pid| cpu_seconds(pid)).sum()
 }
 
+/// CPU seconds all cores together have spent working since boot (/proc/stat: user, nice, system, irq and
+/// softirq; not idle, iowait or time stolen by the hypervisor).
+pub fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let busy: u64 = [0, 1, 2, 5, 6].iter().filter_map(|&i| fields.get(i)).sum();
+    Some(busy as f64 / clock_ticks())
+}
+
 /// `sysconf(_SC_CLK_TCK)`, via getconf (no libc binding needed); 100 on every Linux we run on.
 fn clock_ticks() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
