@@ -18,7 +18,7 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Child, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -90,10 +90,7 @@ impl Relays {
     fn start(&mut self, index: usize) {
         let log =
             fs::OpenOptions::new().create(true).append(true).open(&self.procs[index].log).expect("relay log");
-        let child = Command::new(&self.bin)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+        let child = support::relay_command(&self.bin, &self.env)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

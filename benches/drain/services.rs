@@ -10,7 +10,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
-use crate::support::with_database;
+use crate::support::{relay_command, with_database};
 
 /// The qx-db DDL of the outbox table, shared with the tests.
 const OUTBOX_DDL: &str = include_str!("../../tests/fixtures/qx_outbox_events.sql");
@@ -343,10 +343,7 @@ impl RelayProcess {
     pub fn spawn(env: &[(String, String)], log_dir: &Path, label: &str) -> Self {
         let log = log_dir.join(format!("relay-{label}.log"));
         let log_file = std::fs::File::create(&log).expect("create relay log");
-        let child = Command::new(env!("CARGO_BIN_EXE_qx-relay"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(env.iter().map(|(k, v)| (k, v)))
+        let child = relay_command(env!("CARGO_BIN_EXE_qx-relay"), env)
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()

@@ -17,7 +17,7 @@ use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 mod support;
-pub use support::with_database;
+pub use support::{relay_command, with_database};
 
 /// The qx-db DDL of the outbox table.
 pub const OUTBOX_DDL: &str = include_str!("../fixtures/qx_outbox_events.sql");
@@ -245,11 +245,8 @@ impl Relay {
     pub fn spawn(env: &[(String, String)], args: &[&str]) -> Self {
         let log = std::env::temp_dir().join(format!("qx-relay-test-{}.log", Uuid::new_v4().simple()));
         let log_file = std::fs::File::create(&log).expect("create relay log");
-        let child = Command::new(env!("CARGO_BIN_EXE_qx-relay"))
+        let child = relay_command(env!("CARGO_BIN_EXE_qx-relay"), env)
             .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -315,13 +312,8 @@ impl Drop for Relay {
 
 /// Runs `qx-relay` with `args` to completion: exit code, stdout, stderr.
 pub fn run_command(env: &[(String, String)], args: &[&str]) -> (Option<i32>, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_qx-relay"))
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .expect("run qx-relay");
+    let output =
+        relay_command(env!("CARGO_BIN_EXE_qx-relay"), env).args(args).output().expect("run qx-relay");
     (
         output.status.code(),
         String::from_utf8_lossy(&output.stdout).into_owned(),

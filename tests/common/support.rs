@@ -1,14 +1,27 @@
-//! Helpers the tests, `examples/chaos.rs` and the drain benchmark all need: pointing a Postgres URL at another
-//! database, and reading back everything a stream holds.
+//! Helpers the tests, `examples/chaos.rs` and the drain benchmark all need: starting the relay with only the
+//! settings given, pointing a Postgres URL at another database, and reading back everything a stream holds.
 //!
 //! Stand-alone (no `common` items), so the example and the benchmark include it by path.
 // Each includer uses its own subset of these helpers.
 #![allow(dead_code)]
 
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
+
+/// `qx-relay` at `bin` with a clean environment (PATH kept) plus `env`, so no `QX_*` variable of the
+/// caller leaks into a run.
+pub fn relay_command(bin: impl AsRef<Path>, env: &[(String, String)]) -> Command {
+    let mut command = Command::new(bin.as_ref());
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    command
+}
 
 /// Replaces the database of a `postgres://…/db` URL, keeping its query.
 pub fn with_database(url: &str, database: &str) -> String {
