@@ -1,7 +1,8 @@
 //! Publishing Qx events to JetStream: the subject and header rules of [`crate::wire`], `Nats-Msg-Id` for
 //! dedupe, and acks that can be awaited later so many publishes stay in flight.
 //!
-//! Rust producers use it directly; the relay publishes every outbox row through it. Knows nothing about SQL.
+//! Rust producers use it directly; the relay builds its messages from the same [`crate::wire`]. Knows nothing
+//! about SQL.
 
 use async_nats::jetstream::{self, context::PublishAckFuture, publish::PublishAck};
 use bytes::Bytes;
