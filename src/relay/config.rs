@@ -271,7 +271,7 @@ pub struct RelayConfig {
     /// On SIGTERM, time to finish the in-flight batch.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
-    /// How long to wait for each PubAck.
+    /// How long publishing may go without a PubAck; then the batch's unconfirmed rows wait for NATS.
     #[serde(with = "humantime_serde")]
     pub ack_timeout: Duration,
     /// Failed publishes before a row is parked.
