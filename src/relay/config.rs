@@ -415,6 +415,12 @@ impl Config {
         }
         positive("relay.batch_size", relay.batch_size.into())?;
         positive("relay.max_in_flight", relay.max_in_flight.into())?;
+        if relay.max_in_flight > MAX_IN_FLIGHT_LIMIT {
+            return Err(ConfigError::invalid(
+                "relay.max_in_flight",
+                format!("must be at most {MAX_IN_FLIGHT_LIMIT}, got {}", relay.max_in_flight),
+            ));
+        }
         positive("relay.max_attempts", relay.max_attempts.into())?;
         positive("relay.shard_count", relay.shard_count.into())?;
         if relay.shard_id >= relay.shard_count {
@@ -547,6 +553,10 @@ fn qx_env() -> Env {
         })
         .split("__")
 }
+
+/// The most PubAcks `relay.max_in_flight` may keep pending: the NATS client buffers this many messages for the
+/// relay's ack subscription and drops the rest.
+pub const MAX_IN_FLIGHT_LIMIT: u32 = 65_536;
 
 fn positive(key: &str, value: i64) -> Result<(), ConfigError> {
     if value < 1 {
@@ -689,6 +699,7 @@ mod tests {
             ("[relay]\nsubject_prefix = \"o\"\npoll_interval = \"soon\"\n", "relay.poll_interval"),
             ("[relay]\nsubject_prefix = \"o\"\nbatch_size = -1\n", "relay.batch_size"),
             ("[relay]\nsubject_prefix = \"o\"\nbatch_size = 0\n", "relay.batch_size"),
+            ("[relay]\nsubject_prefix = \"o\"\nmax_in_flight = 100000\n", "relay.max_in_flight"),
             ("[relay]\nsubject_prefix = \"o\"\nshard_id = 3\nshard_count = 3\n", "relay.shard_id"),
             ("[relay]\ntable = \"t\"\n", "relay.subject_prefix"),
             ("[relay]\nsubject_prefix = \"o.*\"\n", "relay.subject_prefix"),

@@ -24,7 +24,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::config::{NatsConfig, RelayConfig};
+use super::config::{NatsConfig, RelayConfig, MAX_IN_FLIGHT_LIMIT};
 use super::store::OutboxRow;
 use crate::publisher::{NatsPublishError, PublishErrorKind};
 use crate::{wire, EventHeaders, PublishError, Publisher};
@@ -492,6 +492,7 @@ fn skip_whitespace(bytes: &[u8], from: usize) -> usize {
 
 async fn connect_options(nats: &NatsConfig) -> Result<ConnectOptions, ConnectError> {
     let mut options = ConnectOptions::new()
+        .subscription_capacity(MAX_IN_FLIGHT_LIMIT as usize)
         .connection_timeout(Duration::from_secs_f64(nats.connect_timeout_seconds))
         .max_reconnects(usize::try_from(nats.max_reconnect_attempts).ok().filter(|&n| n > 0))
         .require_tls(nats.tls_required);
