@@ -75,6 +75,23 @@ async fn drains_rows_with_exact_bodies_and_headers() {
 }
 
 #[tokio::test]
+async fn a_window_smaller_than_the_batch_publishes_every_row_once() {
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    db.insert_events(250, "order.placed").await;
+    let mut env = Relay::env(&db, &stream.prefix);
+    env.push(("QX_RELAY__BATCH_SIZE".into(), "100".into()));
+    // Most acks are awaited with the window full, and the last batch is a partial one.
+    env.push(("QX_RELAY__MAX_IN_FLIGHT".into(), "7".into()));
+    let relay = Relay::spawn(&env, &[]);
+    db.wait_for("published_at IS NULL", 0, DRAIN).await;
+    relay.stop().await;
+    assert_stream_matches_table(&db, &stream, &stream.prefix).await;
+    assert_eq!(db.count("published_at IS NOT NULL AND attempts = 0 AND last_error IS NULL").await, 250);
+    stream.delete().await;
+    db.drop().await;
+}
+
+#[tokio::test]
 async fn qx_db_fixture_rows_round_trip_byte_for_byte() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     let fixtures = db.insert_fixtures().await;
