@@ -92,6 +92,35 @@ async fn a_window_smaller_than_the_batch_publishes_every_row_once() {
 }
 
 #[tokio::test]
+async fn rows_of_a_child_table_are_published_and_marked_once() {
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    db.insert_events(2000, "order.placed").await;
+    // Every other row moves to a child table (as in partitioning by inheritance), so each batch mixes both
+    // tables and the same `ctid` names a row in each.
+    sqlx::raw_sql(
+        "CREATE TABLE qx_outbox_events_child () INHERITS (qx_outbox_events);
+         WITH moved AS (
+             DELETE FROM ONLY qx_outbox_events WHERE id IN (
+                 SELECT id FROM (SELECT id, row_number() OVER (ORDER BY occurred_at) AS n FROM qx_outbox_events) o
+                 WHERE n % 2 = 0)
+             RETURNING *)
+         INSERT INTO qx_outbox_events_child SELECT * FROM moved",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(db.count("tableoid = 'qx_outbox_events_child'::regclass").await, 1000);
+    let mut env = Relay::env(&db, &stream.prefix);
+    env.push(("QX_RELAY__BATCH_SIZE".into(), "100".into()));
+    let relay = Relay::spawn(&env, &[]);
+    db.wait_for("published_at IS NULL", 0, DRAIN).await;
+    relay.stop().await;
+    assert_stream_matches_table(&db, &stream, &stream.prefix).await;
+    stream.delete().await;
+    db.drop().await;
+}
+
+#[tokio::test]
 async fn qx_db_fixture_rows_round_trip_byte_for_byte() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     let fixtures = db.insert_fixtures().await;

@@ -4,6 +4,7 @@
 //! `FOR UPDATE SKIP LOCKED` inside a transaction that stays open only while the batch is published, so
 //! concurrent relays (Python or Rust) never claim the same row and a crash simply releases the locks.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -83,8 +84,38 @@ impl OutboxRow {
 #[derive(Debug)]
 pub struct ClaimedBatch {
     tx: Transaction<'static, Postgres>,
+    /// The `ctid` of each claimed row stored in the table itself (not in a partition or child), by id.
+    /// `tx` locks the row, so that version stays where it is until `tx` ends: settling finds it by `ctid`
+    /// instead of one primary-key lookup per row.
+    locations: HashMap<Uuid, String>,
     /// In claim order: `(occurred_at, id)`.
     pub rows: Vec<OutboxRow>,
+}
+
+impl ClaimedBatch {
+    fn new(tx: Transaction<'static, Postgres>, claimed: Vec<ClaimedRow>) -> Self {
+        let mut locations = HashMap::with_capacity(claimed.len());
+        let rows = claimed
+            .into_iter()
+            .map(|ClaimedRow { row, location }| {
+                if let Some(location) = location {
+                    locations.insert(row.id, location);
+                }
+                row
+            })
+            .collect();
+        Self { tx, locations, rows }
+    }
+}
+
+/// A claimed row and where its locked version is.
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    #[sqlx(flatten)]
+    row: OutboxRow,
+    /// `ctid` as text (the driver has no `tid` type); `None` for a row of a partition or child table, where
+    /// a `ctid` alone does not name one row.
+    location: Option<String>,
 }
 
 /// How a row that was not published is written back.
@@ -145,7 +176,8 @@ pub struct OutboxStore {
     claim_begin: String,
     claim_sql: String,
     claim_after_sql: String,
-    settle_published_sql: String,
+    settle_located_sql: String,
+    settle_by_id_sql: String,
     fail_sql: String,
     table: String,
     key_sql: String,
@@ -178,7 +210,8 @@ impl OutboxStore {
         let claim_sql = |after: &str| {
             format!(
                 "SELECT id, event_name, event_version, payload::text AS payload, correlation_id, tenant_id, \
-                        occurred_at, attempts, {order_key_column} AS order_key \
+                        occurred_at, attempts, {order_key_column} AS order_key, \
+                        CASE WHEN tableoid = '{table}'::regclass THEN ctid::text END AS location \
                  FROM {table} \
                  WHERE published_at IS NULL AND attempts < $1 AND {key_sql} <> ALL($3) AND event_name <> ALL($4) \
                        {after} {shard_clause} \
@@ -191,9 +224,18 @@ impl OutboxStore {
         // fetching and lock-checking their rows (and stepping over the dead entries of settled ones) again.
         let claim_after_sql = claim_sql("AND occurred_at >= $5 AND (occurred_at, id) > ($5, $6)");
         let claim_sql = claim_sql("");
-        let settle_published_sql = match relay.on_publish {
-            OnPublish::Mark => format!("UPDATE {table} SET published_at = now() WHERE id = ANY($1)"),
-            OnPublish::Delete => format!("DELETE FROM {table} WHERE id = ANY($1)"),
+        // By `ctid` (a fifth of the cost of deleting by id, a tenth less for marking), in the table itself
+        // only; by id for rows of partitions or child tables.
+        let located = "ctid = ANY($1::text[]::tid[])";
+        let (settle_located_sql, settle_by_id_sql) = match relay.on_publish {
+            OnPublish::Mark => (
+                format!("UPDATE ONLY {table} SET published_at = now() WHERE {located}"),
+                format!("UPDATE {table} SET published_at = now() WHERE id = ANY($1)"),
+            ),
+            OnPublish::Delete => (
+                format!("DELETE FROM ONLY {table} WHERE {located}"),
+                format!("DELETE FROM {table} WHERE id = ANY($1)"),
+            ),
         };
         let fail_sql = format!(
             "UPDATE {table} AS t SET attempts = f.attempts, last_error = f.last_error \
@@ -206,7 +248,8 @@ impl OutboxStore {
             claim_begin: claim_begin(relay.give_up_after),
             claim_sql,
             claim_after_sql,
-            settle_published_sql,
+            settle_located_sql,
+            settle_by_id_sql,
             fail_sql,
             table,
             key_sql,
@@ -231,14 +274,14 @@ impl OutboxStore {
         skipped_names: &[String],
     ) -> Result<ClaimedBatch, sqlx::Error> {
         let mut tx = self.pool.begin_with(self.claim_begin.clone()).await?;
-        let rows = sqlx::query_as::<_, OutboxRow>(&self.claim_sql)
+        let claimed = sqlx::query_as(&self.claim_sql)
             .bind(self.max_attempts)
             .bind(i64::from(limit))
             .bind(held)
             .bind(skipped_names)
             .fetch_all(&mut *tx)
             .await?;
-        Ok(ClaimedBatch { tx, rows })
+        Ok(ClaimedBatch::new(tx, claimed))
     }
 
     /// As [`OutboxStore::claim`], but only rows after `after` (an `(occurred_at, id)` claim key): the next batch
@@ -255,7 +298,7 @@ impl OutboxStore {
         after: (DateTime<Utc>, Uuid),
     ) -> Result<ClaimedBatch, sqlx::Error> {
         let mut tx = self.pool.begin_with(self.claim_begin.clone()).await?;
-        let rows = sqlx::query_as::<_, OutboxRow>(&self.claim_after_sql)
+        let claimed = sqlx::query_as(&self.claim_after_sql)
             .bind(self.max_attempts)
             .bind(i64::from(limit))
             .bind(held)
@@ -264,7 +307,7 @@ impl OutboxStore {
             .bind(after.1)
             .fetch_all(&mut *tx)
             .await?;
-        Ok(ClaimedBatch { tx, rows })
+        Ok(ClaimedBatch::new(tx, claimed))
     }
 
     /// Marks (or deletes) the published rows, writes the failures back and commits, in one transaction.
@@ -279,7 +322,19 @@ impl OutboxStore {
     ) -> Result<(), sqlx::Error> {
         let mut tx = batch.tx;
         if !published.is_empty() {
-            sqlx::query(&self.settle_published_sql).bind(published).execute(&mut *tx).await?;
+            let (mut located, mut by_id) = (Vec::with_capacity(published.len()), Vec::new());
+            for id in published {
+                match batch.locations.get(id) {
+                    Some(location) => located.push(location.as_str()),
+                    None => by_id.push(*id),
+                }
+            }
+            if !located.is_empty() {
+                sqlx::query(&self.settle_located_sql).bind(located).execute(&mut *tx).await?;
+            }
+            if !by_id.is_empty() {
+                sqlx::query(&self.settle_by_id_sql).bind(by_id).execute(&mut *tx).await?;
+            }
         }
         if !failures.is_empty() {
             let ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
