@@ -363,6 +363,14 @@ async fn check_passes_on_a_good_setup_and_names_the_failing_check() {
     assert_eq!(code, Some(78), "{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with("FAIL  table:")), "{stdout}");
 
+    // A view has the outbox columns but no ctid: rows could not be claimed and settled through it.
+    sqlx::query("CREATE VIEW outbox_view AS SELECT * FROM qx_outbox_events").execute(&db.pool).await.unwrap();
+    let mut view = env.clone();
+    view.push(("QX_RELAY__TABLE".into(), "outbox_view".into()));
+    let (code, stdout, _) = run_command(&view, &["check"]);
+    assert_eq!(code, Some(78), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("FAIL  table:") && l.contains("ctid")), "{stdout}");
+
     let mut no_postgres = env;
     no_postgres.push(("QX_DB__URL".into(), "postgres://postgres@127.0.0.1:1/x".into()));
     let (code, stdout, _) = run_command(&no_postgres, &["check"]);

@@ -36,7 +36,8 @@ fn claim_begin(give_up_after: Duration) -> String {
 /// `last_error` is `VARCHAR(2048)`: longer text would fail the whole update.
 const LAST_ERROR_MAX_CHARS: usize = 2048;
 
-/// Columns the relay reads or writes; `check` verifies them.
+/// Columns the relay reads or writes; `check` verifies them. The claim also reads two system columns that
+/// every table has and a view lacks.
 pub const REQUIRED_COLUMNS: &[&str] = &[
     "id",
     "event_name",
@@ -48,6 +49,8 @@ pub const REQUIRED_COLUMNS: &[&str] = &[
     "published_at",
     "attempts",
     "last_error",
+    "ctid",
+    "tableoid",
 ];
 
 /// A pending row, as much of it as publishing needs.
@@ -387,7 +390,7 @@ impl OutboxStore {
         }
         let columns: Vec<String> = sqlx::query_scalar(
             "SELECT attname::text FROM pg_attribute \
-             WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
+             WHERE attrelid = to_regclass($1) AND NOT attisdropped",
         )
         .bind(&self.table)
         .fetch_all(&self.pool)
