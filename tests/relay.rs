@@ -60,15 +60,20 @@ async fn assert_stream_matches_table(db: &TestDb, stream: &TestStream, prefix: &
     }
 }
 
+/// Runs one relay with `env` until no row is pending, stops it, and checks the stream against the table.
+async fn drain_and_compare(db: &TestDb, stream: &TestStream, env: &[(String, String)]) {
+    let relay = Relay::spawn(env, &[]);
+    db.wait_for("published_at IS NULL", 0, DRAIN).await;
+    relay.stop().await;
+    assert_stream_matches_table(db, stream, &stream.prefix).await;
+}
+
 #[tokio::test]
 async fn drains_rows_with_exact_bodies_and_headers() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     db.insert_events(3000, "order.placed").await;
     db.insert_events(500, "identity.user.registered").await;
-    let relay = Relay::spawn(&Relay::env(&db, &stream.prefix), &[]);
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    relay.stop().await;
-    assert_stream_matches_table(&db, &stream, &stream.prefix).await;
+    drain_and_compare(&db, &stream, &Relay::env(&db, &stream.prefix)).await;
     assert_eq!(db.count("published_at IS NOT NULL AND attempts = 0 AND last_error IS NULL").await, 3500);
     stream.delete().await;
     db.drop().await;
@@ -82,10 +87,7 @@ async fn a_window_smaller_than_the_batch_publishes_every_row_once() {
     env.push(("QX_RELAY__BATCH_SIZE".into(), "100".into()));
     // Most acks are awaited with the window full, and the last batch is a partial one.
     env.push(("QX_RELAY__MAX_IN_FLIGHT".into(), "7".into()));
-    let relay = Relay::spawn(&env, &[]);
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    relay.stop().await;
-    assert_stream_matches_table(&db, &stream, &stream.prefix).await;
+    drain_and_compare(&db, &stream, &env).await;
     assert_eq!(db.count("published_at IS NOT NULL AND attempts = 0 AND last_error IS NULL").await, 250);
     stream.delete().await;
     db.drop().await;
@@ -112,10 +114,7 @@ async fn rows_of_a_child_table_are_published_and_marked_once() {
     assert_eq!(db.count("tableoid = 'qx_outbox_events_child'::regclass").await, 1000);
     let mut env = Relay::env(&db, &stream.prefix);
     env.push(("QX_RELAY__BATCH_SIZE".into(), "100".into()));
-    let relay = Relay::spawn(&env, &[]);
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    relay.stop().await;
-    assert_stream_matches_table(&db, &stream, &stream.prefix).await;
+    drain_and_compare(&db, &stream, &env).await;
     stream.delete().await;
     db.drop().await;
 }
@@ -124,10 +123,7 @@ async fn rows_of_a_child_table_are_published_and_marked_once() {
 async fn qx_db_fixture_rows_round_trip_byte_for_byte() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     let fixtures = db.insert_fixtures().await;
-    let relay = Relay::spawn(&Relay::env(&db, &stream.prefix), &[]);
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    relay.stop().await;
-    assert_stream_matches_table(&db, &stream, &stream.prefix).await;
+    drain_and_compare(&db, &stream, &Relay::env(&db, &stream.prefix)).await;
     // The fixture holds the column's text exactly as Postgres returned it to qx-db: the body must equal it.
     let bodies: HashSet<Vec<u8>> = stream.messages().await.iter().map(|m| m.payload.to_vec()).collect();
     for fixture in &fixtures {
