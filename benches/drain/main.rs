@@ -148,6 +148,15 @@ struct CpuBudget {
     free_relay_bound_over_ceiling: Option<f64>,
 }
 
+/// Drain rate with the large backlog over the rate with the small one, for the relay and for each server
+/// alone: the relay cannot scale better than the servers it waits on.
+#[derive(Debug, Clone, Serialize)]
+struct BacklogScaling {
+    relay: Option<f64>,
+    postgres_alone: Option<f64>,
+    jetstream_alone: Option<f64>,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     mode: &'static str,
@@ -164,6 +173,7 @@ struct Report {
     latency: Vec<Latency>,
     cpu_budget: Vec<CpuBudget>,
     targets: Vec<Target>,
+    backlog_scaling: BacklogScaling,
 }
 
 fn main() {
@@ -243,6 +253,15 @@ async fn run(options: Options) {
 
     let cpu_budget = cpu_budgets(&throughput, machine.cpus);
     let targets = targets(&throughput, &cpu_budget, idle.as_ref(), &latency);
+    let scaling = |suffix: &str| {
+        let (large, small) = (format!("backlog_large{suffix}"), format!("backlog_small{suffix}"));
+        rate(&throughput, &large).zip(rate(&throughput, &small)).map(|(large, small)| large / small)
+    };
+    let backlog_scaling = BacklogScaling {
+        relay: scaling(""),
+        postgres_alone: scaling("_postgres"),
+        jetstream_alone: scaling("_jetstream"),
+    };
     let report = Report {
         mode,
         started_at,
@@ -261,6 +280,7 @@ async fn run(options: Options) {
         latency,
         cpu_budget,
         targets,
+        backlog_scaling,
     };
     print_report(&report);
     let json = serde_json::to_string_pretty(&report).expect("serialize report");
@@ -287,13 +307,25 @@ async fn scenarios(
             (OnPublish::Delete, false),
             (OnPublish::Delete, true),
         ] {
-            let result = scenarios::postgres_ceiling(bench, sizes.ceiling_rows, on_publish, pipelined).await;
+            let write = if on_publish == OnPublish::Mark { "mark" } else { "delete" };
+            let order = if pipelined { "pipelined" } else { "serial" };
+            let name = format!("pg_ceiling_{write}_{order}");
+            let label = format!("Postgres ceiling: claim + {write}, {order}");
+            let result =
+                scenarios::postgres_ceiling(bench, &name, &label, sizes.ceiling_rows, on_publish, pipelined)
+                    .await;
             record(result, &mut throughput);
         }
     }
     if options.runs("nats") {
-        for raw in [true, false] {
-            record(scenarios::nats_ceiling(bench, sizes.nats_messages, raw).await, &mut throughput);
+        for (name, label, raw) in [
+            ("nats_ceiling_raw", "NATS ceiling: JetStream publish, Msg-Id, 1024 in flight", true),
+            ("nats_ceiling_relay_publisher", "NATS ceiling: RelayPublisher::publish_batch", false),
+        ] {
+            record(
+                scenarios::nats_ceiling(bench, name, label, sizes.nats_messages, raw).await,
+                &mut throughput,
+            );
         }
     }
     if options.runs("baseline") {
@@ -324,23 +356,35 @@ async fn scenarios(
         record(result, &mut throughput);
     }
     if options.runs("backlog") {
-        // A small drain lasts a fraction of a second, so one run is mostly noise: take the median of three.
-        for (name, rows, runs) in
-            [("backlog_small", sizes.backlog_small, 3), ("backlog_large", sizes.backlog_large, 1)]
-        {
-            let label = format!("qx-relay, mark mode, {} pending", count_text(rows));
-            let mut results = Vec::new();
+        // Each backlog is drained by Postgres alone (the pipelined claim + mark), by JetStream alone (the
+        // relay's publisher, as many messages into an empty stream) and by the relay: how the servers' own
+        // rates scale with the backlog is what the relay's can follow. A small drain lasts a fraction of a
+        // second, so one run is mostly noise: each small one is the median of three.
+        for (size, rows, runs) in [("small", sizes.backlog_small, 3), ("large", sizes.backlog_large, 1)] {
+            let count = count_text(rows);
+            let postgres = (
+                format!("backlog_{size}_postgres"),
+                format!("Postgres alone: claim + mark, {count} pending"),
+            );
+            let jetstream =
+                (format!("backlog_{size}_jetstream"), format!("JetStream alone: {count} messages"));
+            let relay = (format!("backlog_{size}"), format!("qx-relay, mark mode, {count} pending"));
+            let (mut postgres_runs, mut jetstream_runs, mut relay_runs) =
+                (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..runs {
-                results
-                    .push(scenarios::relay_drain(bench, name, &label, rows, OnPublish::Mark, None).await.0);
+                postgres_runs.push(
+                    scenarios::postgres_ceiling(bench, &postgres.0, &postgres.1, rows, OnPublish::Mark, true)
+                        .await,
+                );
+                jetstream_runs
+                    .push(scenarios::nats_ceiling(bench, &jetstream.0, &jetstream.1, rows, false).await);
+                relay_runs.push(
+                    scenarios::relay_drain(bench, &relay.0, &relay.1, rows, OnPublish::Mark, None).await.0,
+                );
             }
-            results.sort_by(|a, b| a.rows_per_second.total_cmp(&b.rows_per_second));
-            let rates: Vec<f64> = results.iter().map(|r| r.rows_per_second).collect();
-            let mut median = results.swap_remove(results.len() / 2);
-            if runs > 1 {
-                median.runs_rows_per_second = Some(rates);
+            for runs in [postgres_runs, jetstream_runs, relay_runs] {
+                record(median(runs), &mut throughput);
             }
-            record(median, &mut throughput);
         }
     }
     if options.runs("latency") {
@@ -356,6 +400,17 @@ async fn scenarios(
         }
     }
     (throughput, idle, latency)
+}
+
+/// The run with the median rate, carrying every run's rate when there were several.
+fn median(mut runs: Vec<Throughput>) -> Throughput {
+    runs.sort_by(|a, b| a.rows_per_second.total_cmp(&b.rows_per_second));
+    let rates: Vec<f64> = runs.iter().map(|r| r.rows_per_second).collect();
+    let mut median = runs.swap_remove(runs.len() / 2);
+    if rates.len() > 1 {
+        median.runs_rows_per_second = Some(rates);
+    }
+    median
 }
 
 fn count_text(rows: u64) -> String {
@@ -424,15 +479,17 @@ fn targets(
     let bound =
         |name: &str| budgets.iter().find(|b| b.scenario == name).map(|b| b.free_relay_bound_rows_per_second);
     let (mark, mark_bound) = (rate(throughput, "engine_mark"), bound("engine_mark"));
-    let (ceiling, baseline) = (best_ceiling(throughput, "mark"), rate(throughput, "baseline_serial"));
+    let baseline = rate(throughput, "baseline_serial");
     let div = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
-    ratio(
-        "engine mark / Postgres claim+mark ceiling (best)",
-        div(mark, ceiling),
-        div(mark_bound, ceiling),
-        "≥ 0.8",
-        |v| v >= 0.8,
-    );
+    // The issue's ceiling is one connection claiming, marking and committing in turn; the pipelined one
+    // (claim k+1 while k is marked) is ours, and stricter: Postgres alone then keeps more than one core busy.
+    for (name, ceiling) in [
+        ("engine mark / Postgres claim+mark, serial", "pg_ceiling_mark_serial"),
+        ("engine mark / Postgres claim+mark, pipelined", "pg_ceiling_mark_pipelined"),
+    ] {
+        let ceiling = rate(throughput, ceiling);
+        ratio(name, div(mark, ceiling), div(mark_bound, ceiling), "≥ 0.8", |v| v >= 0.8);
+    }
     ratio("engine mark / serial baseline", div(mark, baseline), div(mark_bound, baseline), "≥ 5", |v| {
         v >= 5.0
     });
@@ -597,6 +654,15 @@ fn print_report(report: &Report) {
             "(servers allow: the ratio with each drain at its free relay's bound, what this run's Postgres and \
              nats-server CPU permit)"
         );
+        let b = &report.backlog_scaling;
+        if let Some(relay) = b.relay {
+            let text = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+            println!(
+                "large / small backlog: qx-relay {relay:.2}, Postgres alone {}, JetStream alone {}",
+                text(b.postgres_alone),
+                text(b.jetstream_alone)
+            );
+        }
         if report.mode == "quick" {
             println!("(quick mode: small sizes, indicative only)");
         }

@@ -164,20 +164,12 @@ fn ids(batch: &ClaimedBatch) -> Vec<Uuid> {
 /// batch k is marked and committed, the overlap the engine uses.
 pub async fn postgres_ceiling(
     bench: &Bench,
+    name: &str,
+    label: &str,
     rows: u64,
     on_publish: OnPublish,
     pipelined: bool,
 ) -> Throughput {
-    let (name, label) = match (on_publish, pipelined) {
-        (OnPublish::Mark, false) => ("pg_ceiling_mark_serial", "Postgres ceiling: claim + mark, serial"),
-        (OnPublish::Mark, true) => ("pg_ceiling_mark_pipelined", "Postgres ceiling: claim + mark, pipelined"),
-        (OnPublish::Delete, false) => {
-            ("pg_ceiling_delete_serial", "Postgres ceiling: claim + delete, serial")
-        }
-        (OnPublish::Delete, true) => {
-            ("pg_ceiling_delete_pipelined", "Postgres ceiling: claim + delete, pipelined")
-        }
-    };
     bench.db.reset_table(false).await;
     let seed_seconds = bench.db.seed(rows).await;
     let pool =
@@ -297,12 +289,7 @@ fn event_id(payload: &str) -> Option<Uuid> {
 
 /// NATS alone. `raw`: async-nats JetStream publishes with the Qx headers and `Nats-Msg-Id`, 1024 acks in
 /// flight. Otherwise the relay's own `RelayPublisher::publish_batch` on in-memory rows, 1000 per batch.
-pub async fn nats_ceiling(bench: &Bench, rows: u64, raw: bool) -> Throughput {
-    let (name, label) = if raw {
-        ("nats_ceiling_raw", "NATS ceiling: JetStream publish, Msg-Id, 1024 in flight")
-    } else {
-        ("nats_ceiling_relay_publisher", "NATS ceiling: RelayPublisher::publish_batch")
-    };
+pub async fn nats_ceiling(bench: &Bench, name: &str, label: &str, rows: u64, raw: bool) -> Throughput {
     let stream = BenchStream::create(&bench.nats, &bench.run, name).await;
     let relay = relay_config(&stream.prefix, OnPublish::Mark);
     let nats_before = bench.nats_pid.and_then(cpu_seconds);
