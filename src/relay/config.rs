@@ -414,6 +414,12 @@ impl Config {
             }
         }
         positive("relay.batch_size", relay.batch_size.into())?;
+        if relay.batch_size > MAX_BATCH_SIZE {
+            return Err(ConfigError::invalid(
+                "relay.batch_size",
+                format!("must be at most {MAX_BATCH_SIZE}, got {}", relay.batch_size),
+            ));
+        }
         positive("relay.max_in_flight", relay.max_in_flight.into())?;
         if relay.max_in_flight > MAX_IN_FLIGHT_LIMIT {
             return Err(ConfigError::invalid(
@@ -553,6 +559,10 @@ fn qx_env() -> Env {
         })
         .split("__")
 }
+
+/// The most rows `relay.batch_size` may claim at once: a batch is one transaction whose rows stay locked, and
+/// in the relay's memory, until their marks commit.
+pub const MAX_BATCH_SIZE: u32 = 100_000;
 
 /// The most PubAcks `relay.max_in_flight` may keep pending: the NATS client buffers this many messages for the
 /// relay's ack subscription and drops the rest.
@@ -699,6 +709,7 @@ mod tests {
             ("[relay]\nsubject_prefix = \"o\"\npoll_interval = \"soon\"\n", "relay.poll_interval"),
             ("[relay]\nsubject_prefix = \"o\"\nbatch_size = -1\n", "relay.batch_size"),
             ("[relay]\nsubject_prefix = \"o\"\nbatch_size = 0\n", "relay.batch_size"),
+            ("[relay]\nsubject_prefix = \"o\"\nbatch_size = 100001\n", "relay.batch_size"),
             ("[relay]\nsubject_prefix = \"o\"\nmax_in_flight = 100000\n", "relay.max_in_flight"),
             ("[relay]\nsubject_prefix = \"o\"\nshard_id = 3\nshard_count = 3\n", "relay.shard_id"),
             ("[relay]\ntable = \"t\"\n", "relay.subject_prefix"),
