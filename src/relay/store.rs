@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use futures::TryStreamExt;
+use sqlx::postgres::{PgArguments, PgListener, PgPool, PgPoolOptions};
+use sqlx::query::QueryAs;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
@@ -96,18 +98,27 @@ pub struct ClaimedBatch {
 }
 
 impl ClaimedBatch {
-    fn new(tx: Transaction<'static, Postgres>, claimed: Vec<ClaimedRow>) -> Self {
-        let mut locations = HashMap::with_capacity(claimed.len());
-        let rows = claimed
-            .into_iter()
-            .map(|ClaimedRow { row, location }| {
-                if let Some(location) = location {
-                    locations.insert(row.id, location);
-                }
-                row
-            })
-            .collect();
-        Self { tx, locations, rows }
+    /// Runs a claim query in `tx` and reads its rows straight into the batch: room for `limit` rows is taken
+    /// once, at the first row, instead of growing a list of rows and copying it into another.
+    async fn read(
+        mut tx: Transaction<'static, Postgres>,
+        query: QueryAs<'_, Postgres, ClaimedRow, PgArguments>,
+        limit: u32,
+    ) -> Result<Self, sqlx::Error> {
+        let (mut rows, mut locations) = (Vec::new(), HashMap::new());
+        let mut claimed = query.fetch(&mut *tx);
+        while let Some(ClaimedRow { row, location }) = claimed.try_next().await? {
+            if rows.is_empty() {
+                rows.reserve_exact(limit as usize);
+                locations.reserve(limit as usize);
+            }
+            if let Some(location) = location {
+                locations.insert(row.id, location);
+            }
+            rows.push(row);
+        }
+        drop(claimed);
+        Ok(Self { tx, locations, rows })
     }
 }
 
@@ -276,15 +287,13 @@ impl OutboxStore {
         held: &[String],
         skipped_names: &[String],
     ) -> Result<ClaimedBatch, sqlx::Error> {
-        let mut tx = self.pool.begin_with(self.claim_begin.clone()).await?;
-        let claimed = sqlx::query_as(&self.claim_sql)
+        let tx = self.pool.begin_with(self.claim_begin.clone()).await?;
+        let query = sqlx::query_as(&self.claim_sql)
             .bind(self.max_attempts)
             .bind(i64::from(limit))
             .bind(held)
-            .bind(skipped_names)
-            .fetch_all(&mut *tx)
-            .await?;
-        Ok(ClaimedBatch::new(tx, claimed))
+            .bind(skipped_names);
+        ClaimedBatch::read(tx, query, limit).await
     }
 
     /// As [`OutboxStore::claim`], but only rows after `after` (an `(occurred_at, id)` claim key): the next batch
@@ -300,17 +309,15 @@ impl OutboxStore {
         skipped_names: &[String],
         after: (DateTime<Utc>, Uuid),
     ) -> Result<ClaimedBatch, sqlx::Error> {
-        let mut tx = self.pool.begin_with(self.claim_begin.clone()).await?;
-        let claimed = sqlx::query_as(&self.claim_after_sql)
+        let tx = self.pool.begin_with(self.claim_begin.clone()).await?;
+        let query = sqlx::query_as(&self.claim_after_sql)
             .bind(self.max_attempts)
             .bind(i64::from(limit))
             .bind(held)
             .bind(skipped_names)
             .bind(after.0)
-            .bind(after.1)
-            .fetch_all(&mut *tx)
-            .await?;
-        Ok(ClaimedBatch::new(tx, claimed))
+            .bind(after.1);
+        ClaimedBatch::read(tx, query, limit).await
     }
 
     /// Marks (or deletes) the published rows, writes the failures back and commits, in one transaction.
