@@ -414,10 +414,10 @@ impl Config {
             }
         }
         positive("relay.batch_size", relay.batch_size.into())?;
-        if relay.batch_size > MAX_BATCH_SIZE {
+        if relay.batch_size > BATCH_SIZE_LIMIT {
             return Err(ConfigError::invalid(
                 "relay.batch_size",
-                format!("must be at most {MAX_BATCH_SIZE}, got {}", relay.batch_size),
+                format!("must be at most {BATCH_SIZE_LIMIT}, got {}", relay.batch_size),
             ));
         }
         positive("relay.max_in_flight", relay.max_in_flight.into())?;
@@ -562,7 +562,7 @@ fn qx_env() -> Env {
 
 /// The most rows `relay.batch_size` may claim at once: a batch is one transaction whose rows stay locked, and
 /// in the relay's memory, until their marks commit.
-pub const MAX_BATCH_SIZE: u32 = 100_000;
+pub const BATCH_SIZE_LIMIT: u32 = 100_000;
 
 /// The most PubAcks `relay.max_in_flight` may keep pending: the NATS client buffers this many messages for the
 /// relay's ack subscription and drops the rest.
