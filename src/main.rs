@@ -36,7 +36,10 @@ fn main() -> std::process::ExitCode {
             return exit(ExitCode::Internal);
         }
     };
-    exit(runtime.block_on(dispatch(cli.command.unwrap_or(Command::Run), config)))
+    let code = runtime.block_on(dispatch(cli.command.unwrap_or(Command::Run), config));
+    // Tasks still waiting on a server that stopped answering must not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    exit(code)
 }
 
 async fn dispatch(command: Command, config: Config) -> ExitCode {

@@ -387,6 +387,7 @@ async fn a_frozen_relay_releases_its_claimed_rows_after_give_up_after() {
             // Left alone, the claim would stay open this long waiting for acks.
             ("QX_RELAY__ACK_TIMEOUT", "10m"),
             ("QX_RELAY__GIVE_UP_AFTER", "2s"),
+            ("QX_RELAY__STATEMENT_TIMEOUT", "1s"),
         ],
     );
     let mut frozen = Relay::spawn(&env, &[]);
@@ -428,4 +429,158 @@ async fn a_frozen_relay_releases_its_claimed_rows_after_give_up_after() {
     frozen.kill9();
     stream.delete().await;
     db.drop().await;
+}
+
+/// Outage bounds the tests below use: short, so each bound is seconds.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(5);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// What the README allows past `give_up_after + drain_timeout` (or `drain_timeout` alone on SIGTERM).
+const EXIT_SLACK: Duration = Duration::from_secs(1);
+
+/// Relay settings with the bounds above, NATS at `nats` and reconnecting forever.
+fn bounded_env(db: &TestDb, stream: &TestStream, nats: &str) -> Vec<(String, String)> {
+    let mut env = Relay::env(db, &stream.prefix);
+    set(
+        &mut env,
+        &[
+            ("QX_NATS__SERVERS", nats),
+            // "Forever", as documented: the relay's own bound must end the outage, not the client's.
+            ("QX_NATS__MAX_RECONNECT_ATTEMPTS", "0"),
+            ("QX_NATS__RECONNECT_TIME_WAIT_SECONDS", "0.2"),
+            ("QX_RELAY__BATCH_SIZE", "500"),
+            ("QX_RELAY__ACK_TIMEOUT", "1s"),
+            ("QX_RELAY__STATEMENT_TIMEOUT", "1s"),
+            ("QX_RELAY__GIVE_UP_AFTER", "5s"),
+            ("QX_RELAY__DRAIN_TIMEOUT", "5s"),
+        ],
+    );
+    env
+}
+
+#[tokio::test]
+async fn nats_gone_for_good_ends_in_exit_69_within_give_up_after_and_drain_timeout() {
+    let mut nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let stream = private_stream(&nats).await;
+    db.insert_events(50_000, "order.placed").await;
+    let mut relay = Relay::spawn(&bounded_env(&db, &stream, &nats.url()), &[]);
+    wait_for_messages(&stream, 1000, &relay).await;
+    nats.kill9();
+    let killed = Instant::now();
+    let status = relay.wait(GIVE_UP_AFTER + DRAIN_TIMEOUT + EXIT_SLACK).await;
+    let took = killed.elapsed();
+    let log = relay.log();
+    eprintln!("NATS killed for good: exit {:?} after {took:.1?}", status.code());
+    assert_eq!(status.code(), Some(69), "{log}");
+    assert!(log.contains("NATS unavailable for longer than 5s"), "{log}");
+    assert!(db.unpublished().await > 0, "the kill came after the drain; make the backlog larger");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn sigterm_while_nats_is_gone_exits_0_within_drain_timeout_and_loses_nothing() {
+    let mut nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let stream = private_stream(&nats).await;
+    let rows = 50_000;
+    db.insert_events(rows, "order.placed").await;
+    let mut relay = Relay::spawn(&bounded_env(&db, &stream, &nats.url()), &[]);
+    wait_for_messages(&stream, 1000, &relay).await;
+    nats.kill9();
+    tokio::time::sleep(Duration::from_millis(1500)).await; // the relay is waiting for NATS now
+    relay.signal("TERM");
+    let signalled = Instant::now();
+    let status = relay.wait(DRAIN_TIMEOUT + EXIT_SLACK).await;
+    eprintln!("SIGTERM with NATS gone: exit {:?} after {:.1?}", status.code(), signalled.elapsed());
+    assert_eq!(status.code(), Some(0), "{}", relay.log());
+
+    // What it had not marked goes out once NATS is back, each event once.
+    nats.restart().await;
+    let relay = Relay::spawn(&bounded_env(&db, &stream, &nats.url()), &[]);
+    db.wait_for("published_at IS NULL", 0, DRAIN).await;
+    relay.stop().await;
+    assert_eq!(messages_and_distinct_ids(&stream).await, (rows, rows), "every row once");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_hung_postgres_is_an_outage_not_ready_then_exit_69_and_nothing_lost() {
+    let postgres = PgCluster::start().await;
+    let db = private_db(&postgres).await;
+    let stream = TestStream::create().await;
+    let rows = 50_000;
+    db.insert_events(rows, "order.placed").await;
+    let port = cluster::free_port();
+    let env = bounded_env(&db, &stream, &common::env("NATS_URL"));
+    let mut relay = Relay::spawn(&env, &["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    wait_for_messages(&stream, 2000, &relay).await;
+    postgres.freeze();
+    let frozen = Instant::now();
+
+    // Not ready while frozen: the probe's query cannot answer.
+    let mut ready_seen_down = false;
+    while frozen.elapsed() < GIVE_UP_AFTER {
+        if let Some((503, body)) = common::http_get(port, "/readyz").await {
+            ready_seen_down = body.contains("postgres: down");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = relay.wait(GIVE_UP_AFTER + DRAIN_TIMEOUT + EXIT_SLACK).await;
+    let took = frozen.elapsed();
+    let log = relay.log();
+    postgres.thaw();
+    eprintln!("Postgres frozen: exit {:?} after {took:.1?}", status.code());
+    assert!(ready_seen_down, "/readyz said 503 with postgres down while frozen");
+    assert_eq!(status.code(), Some(69), "{log}");
+    assert!(log.contains("Postgres did not answer within 1s"), "the hang is named:\n{log}");
+    assert!(log.contains("Postgres unavailable for longer than 5s"), "{log}");
+
+    // Thawed, another relay finishes: every row in the stream, each once.
+    let relay = Relay::spawn(&env, &[]);
+    db.wait_for("published_at IS NULL", 0, DRAIN).await;
+    relay.stop().await;
+    assert_eq!(messages_and_distinct_ids(&stream).await, (rows, rows), "every row once");
+    stream.delete().await;
+    db.pool.close().await;
+}
+
+/// Inserts `sizes.len()` rows whose envelopes carry that many filler bytes each.
+async fn insert_sized(db: &TestDb, sizes: &[usize]) {
+    for &size in sizes {
+        db.insert_raw("order.placed", &envelope_of_size("order.placed", size)).await;
+    }
+}
+
+/// Drains what `db` holds with the default budget and returns the relay's peak RSS in MiB.
+async fn drain_peak_rss_mib(db: &TestDb, stream: &TestStream) -> f64 {
+    let mut relay = Relay::spawn(&Relay::env(db, &stream.prefix), &[]);
+    db.wait_for("published_at IS NULL", 0, DRAIN).await;
+    let peak = common::peak_rss(relay.pid()) as f64 / f64::from(1 << 20);
+    relay.signal("TERM");
+    assert_eq!(relay.wait(Duration::from_secs(15)).await.code(), Some(0), "{}", relay.log());
+    peak
+}
+
+#[tokio::test]
+async fn large_rows_keep_the_relay_within_100_mib_with_the_defaults() {
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    insert_sized(&db, &[500_000; 300]).await;
+    let peak = drain_peak_rss_mib(&db, &stream).await;
+    eprintln!("300 rows of 500 KB: peak RSS {peak:.1} MiB");
+    assert!(peak <= 100.0, "peak RSS {peak:.1} MiB");
+    assert_eq!(messages_and_distinct_ids(&stream).await, (300, 300));
+
+    // Any mix up to the server's 1 MiB max_payload, the largest rows included.
+    let (db2, stream2) = (TestDb::create().await, TestStream::create().await);
+    let sizes: Vec<usize> = (0..300).map(|i| [1_000, 50_000, 300_000, 1_000_000][i % 4]).collect();
+    insert_sized(&db2, &sizes).await;
+    let peak = drain_peak_rss_mib(&db2, &stream2).await;
+    eprintln!("300 rows of 1 KB to 1 MB: peak RSS {peak:.1} MiB");
+    assert!(peak <= 100.0, "peak RSS {peak:.1} MiB");
+    assert_eq!(messages_and_distinct_ids(&stream2).await, (300, 300));
+    for (db, stream) in [(db, stream), (db2, stream2)] {
+        stream.delete().await;
+        db.drop().await;
+    }
 }

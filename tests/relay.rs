@@ -1,6 +1,8 @@
 //! The relay foundation against real Postgres and NATS: what reaches the stream, byte for byte; shards;
 //! SIGTERM and kill -9 mid-drain; a missing stream; bad settings; `check`.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 
 use std::collections::{HashMap, HashSet};
@@ -372,6 +374,51 @@ async fn check_passes_on_a_good_setup_and_names_the_failing_check() {
     let (code, stdout, _) = run_command(&no_postgres, &["check"]);
     assert_eq!(code, Some(69), "{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with("FAIL  postgres:")), "{stdout}");
+    stream.delete().await;
+    db.drop().await;
+}
+
+/// Tuples read from the outbox table so far (sequential plus index fetches), as Postgres counts them.
+async fn tuples_read(db: &TestDb) -> i64 {
+    sqlx::query_scalar(
+        "SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables \
+         WHERE relname = 'qx_outbox_events'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("read table statistics")
+}
+
+#[tokio::test]
+async fn an_idle_relay_with_metrics_reads_a_sliver_of_a_large_published_table() {
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    let rows: i64 = 300_000;
+    // A table that only grows, as in mark mode: every row published an hour ago. Set up on a connection of
+    // its own, closed before measuring, so its reads are counted (backends report them at exit) beforehand.
+    db.insert_events(rows as usize, "order.placed").await;
+    let mut setup = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.expect("connect");
+    sqlx::query("UPDATE qx_outbox_events SET published_at = now() - interval '1 hour'")
+        .execute(&mut setup)
+        .await
+        .expect("mark rows published");
+    sqlx::query("VACUUM ANALYZE qx_outbox_events").execute(&mut setup).await.expect("vacuum");
+    sqlx::Connection::close(setup).await.expect("close setup connection");
+    db.pool.close().await;
+    let db = TestDb { pool: sqlx::PgPool::connect(&db.url).await.expect("reconnect"), ..db };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = tuples_read(&db).await;
+
+    let port = cluster::free_port();
+    let relay =
+        Relay::spawn(&Relay::env(&db, &stream.prefix), &["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let metrics = common::http_get(port, "/metrics").await.expect("metrics answer").1;
+    relay.stop().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let read = tuples_read(&db).await - before;
+    eprintln!("idle relay with metrics, 12 s over {rows} published rows: {read} tuples read");
+    assert!(metrics.contains("qx_relay_pending_rows 0"), "the gauges were sampled:\n{metrics}");
+    assert!(read < rows / 10, "{read} tuples read");
     stream.delete().await;
     db.drop().await;
 }

@@ -260,6 +260,9 @@ pub struct RelayConfig {
     pub table: String,
     /// Rows claimed per batch.
     pub batch_size: u32,
+    /// Bytes of row bodies a batch may hold past its first row (a row up to NATS' `max_payload` always fits);
+    /// also the bytes awaiting PubAcks at once. Bounds the relay's memory whatever the rows weigh.
+    pub max_batch_bytes: u64,
     /// Publishes awaiting their PubAck at once.
     pub max_in_flight: u32,
     /// Wait after a short batch before claiming again.
@@ -274,6 +277,10 @@ pub struct RelayConfig {
     /// How long publishing may go without a PubAck; then the batch's unconfirmed rows wait for NATS.
     #[serde(with = "humantime_serde")]
     pub ack_timeout: Duration,
+    /// Longest wait for Postgres in one step (a connection, a statement, a commit); past it Postgres counts as
+    /// unavailable for that step, as when it refuses connections.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
     /// Failed publishes before a row is parked.
     pub max_attempts: i32,
     /// First retry delay of a failing row; doubles per attempt, with jitter.
@@ -318,11 +325,13 @@ impl Default for RelayConfig {
             subject_prefix: None,
             table: "qx_outbox_events".into(),
             batch_size: 1000,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_in_flight: 1024,
             poll_interval: Duration::from_millis(250),
             idle_poll_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
             max_attempts: 10,
             retry_backoff: Duration::from_secs(1),
             retry_backoff_max: Duration::from_secs(300),
@@ -440,12 +449,25 @@ impl Config {
             ("relay.idle_poll_interval", relay.idle_poll_interval),
             ("relay.drain_timeout", relay.drain_timeout),
             ("relay.ack_timeout", relay.ack_timeout),
+            ("relay.statement_timeout", relay.statement_timeout),
             ("relay.retry_backoff", relay.retry_backoff),
             ("relay.give_up_after", relay.give_up_after),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::invalid(key, "must be longer than 0s"));
             }
+        }
+        if relay.max_batch_bytes < MIN_BATCH_BYTES {
+            return Err(ConfigError::invalid(
+                "relay.max_batch_bytes",
+                format!("must be at least {MIN_BATCH_BYTES}, got {}", relay.max_batch_bytes),
+            ));
+        }
+        if relay.statement_timeout >= relay.give_up_after {
+            return Err(ConfigError::invalid(
+                "relay.statement_timeout",
+                "must be shorter than give_up_after, so an outage is retried before the relay gives up",
+            ));
         }
         if relay.retry_backoff_max < relay.retry_backoff {
             return Err(ConfigError::invalid("relay.retry_backoff_max", "must not be below retry_backoff"));
@@ -563,6 +585,13 @@ fn qx_env() -> Env {
 /// The most rows `relay.batch_size` may claim at once: a batch is one transaction whose rows stay locked, and
 /// in the relay's memory, until their marks commit.
 pub const BATCH_SIZE_LIMIT: u32 = 100_000;
+
+/// `relay.max_batch_bytes` by default: a batch of ~1 KB rows is never cut, and the claimed, in-flight and
+/// prefetched batches together stay far below the manifests' 128 MiB memory limit.
+pub const DEFAULT_MAX_BATCH_BYTES: u64 = 8 << 20;
+
+/// The least `relay.max_batch_bytes` accepted: a smaller budget only makes every batch one row.
+const MIN_BATCH_BYTES: u64 = 64 << 10;
 
 /// The most PubAcks `relay.max_in_flight` may keep pending: the NATS client buffers this many messages for the
 /// relay's ack subscription and drops the rest.

@@ -22,7 +22,7 @@ use uuid::Uuid;
 use super::config::{RelayConfig, ShardKey};
 use super::metrics;
 use super::publisher::{Failure, FailureKind, Outcome, RelayPublisher};
-use super::store::{ClaimedBatch, OutboxRow, OutboxStore, RowFailure};
+use super::store::{ClaimedBatch, OutboxRow, OutboxStore, RowFailure, StoreError};
 
 /// Shortest and longest wait before trying a subject again that no stream captured; it grows with how long
 /// the stream has been missing, so a long-missing stream costs a batch every half minute, not every poll.
@@ -37,12 +37,12 @@ const OUTAGE_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Durati
 /// Why a shard loop stopped before being told to.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    /// Postgres kept failing for longer than `give_up_after`.
+    /// Postgres kept failing (or not answering) for longer than `give_up_after`.
     #[error("Postgres unavailable for longer than {}", humantime::format_duration(*.0))]
-    StoreUnavailable(Duration, #[source] sqlx::Error),
-    /// NATS kept failing for longer than `give_up_after`.
-    #[error("NATS unavailable for longer than {}", humantime::format_duration(*.0))]
-    NatsUnavailable(Duration),
+    StoreUnavailable(Duration, #[source] StoreError),
+    /// NATS kept failing (or JetStream kept refusing for want of room) for longer than `give_up_after`.
+    #[error("NATS unavailable for longer than {}: {}", humantime::format_duration(*.0), .1)]
+    NatsUnavailable(Duration, String),
 }
 
 /// What a shard loop did, for the log line at stop.
@@ -88,9 +88,14 @@ pub struct Engine {
     held: HashMap<String, Instant>,
     /// Event names whose subject no stream captured, by event name.
     missing_streams: HashMap<String, MissingStream>,
-    /// Since when Postgres (or NATS) has been failing, if it is.
+    /// Since when Postgres (or NATS) has been failing, if it is: when the first failing step started.
     store_down_since: Option<Instant>,
     nats_down_since: Option<Instant>,
+    /// Rows JetStream acknowledged whose batch could not be settled: marked by id before the next claim, so
+    /// a Postgres outage between PubAck and mark does not publish them again.
+    unmarked: Vec<Uuid>,
+    /// Whether the last claim waited in vain for rows another relay holds (logged once per wait).
+    waiting_for_locked: bool,
     /// When a backlog claim last started from the oldest pending row.
     rescanned_at: Instant,
     totals: Totals,
@@ -108,6 +113,8 @@ impl Engine {
             missing_streams: HashMap::new(),
             store_down_since: None,
             nats_down_since: None,
+            unmarked: Vec::new(),
+            waiting_for_locked: false,
             rescanned_at: Instant::now(),
             totals: Totals::default(),
         }
@@ -153,6 +160,7 @@ impl Engine {
             let claimed = batch.rows.len();
             if claimed == 0 {
                 drop(batch);
+                self.nats_while_idle()?;
                 pause = self.relay.idle_poll_interval;
                 continue;
             }
@@ -161,16 +169,21 @@ impl Engine {
             self.release_held(&mut batch);
             // A full batch means a backlog: claim the next one while this one is published, continuing after it.
             // Now and then a claim starts from the oldest row again, for rows that committed after younger ones.
-            let backlog = claimed == batch_size as usize && !stop.is_cancelled();
+            // Not after a batch the byte budget cut (its left-out rows stay locked until it settles), and an
+            // ordered rescan waits until this batch settles, since it would wait for this batch's own rows.
+            let backlog = (claimed == batch_size as usize || batch.cut_by_bytes) && !stop.is_cancelled();
             let resume_after = last_key.filter(|_| self.rescanned_at.elapsed() < RESCAN_EVERY);
-            if backlog && resume_after.is_none() {
+            let prefetch = backlog
+                && !batch.cut_by_bytes
+                && (resume_after.is_some() || self.relay.shard_key == ShardKey::Id);
+            if prefetch && resume_after.is_none() {
                 self.rescanned_at = Instant::now();
             }
             let (held, skipped_names) = (self.held_keys(), self.skipped_event_names());
             let (outcomes, next, settled) = tokio::join!(
                 self.publisher.publish_batch(&batch.rows),
                 async {
-                    match (backlog, resume_after) {
+                    match (prefetch, resume_after) {
                         (false, _) => Ok(None),
                         (true, None) => self.store.claim(batch_size, &held, &skipped_names).await.map(Some),
                         (true, Some(after)) => {
@@ -180,14 +193,16 @@ impl Engine {
                 },
                 self.store_settle(unsettled.take()),
             );
-            self.after_settle(settled)?;
+            self.after_settle(settled, started)?;
             let settlement = self.judge(&batch.rows, outcomes);
+            batch.release_payloads();
             metrics::batch_finished(started.elapsed());
             debug!(claimed, published = settlement.published.len(), failed = settlement.failures.len(),
                    elapsed = ?started.elapsed(), "batch published");
             let (unavailable, wait) = (settlement.unavailable, settlement.wait);
+            let unavailable_reason = settlement.unavailable_reason.clone();
             if unavailable > 0 {
-                warn!(rows = unavailable, reason = %settlement.unavailable_reason,
+                warn!(rows = unavailable, reason = %unavailable_reason,
                       "NATS did not confirm publishes; pausing until it is back (no attempts counted)");
             }
             unsettled = Some((batch, settlement));
@@ -198,8 +213,9 @@ impl Engine {
                     }
                     next
                 }
+                Err(StoreError::Locked) => None,
                 Err(err) => {
-                    self.store_failed(err)?;
+                    self.store_failed(err, started)?;
                     None
                 }
             };
@@ -207,7 +223,7 @@ impl Engine {
                 // Rows of a prefetched batch would fail the same way: release them and wait for NATS.
                 prefetched = None;
                 self.settle(unsettled.take()).await?;
-                self.wait_for_nats(stop).await?
+                self.wait_for_nats(started, unavailable_reason, stop).await?
             } else if !wait.is_zero() {
                 prefetched = None;
                 wait
@@ -244,16 +260,41 @@ impl Engine {
             .collect()
     }
 
-    /// Claims a batch, or `None` after a database error (the outage clock is running).
+    /// Claims a batch from the oldest pending row, or `None` after a database error (the outage clock is
+    /// running) or a wait for rows another relay holds. Rows published but left unmarked by an outage are
+    /// marked first.
     async fn claim(&mut self) -> Result<Option<ClaimedBatch>, EngineError> {
+        let started = Instant::now();
+        if !self.unmarked.is_empty() {
+            if let Err(err) = self.store.mark_published(&self.unmarked).await {
+                self.store_failed(err, started)?;
+                return Ok(None);
+            }
+            info!(rows = self.unmarked.len(), "marked the rows published before the Postgres outage");
+            self.unmarked = Vec::new();
+        }
         let (held, skipped_names) = (self.held_keys(), self.skipped_event_names());
+        self.rescanned_at = started;
         match self.store.claim(self.relay.batch_size, &held, &skipped_names).await {
             Ok(batch) => {
                 self.store_recovered();
+                if std::mem::take(&mut self.waiting_for_locked) {
+                    info!("rows another relay held are free again; claiming in order");
+                }
                 Ok(Some(batch))
             }
+            Err(StoreError::Locked) => {
+                self.store_recovered();
+                if !std::mem::replace(&mut self.waiting_for_locked, true) {
+                    info!(
+                        "the oldest pending rows are locked by another relay (a stopped or stepping-down \
+                           leader's batch); waiting for them, so no key's later events overtake them"
+                    );
+                }
+                Ok(None)
+            }
             Err(err) => {
-                self.store_failed(err)?;
+                self.store_failed(err, started)?;
                 Ok(None)
             }
         }
@@ -269,29 +310,44 @@ impl Engine {
     }
 
     async fn settle(&mut self, unsettled: Option<(ClaimedBatch, Settlement)>) -> Result<(), EngineError> {
+        let started = Instant::now();
         let settled = self.store_settle(unsettled).await;
-        self.after_settle(settled)
+        self.after_settle(settled, started)
     }
 
-    /// Whether there was a batch to settle, or why settling it failed.
-    async fn store_settle(&self, unsettled: Option<(ClaimedBatch, Settlement)>) -> Result<bool, sqlx::Error> {
+    /// Whether there was a batch to settle, or why settling it failed and which rows it had published.
+    async fn store_settle(
+        &self,
+        unsettled: Option<(ClaimedBatch, Settlement)>,
+    ) -> Result<bool, (StoreError, Vec<Uuid>)> {
         match unsettled {
-            Some((batch, settlement)) => {
-                self.store.settle(batch, &settlement.published, &settlement.failures).await.map(|()| true)
-            }
+            Some((batch, settlement)) => self
+                .store
+                .settle(batch, &settlement.published, &settlement.failures)
+                .await
+                .map(|()| true)
+                .map_err(|err| (err, settlement.published)),
             None => Ok(false),
         }
     }
 
-    fn after_settle(&mut self, settled: Result<bool, sqlx::Error>) -> Result<(), EngineError> {
+    fn after_settle(
+        &mut self,
+        settled: Result<bool, (StoreError, Vec<Uuid>)>,
+        started: Instant,
+    ) -> Result<(), EngineError> {
         match settled {
             Ok(true) => {
                 self.store_recovered();
                 Ok(())
             }
             Ok(false) => Ok(()),
-            // Published but not marked: those rows go out again later and the stream drops the repeats.
-            Err(err) => self.store_failed(err),
+            // Published but not marked: marked by id once Postgres is back (or, if we stop first, published
+            // again later, and the stream drops the repeats within its duplicate window).
+            Err((err, published)) => {
+                self.unmarked.extend(published);
+                self.store_failed(err, started)
+            }
         }
     }
 
@@ -410,13 +466,23 @@ impl Engine {
         }
     }
 
-    fn store_failed(&mut self, err: sqlx::Error) -> Result<(), EngineError> {
-        let since = *self.store_down_since.get_or_insert_with(Instant::now);
-        if since.elapsed() > self.relay.give_up_after {
+    /// Starts or continues the Postgres outage clock at `started`, when the failing step began (a step that
+    /// timed out counts its wait); gives up past `give_up_after`.
+    fn store_failed(&mut self, err: StoreError, started: Instant) -> Result<(), EngineError> {
+        let since = *self.store_down_since.get_or_insert(started);
+        metrics::set_store_up(false);
+        if since.elapsed() >= self.relay.give_up_after {
+            if !self.unmarked.is_empty() {
+                error!(
+                    rows = self.unmarked.len(),
+                    "giving up with rows published but not marked: they will be \
+                       published again once Postgres is back (stored twice if that is after the stream's \
+                       duplicate window)"
+                );
+            }
             return Err(EngineError::StoreUnavailable(self.relay.give_up_after, err));
         }
-        warn!(error = %err, down_for = ?since.elapsed(), "Postgres unavailable; retrying");
-        metrics::set_store_up(false);
+        warn!(error = %super::error_chain(&err), down_for = ?since.elapsed(), "Postgres unavailable; retrying");
         Ok(())
     }
 
@@ -427,22 +493,46 @@ impl Engine {
         metrics::set_store_up(true);
     }
 
+    /// The pause before trying again during an outage: growing with its length, and never past the moment
+    /// the relay gives up, so giving up happens on time.
     fn outage_backoff(&self) -> Duration {
-        let down_for = self.store_down_since.or(self.nats_down_since).map_or(Duration::ZERO, |s| s.elapsed());
-        (OUTAGE_BACKOFF.0 + down_for / 4).min(OUTAGE_BACKOFF.1)
+        let Some(since) = self.store_down_since.or(self.nats_down_since) else { return OUTAGE_BACKOFF.0 };
+        let down_for = since.elapsed();
+        let left = self.relay.give_up_after.saturating_sub(down_for);
+        (OUTAGE_BACKOFF.0 + down_for / 4).min(OUTAGE_BACKOFF.1).min(left)
     }
 
-    /// After a batch NATS did not confirm: waits for the connection, then returns a pause so a server that
-    /// answers but does not ack (e.g. JetStream restarting) is not hammered.
-    async fn wait_for_nats(&mut self, stop: &CancellationToken) -> Result<Duration, EngineError> {
+    /// With nothing to publish, NATS is only watched: a connection gone for `give_up_after` ends the relay as
+    /// a failed publish would, so an idle relay does not sit on a dead connection unnoticed.
+    fn nats_while_idle(&mut self) -> Result<(), EngineError> {
+        if self.publisher.is_connected() {
+            self.nats_down_since = None;
+            return Ok(());
+        }
         let since = *self.nats_down_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= self.relay.give_up_after {
+            return Err(EngineError::NatsUnavailable(self.relay.give_up_after, "not connected".to_owned()));
+        }
+        Ok(())
+    }
+
+    /// After a batch NATS did not confirm (its publishing started at `started`): waits for the connection,
+    /// then returns a pause so a server that answers but does not ack (e.g. JetStream restarting, or a full
+    /// stream) is not hammered.
+    async fn wait_for_nats(
+        &mut self,
+        started: Instant,
+        reason: String,
+        stop: &CancellationToken,
+    ) -> Result<Duration, EngineError> {
+        let since = *self.nats_down_since.get_or_insert(started);
         let left = self.relay.give_up_after.saturating_sub(since.elapsed());
         let connected = tokio::select! {
             _ = stop.cancelled() => return Ok(Duration::ZERO),
             connected = self.publisher.wait_connected(left) => connected,
         };
         if left.is_zero() || !connected {
-            return Err(EngineError::NatsUnavailable(self.relay.give_up_after));
+            return Err(EngineError::NatsUnavailable(self.relay.give_up_after, reason));
         }
         Ok(self.outage_backoff())
     }

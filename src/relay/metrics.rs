@@ -7,7 +7,7 @@ use metrics::{counter, gauge, histogram};
 
 use super::publisher::FailureKind;
 use super::shard::Shard;
-use super::store::OutboxStats;
+use super::store::Backlog;
 
 /// Rows acknowledged by JetStream.
 pub const PUBLISHED: &str = "qx_relay_published_total";
@@ -76,8 +76,8 @@ pub(super) fn set_shard(shard: Shard) {
     gauge!(SHARD_COUNT).set(f64::from(shard.count));
 }
 
-pub(super) fn set_outbox(stats: &OutboxStats) {
-    gauge!(PENDING_ROWS).set(stats.pending as f64);
-    gauge!(OLDEST_PENDING_SECONDS).set(stats.oldest_pending_seconds.unwrap_or(0.0));
-    gauge!(PARKED_ROWS).set(stats.parked as f64);
+pub(super) fn set_outbox(backlog: &Backlog) {
+    gauge!(PENDING_ROWS).set(backlog.pending as f64);
+    gauge!(OLDEST_PENDING_SECONDS).set(backlog.oldest_pending_seconds.unwrap_or(0.0));
+    gauge!(PARKED_ROWS).set(backlog.parked as f64);
 }

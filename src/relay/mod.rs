@@ -31,7 +31,7 @@ use engine::{Engine, EngineError, Totals};
 use leader::{AdvisoryLock, Kept, LeaderLock, LockError, RedisLock};
 use publisher::RelayPublisher;
 use shard::Shard;
-use store::OutboxStore;
+use store::{OutboxStore, StoreError, TableProblem};
 
 /// The process exit codes, documented in `--help` and the README.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +55,8 @@ pub enum ExitCode {
 const TABLE_POLL: Duration = Duration::from_secs(2);
 /// Published rows deleted per retention statement, and statements per pass.
 const RETENTION_BATCH: (i64, u32) = (1000, 20);
+/// After the drain: closing the NATS connection, then the background tasks, each at most this long.
+const STOP_GRACE: Duration = Duration::from_millis(500);
 /// How often retention and the outbox gauges run.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 
@@ -70,16 +72,17 @@ pub enum RelayError {
     /// NATS unreachable at start.
     #[error("connecting to NATS")]
     NatsConnect(#[from] publisher::ConnectError),
-    /// The outbox table does not exist (yet) after `give_up_after`.
-    #[error("outbox table {0} not found")]
-    TableMissing(String),
-    /// The outbox table lacks columns the relay needs.
-    #[error("outbox table {table} lacks columns {columns:?}")]
-    TableColumns {
+    /// Postgres failed or did not answer while checking the table at start.
+    #[error("checking the outbox table")]
+    Postgres(#[source] StoreError),
+    /// The outbox table cannot be used: missing after `give_up_after`, lacking columns, or nullable where
+    /// qx-db is not.
+    #[error("outbox table {table} {problem}")]
+    Table {
         /// The table.
         table: String,
-        /// What it lacks.
-        columns: Vec<&'static str>,
+        /// What is wrong with it.
+        problem: TableProblem,
     },
     /// JetStream refused to create the stream (`ensure_stream`).
     #[error("creating a stream for {0}.>")]
@@ -99,12 +102,12 @@ impl RelayError {
     /// The exit code this error stops the process with.
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            Self::Config(_) | Self::TableColumns { .. } | Self::EnsureStream(..) | Self::Health(_) => {
+            Self::Config(_) | Self::Table { .. } | Self::EnsureStream(..) | Self::Health(_) => {
                 ExitCode::Config
             }
             Self::PostgresConnect(_)
+            | Self::Postgres(_)
             | Self::NatsConnect(_)
-            | Self::TableMissing(_)
             | Self::Engine(_)
             | Self::Lock(_) => ExitCode::Unavailable,
         }
@@ -156,7 +159,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
     if let Some(channel) = &relay.notify_channel {
         background.spawn(listen(store.clone(), channel.clone(), wake.clone(), shutdown.clone()));
     }
-    background.spawn(housekeeping(store.clone(), relay.clone(), shard, shutdown.clone()));
+    background.spawn(housekeeping(store.clone(), relay.clone(), shard, health.clone(), shutdown.clone()));
     background.close();
 
     let mut engine = Engine::new(store, publisher.clone(), relay.clone(), wake);
@@ -198,8 +201,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
     if let Err(err) = &result {
         error!("relay failed: {}", error_chain(err));
     }
-    publisher.close().await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), background.wait()).await;
+    // Bounded, so a stop with NATS or Postgres gone still ends within drain_timeout and a second.
+    publisher.close(STOP_GRACE).await;
+    let _ = tokio::time::timeout(STOP_GRACE, background.wait()).await;
     result.map(|()| totals)
 }
 
@@ -287,14 +291,13 @@ async fn wait_for_table(
 ) -> Result<(), RelayError> {
     let started = tokio::time::Instant::now();
     loop {
-        match store.missing_columns().await {
-            Ok(columns) if columns.is_empty() => return Ok(()),
-            Ok(columns) => return Err(RelayError::TableColumns { table: relay.table.clone(), columns }),
-            Err(sqlx::Error::RowNotFound) if started.elapsed() < relay.give_up_after => {
+        match store.table_problem().await {
+            Ok(None) => return Ok(()),
+            Ok(Some(TableProblem::Missing)) if started.elapsed() < relay.give_up_after => {
                 warn!(table = %relay.table, "outbox table not found yet; waiting");
             }
-            Err(sqlx::Error::RowNotFound) => return Err(RelayError::TableMissing(relay.table.clone())),
-            Err(err) => return Err(RelayError::PostgresConnect(err)),
+            Ok(Some(problem)) => return Err(RelayError::Table { table: relay.table.clone(), problem }),
+            Err(err) => return Err(RelayError::Postgres(err)),
         }
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -375,15 +378,25 @@ async fn listen(store: OutboxStore, channel: String, wake: Arc<Notify>, shutdown
     }
 }
 
-/// Retention (delete old published rows in small batches) and the outbox gauges, off the hot path.
-async fn housekeeping(store: OutboxStore, relay: RelayConfig, shard: Shard, shutdown: CancellationToken) {
+/// Retention (delete old published rows in small batches) and the outbox gauges, off the hot path. Only the
+/// relay publishing the shard samples the gauges (standbys report zero), so a shard is read once per period
+/// however many replicas stand by.
+async fn housekeeping(
+    store: OutboxStore,
+    relay: RelayConfig,
+    shard: Shard,
+    health: health::Health,
+    shutdown: CancellationToken,
+) {
     loop {
         if let Some(retention) = relay.retention {
             delete_expired(&store, retention, &shutdown).await;
         }
         if relay.metrics_addr.is_some() {
-            if let Ok(stats) = store.stats(shard).await {
-                metrics::set_outbox(&stats);
+            if !health.is_leading() {
+                metrics::set_outbox(&store::Backlog::default());
+            } else if let Ok(backlog) = store.backlog(shard).await {
+                metrics::set_outbox(&backlog);
             }
         }
         tokio::select! {

@@ -9,7 +9,7 @@ use super::config::{Config, LeaderMode};
 use super::leader::{Holder, RedisLock};
 use super::publisher::RelayPublisher;
 use super::shard::Shard;
-use super::store::{OutboxStats, OutboxStore, ParkedRow, Requeue};
+use super::store::{OutboxStats, OutboxStore, ParkedRow, Requeue, StoreError};
 use super::{error_chain, ExitCode};
 
 /// Runs every check, printing one line each; the exit code of the worst failure.
@@ -27,15 +27,10 @@ pub async fn check(config: &Config) -> ExitCode {
         Ok(pool) => {
             println!("ok    postgres: connected");
             let store = OutboxStore::new(pool, &config.relay);
-            match store.missing_columns().await {
-                Ok(missing) if missing.is_empty() => {
-                    println!("ok    table: {} has the outbox columns", config.relay.table)
-                }
-                Ok(missing) => {
-                    fail(ExitCode::Config, format!("table: {} lacks {missing:?}", config.relay.table))
-                }
-                Err(sqlx::Error::RowNotFound) => {
-                    fail(ExitCode::Config, format!("table: {} not found", config.relay.table))
+            match store.table_problem().await {
+                Ok(None) => println!("ok    table: {} has the outbox columns", config.relay.table),
+                Ok(Some(problem)) => {
+                    fail(ExitCode::Config, format!("table: {} {problem}", config.relay.table))
                 }
                 Err(err) => fail(ExitCode::Unavailable, format!("table: {}", error_chain(&err))),
             }
@@ -58,7 +53,7 @@ pub async fn check(config: &Config) -> ExitCode {
                 }
                 Err(err) => fail(ExitCode::Unavailable, format!("stream: {}", error_chain(&*err))),
             }
-            publisher.close().await;
+            publisher.close(Duration::from_secs(1)).await;
         }
         Err(err) => fail(ExitCode::Unavailable, format!("nats: {}", error_chain(&err))),
     }
@@ -132,10 +127,11 @@ pub async fn status(config: &Config, json: bool) -> ExitCode {
     }
     println!("table {}", status.table);
     for s in &status.shards {
-        let oldest = s.stats.oldest_pending_seconds.map_or("-".to_owned(), |secs| format!("{secs:.1}s"));
+        let backlog = &s.stats.backlog;
+        let oldest = backlog.oldest_pending_seconds.map_or("-".to_owned(), |secs| format!("{secs:.1}s"));
         println!(
             "shard {}/{}: pending {}  oldest pending {oldest}  parked {}  published (5m) {}",
-            s.shard, s.shard_count, s.stats.pending, s.stats.parked, s.stats.published_last_5m
+            s.shard, s.shard_count, backlog.pending, backlog.parked, s.stats.published_last_5m
         );
     }
     for lock in &status.leader_locks {
@@ -194,7 +190,7 @@ async fn connect(config: &Config) -> Result<OutboxStore, ExitCode> {
     let timeout = Duration::from_secs_f64(config.nats.connect_timeout_seconds);
     match OutboxStore::connect(&config.db.sqlx_url(), 1, timeout).await {
         Ok(pool) => Ok(OutboxStore::new(pool, &config.relay)),
-        Err(err) => Err(unavailable("postgres", &err)),
+        Err(err) => Err(unavailable("postgres", &StoreError::Database(err))),
     }
 }
 
@@ -210,9 +206,14 @@ async fn lock_holders(config: &Config) -> Result<Vec<Holder>, String> {
 }
 
 /// Reports a database failure: a missing table is the configuration's fault (78), anything else Postgres' (69).
-fn unavailable(what: &str, err: &sqlx::Error) -> ExitCode {
+fn unavailable(what: &str, err: &StoreError) -> ExitCode {
     eprintln!("{what}: {}", error_chain(err));
-    let undefined_table = err.as_database_error().and_then(|e| e.code()).is_some_and(|code| code == "42P01");
+    let undefined_table = match err {
+        StoreError::Database(err) => {
+            err.as_database_error().and_then(|e| e.code()).is_some_and(|c| c == "42P01")
+        }
+        StoreError::TimedOut(_) | StoreError::Locked => false,
+    };
     if undefined_table {
         ExitCode::Config
     } else {

@@ -22,6 +22,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
+use tracing::debug;
 use uuid::Uuid;
 
 use super::config::{NatsConfig, RelayConfig, MAX_IN_FLIGHT_LIMIT};
@@ -84,6 +85,8 @@ pub struct RelayPublisher {
     /// Opened by the first batch; batches take turns.
     acks: Arc<Mutex<Option<AckInbox>>>,
     max_in_flight: usize,
+    /// Bytes of bodies awaiting PubAcks at once (past the first): the client holds each until it is written.
+    max_in_flight_bytes: usize,
     ack_timeout: Duration,
 }
 
@@ -144,6 +147,7 @@ impl RelayPublisher {
             publisher: Publisher::new(jetstream, relay.subject_prefix()),
             acks: Arc::new(Mutex::new(None)),
             max_in_flight: relay.max_in_flight as usize,
+            max_in_flight_bytes: usize::try_from(relay.max_batch_bytes).unwrap_or(usize::MAX),
             ack_timeout: relay.ack_timeout,
         }
     }
@@ -222,30 +226,34 @@ impl RelayPublisher {
     ) -> bool {
         inbox.wave += 1;
         let mut awaiting = vec![false; rows.len()];
-        let mut in_flight = 0;
-        let mut to_send = wave.iter().copied();
+        let (mut in_flight, mut in_flight_bytes) = (0, 0);
+        let mut to_send = wave.iter().copied().peekable();
         let mut progress_at = Instant::now();
         let timed_out = loop {
-            if in_flight < self.max_in_flight {
-                if let Some(index) = to_send.next() {
-                    let sent = tokio::time::timeout_at(
-                        progress_at + self.ack_timeout,
-                        self.send(inbox, index, &rows[index]),
-                    );
-                    match sent.await {
-                        Ok(Ok(())) => {
-                            awaiting[index] = true;
-                            in_flight += 1;
-                            progress_at = Instant::now();
-                        }
-                        Ok(Err(err)) => outcomes[index] = Some(Outcome::Failed(self.classify(&err))),
-                        Err(_) => {
-                            outcomes[index] = Some(self.timed_out());
-                            break true;
-                        }
+            let room = |next: usize| {
+                in_flight == 0
+                    || (in_flight < self.max_in_flight
+                        && in_flight_bytes + rows[next].payload.len() <= self.max_in_flight_bytes)
+            };
+            if let Some(index) = to_send.next_if(|&next| room(next)) {
+                let sent = tokio::time::timeout_at(
+                    progress_at + self.ack_timeout,
+                    self.send(inbox, index, &rows[index]),
+                );
+                match sent.await {
+                    Ok(Ok(())) => {
+                        awaiting[index] = true;
+                        in_flight += 1;
+                        in_flight_bytes += rows[index].payload.len();
+                        progress_at = Instant::now();
                     }
-                    continue;
+                    Ok(Err(err)) => outcomes[index] = Some(Outcome::Failed(self.classify(&err))),
+                    Err(_) => {
+                        outcomes[index] = Some(self.timed_out());
+                        break true;
+                    }
                 }
+                continue;
             }
             if in_flight == 0 {
                 break false;
@@ -262,6 +270,7 @@ impl RelayPublisher {
             };
             awaiting[index] = false;
             in_flight -= 1;
+            in_flight_bytes -= rows[index].payload.len();
             progress_at = Instant::now();
             outcomes[index] = Some(match read_ack(&ack) {
                 Ok(duplicate) => Outcome::Published { duplicate },
@@ -364,10 +373,16 @@ impl RelayPublisher {
         true
     }
 
-    /// Flushes and closes the connection.
-    pub async fn close(self) {
-        let _ = self.client.flush().await;
-        let _ = self.client.drain().await;
+    /// Flushes and closes the connection, for at most `limit`: with the server gone, both would wait for a
+    /// reconnect that may never come. Everything that matters was acknowledged already.
+    pub async fn close(self, limit: Duration) {
+        let close = async {
+            let _ = self.client.flush().await;
+            let _ = self.client.drain().await;
+        };
+        if tokio::time::timeout(limit, close).await.is_err() {
+            debug!("NATS connection not closed cleanly within {limit:?}; dropping it");
+        }
     }
 }
 

@@ -26,14 +26,24 @@ use super::shard::Shard;
 /// - a relay that stops answering (frozen, partitioned) must not keep its rows locked for as long as TCP
 ///   takes to notice: Postgres ends a claim left idle for `give_up_after`, which releases the rows to the
 ///   other relays. A live relay never idles that long inside a claim; if it did, its marks would fail and the
-///   rows would be published again.
-fn claim_begin(give_up_after: Duration) -> String {
-    let idle_ms = give_up_after.as_millis().clamp(1, i32::MAX as u128);
+///   rows would be published again;
+/// - a statement of a live but overloaded server ends at `statement_timeout` on its side too, and a claim
+///   that waits for rows another relay has locked (ordered claims do not skip them) gives up after
+///   `lock_wait`, to be tried again.
+fn claim_begin(give_up_after: Duration, statement_timeout: Duration, lock_wait: Duration) -> String {
+    let ms = |d: Duration| d.as_millis().clamp(1, i32::MAX as u128);
     format!(
         "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
-         SET LOCAL synchronous_commit = off; SET LOCAL idle_in_transaction_session_timeout = {idle_ms}"
+         SET LOCAL synchronous_commit = off; SET LOCAL idle_in_transaction_session_timeout = {}; \
+         SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
+        ms(give_up_after),
+        ms(statement_timeout),
+        ms(lock_wait),
     )
 }
+
+/// How long an ordered claim waits for a row another relay has locked before trying again later.
+const LOCK_WAIT_MAX: Duration = Duration::from_secs(1);
 
 /// `last_error` is `VARCHAR(2048)`: longer text would fail the whole update.
 const LAST_ERROR_MAX_CHARS: usize = 2048;
@@ -54,6 +64,50 @@ pub const REQUIRED_COLUMNS: &[&str] = &[
     "ctid",
     "tableoid",
 ];
+
+/// Columns qx-db declares `NOT NULL`. A hand-made table that allows NULL there would stop every claim at the
+/// first such row (or hide it from `status`), so the relay refuses it at start.
+pub const NOT_NULL_COLUMNS: &[&str] =
+    &["id", "event_name", "event_version", "payload", "occurred_at", "attempts"];
+
+/// Why the outbox table cannot be used as it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableProblem {
+    /// No such table (yet).
+    #[error("not found")]
+    Missing,
+    /// Columns the relay needs are absent.
+    #[error("lacks columns {0:?}")]
+    MissingColumns(Vec<&'static str>),
+    /// Columns qx-db declares NOT NULL allow NULL.
+    #[error("allows NULL in {0:?}, which qx-db declares NOT NULL")]
+    NullableColumns(Vec<&'static str>),
+}
+
+/// Why a statement on the outbox table failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Postgres did not answer in time: hung, frozen or cut off. An outage like a refused connection.
+    #[error("Postgres did not answer within {}", humantime::format_duration(*.0))]
+    TimedOut(Duration),
+    /// An ordered claim met rows another relay holds and waited `lock_wait` for them; not an outage.
+    #[error("rows are locked by another relay")]
+    Locked,
+    /// Anything else from the driver or the server.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+impl StoreError {
+    fn from_driver(err: sqlx::Error) -> Self {
+        // lock_not_available (our lock_timeout) and deadlock_detected: two relays met on the same rows.
+        let code = err.as_database_error().and_then(|e| e.code());
+        match code.as_deref() {
+            Some("55P03" | "40P01") => Self::Locked,
+            _ => Self::Database(err),
+        }
+    }
+}
 
 /// A pending row, as much of it as publishing needs.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -95,6 +149,9 @@ pub struct ClaimedBatch {
     locations: HashMap<Uuid, String>,
     /// In claim order: `(occurred_at, id)`.
     pub rows: Vec<OutboxRow>,
+    /// The byte budget cut the batch: later rows are locked by this claim but not in `rows`; they are pending
+    /// again once the batch settles.
+    pub cut_by_bytes: bool,
 }
 
 impl ClaimedBatch {
@@ -105,12 +162,13 @@ impl ClaimedBatch {
         query: QueryAs<'_, Postgres, ClaimedRow, PgArguments>,
         limit: u32,
     ) -> Result<Self, sqlx::Error> {
-        let (mut rows, mut locations) = (Vec::new(), HashMap::new());
+        let (mut rows, mut locations, mut locked) = (Vec::new(), HashMap::new(), 0);
         let mut claimed = query.fetch(&mut *tx);
-        while let Some(ClaimedRow { row, location }) = claimed.try_next().await? {
+        while let Some(ClaimedRow { row, location, locked: locked_by_claim }) = claimed.try_next().await? {
             if rows.is_empty() {
-                rows.reserve_exact(limit as usize);
-                locations.reserve(limit as usize);
+                locked = usize::try_from(locked_by_claim).unwrap_or(0);
+                rows.reserve_exact(locked.min(limit as usize));
+                locations.reserve(locked.min(limit as usize));
             }
             if let Some(location) = location {
                 locations.insert(row.id, location);
@@ -118,11 +176,18 @@ impl ClaimedBatch {
             rows.push(row);
         }
         drop(claimed);
-        Ok(Self { tx, locations, rows })
+        let cut_by_bytes = locked > rows.len();
+        Ok(Self { tx, locations, rows, cut_by_bytes })
+    }
+
+    /// Frees the rows' payloads once published: settling needs only the ids and locations, and the next
+    /// batch is already being read.
+    pub fn release_payloads(&mut self) {
+        self.rows = Vec::new();
     }
 }
 
-/// A claimed row and where its locked version is.
+/// A claimed row, where its locked version is, and how many rows the claim locked.
 #[derive(sqlx::FromRow)]
 struct ClaimedRow {
     #[sqlx(flatten)]
@@ -130,6 +195,8 @@ struct ClaimedRow {
     /// `ctid` as text (the driver has no `tid` type); `None` for a row of a partition or child table, where
     /// a `ctid` alone does not name one row.
     location: Option<String>,
+    /// Rows the claim locked, including those the byte budget left out.
+    locked: i64,
 }
 
 /// How a row that was not published is written back.
@@ -143,15 +210,23 @@ pub struct RowFailure {
     pub last_error: String,
 }
 
-/// Counts for `qx-relay status`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct OutboxStats {
+/// What waits in a shard: the outbox gauges.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Backlog {
     /// Rows waiting to be published (not parked).
     pub pending: i64,
     /// Age of the oldest pending row.
     pub oldest_pending_seconds: Option<f64>,
     /// Rows at `max_attempts`: parked until requeued.
     pub parked: i64,
+}
+
+/// Counts for `qx-relay status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OutboxStats {
+    /// Pending and parked rows.
+    #[serde(flatten)]
+    pub backlog: Backlog,
     /// Rows whose `published_at` is within the last five minutes.
     pub published_last_5m: i64,
 }
@@ -182,11 +257,15 @@ pub enum Requeue {
     All,
 }
 
-/// All SQL on the outbox table, built once from the config.
+/// All SQL on the outbox table, built once from the config. Every call has a deadline: `statement_timeout`
+/// bounds the connection it waits for, each statement and the commit, so a hung Postgres is an outage like a
+/// refused connection.
 #[derive(Debug, Clone)]
 pub struct OutboxStore {
     pool: PgPool,
     max_attempts: i32,
+    max_batch_bytes: i64,
+    statement_timeout: Duration,
     claim_begin: String,
     claim_sql: String,
     claim_after_sql: String,
@@ -219,32 +298,53 @@ impl OutboxStore {
             ShardKey::Id => "NULL::text".to_owned(),
             _ => key_sql.clone(),
         };
+        // Rows ordered by a key are never skipped: a row another relay holds (a frozen or stepped-down
+        // leader's batch) is waited for, briefly and then again, so its key's later rows cannot overtake it.
+        // Every row being its own key, the default skips them and goes on.
+        let lock = match relay.shard_key {
+            ShardKey::Id => "FOR UPDATE SKIP LOCKED",
+            _ => "FOR UPDATE",
+        };
         // `ORDER BY published_at, occurred_at` walks qx-db's (published_at, occurred_at) index instead of
-        // sorting every pending row; `id` breaks ties with an incremental sort.
+        // sorting every pending row; `id` breaks ties with an incremental sort. The outer query keeps rows
+        // while the bytes before them are under `max_batch_bytes` (so the first row always fits), which
+        // bounds the relay's memory by bytes whatever the rows weigh; `locked` tells the relay rows were left
+        // out.
         let claim_sql = |after: &str| {
             format!(
-                "SELECT id, event_name, event_version, payload::text AS payload, correlation_id, tenant_id, \
-                        occurred_at, attempts, {order_key_column} AS order_key, \
-                        CASE WHEN tableoid = '{table}'::regclass THEN ctid::text END AS location \
-                 FROM {table} \
-                 WHERE published_at IS NULL AND attempts < $1 AND {key_sql} <> ALL($3) AND event_name <> ALL($4) \
-                       {after} {shard_clause} \
-                 ORDER BY published_at, occurred_at, id \
-                 LIMIT $2 \
-                 FOR UPDATE SKIP LOCKED"
+                "WITH claimed AS ( \
+                   SELECT id, event_name, event_version, payload::text AS payload, correlation_id, tenant_id, \
+                          occurred_at, attempts, {order_key_column} AS order_key, \
+                          CASE WHEN tableoid = '{table}'::regclass THEN ctid::text END AS location \
+                   FROM {table} \
+                   WHERE published_at IS NULL AND attempts < $1 AND {key_sql} <> ALL($3) \
+                         AND event_name <> ALL($4) {after} {shard_clause} \
+                   ORDER BY published_at, occurred_at, id \
+                   LIMIT $2 \
+                   {lock}) \
+                 SELECT id, event_name, event_version, payload, correlation_id, tenant_id, occurred_at, attempts, \
+                        order_key, location, locked \
+                 FROM (SELECT *, count(*) OVER () AS locked, \
+                              sum(octet_length(payload)) OVER (ORDER BY occurred_at, id ROWS UNBOUNDED PRECEDING) \
+                                - octet_length(payload) AS bytes_before \
+                       FROM claimed) AS budget \
+                 WHERE bytes_before < $5 \
+                 ORDER BY occurred_at, id"
             )
         };
-        // `occurred_at >= $5` is an index condition: the scan starts after the batches in flight instead of
+        // `occurred_at >= $6` is an index condition: the scan starts after the batches in flight instead of
         // fetching and lock-checking their rows (and stepping over the dead entries of settled ones) again.
-        let claim_after_sql = claim_sql("AND occurred_at >= $5 AND (occurred_at, id) > ($5, $6)");
+        let claim_after_sql = claim_sql("AND occurred_at >= $6 AND (occurred_at, id) > ($6, $7)");
         let claim_sql = claim_sql("");
         // By `ctid` (a fifth of the cost of deleting by id, a tenth less for marking), in the table itself
-        // only; by id for rows of partitions or child tables.
+        // only; by id for rows of partitions or child tables, and for rows whose claim has ended.
         let located = "ctid = ANY($1::text[]::tid[])";
         let (settle_located_sql, settle_by_id_sql) = match relay.on_publish {
             OnPublish::Mark => (
                 format!("UPDATE ONLY {table} SET published_at = now() WHERE {located}"),
-                format!("UPDATE {table} SET published_at = now() WHERE id = ANY($1)"),
+                format!(
+                    "UPDATE {table} SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL"
+                ),
             ),
             OnPublish::Delete => (
                 format!("DELETE FROM ONLY {table} WHERE {located}"),
@@ -256,10 +356,13 @@ impl OutboxStore {
              FROM UNNEST($1::uuid[], $2::int[], $3::text[]) AS f(id, attempts, last_error) \
              WHERE t.id = f.id"
         );
+        let lock_wait = LOCK_WAIT_MAX.min(relay.statement_timeout / 2);
         Self {
             pool,
             max_attempts: relay.max_attempts,
-            claim_begin: claim_begin(relay.give_up_after),
+            max_batch_bytes: i64::try_from(relay.max_batch_bytes).unwrap_or(i64::MAX),
+            statement_timeout: relay.statement_timeout,
+            claim_begin: claim_begin(relay.give_up_after, relay.statement_timeout, lock_wait),
             claim_sql,
             claim_after_sql,
             settle_located_sql,
@@ -270,30 +373,46 @@ impl OutboxStore {
         }
     }
 
+    /// Runs `work` within `statement_timeout`.
+    async fn bounded<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.statement_timeout, work).await {
+            Ok(result) => result.map_err(StoreError::from_driver),
+            Err(_) => Err(StoreError::TimedOut(self.statement_timeout)),
+        }
+    }
+
     /// The pool, for health checks.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
-    /// Locks and returns up to `limit` pending rows of this relay's shard, oldest first, skipping rows other relays hold
-    /// rows whose order key is in `held` (keys waiting for a failed row's retry) and rows of `skipped_names`
-    /// (event names whose stream is missing).
+    /// Locks and returns up to `limit` pending rows of this relay's shard, oldest first, and no more bytes than
+    /// `max_batch_bytes` past the first row; leaves out rows whose order key is in `held` (keys waiting for a
+    /// failed row's retry) and rows of `skipped_names` (event names whose stream is missing). Rows other relays
+    /// hold are skipped when every row is its own key, and waited for otherwise.
     ///
     /// # Errors
-    /// Any database error; nothing is locked then.
+    /// Any database error, a timeout, or [`StoreError::Locked`]; nothing is locked then.
     pub async fn claim(
         &self,
         limit: u32,
         held: &[String],
         skipped_names: &[String],
-    ) -> Result<ClaimedBatch, sqlx::Error> {
-        let tx = self.pool.begin_with(self.claim_begin.clone()).await?;
-        let query = sqlx::query_as(&self.claim_sql)
-            .bind(self.max_attempts)
-            .bind(i64::from(limit))
-            .bind(held)
-            .bind(skipped_names);
-        ClaimedBatch::read(tx, query, limit).await
+    ) -> Result<ClaimedBatch, StoreError> {
+        self.bounded(async {
+            let tx = self.pool.begin_with(self.claim_begin.clone()).await?;
+            let query = sqlx::query_as(&self.claim_sql)
+                .bind(self.max_attempts)
+                .bind(i64::from(limit))
+                .bind(held)
+                .bind(skipped_names)
+                .bind(self.max_batch_bytes);
+            ClaimedBatch::read(tx, query, limit).await
+        })
+        .await
     }
 
     /// As [`OutboxStore::claim`], but only rows after `after` (an `(occurred_at, id)` claim key): the next batch
@@ -301,66 +420,82 @@ impl OutboxStore {
     /// pending (committed late, or locked by another relay) are left to the next [`OutboxStore::claim`].
     ///
     /// # Errors
-    /// Any database error; nothing is locked then.
+    /// Any database error, a timeout, or [`StoreError::Locked`]; nothing is locked then.
     pub async fn claim_after(
         &self,
         limit: u32,
         held: &[String],
         skipped_names: &[String],
         after: (DateTime<Utc>, Uuid),
-    ) -> Result<ClaimedBatch, sqlx::Error> {
-        let tx = self.pool.begin_with(self.claim_begin.clone()).await?;
-        let query = sqlx::query_as(&self.claim_after_sql)
-            .bind(self.max_attempts)
-            .bind(i64::from(limit))
-            .bind(held)
-            .bind(skipped_names)
-            .bind(after.0)
-            .bind(after.1);
-        ClaimedBatch::read(tx, query, limit).await
+    ) -> Result<ClaimedBatch, StoreError> {
+        self.bounded(async {
+            let tx = self.pool.begin_with(self.claim_begin.clone()).await?;
+            let query = sqlx::query_as(&self.claim_after_sql)
+                .bind(self.max_attempts)
+                .bind(i64::from(limit))
+                .bind(held)
+                .bind(skipped_names)
+                .bind(self.max_batch_bytes)
+                .bind(after.0)
+                .bind(after.1);
+            ClaimedBatch::read(tx, query, limit).await
+        })
+        .await
     }
 
     /// Marks (or deletes) the published rows, writes the failures back and commits, in one transaction.
     ///
     /// # Errors
-    /// Any database error; the batch is rolled back, so its rows are published again later (dedupe absorbs it).
+    /// Any database error or a timeout; the batch is rolled back, so its rows are pending again.
     pub async fn settle(
         &self,
         batch: ClaimedBatch,
         published: &[Uuid],
         failures: &[RowFailure],
-    ) -> Result<(), sqlx::Error> {
-        let mut tx = batch.tx;
-        if !published.is_empty() {
-            let (mut located, mut by_id) = (Vec::with_capacity(published.len()), Vec::new());
-            for id in published {
-                match batch.locations.get(id) {
-                    Some(location) => located.push(location.as_str()),
-                    None => by_id.push(*id),
+    ) -> Result<(), StoreError> {
+        self.bounded(async {
+            let mut tx = batch.tx;
+            if !published.is_empty() {
+                let (mut located, mut by_id) = (Vec::with_capacity(published.len()), Vec::new());
+                for id in published {
+                    match batch.locations.get(id) {
+                        Some(location) => located.push(location.as_str()),
+                        None => by_id.push(*id),
+                    }
+                }
+                if !located.is_empty() {
+                    sqlx::query(&self.settle_located_sql).bind(located).execute(&mut *tx).await?;
+                }
+                if !by_id.is_empty() {
+                    sqlx::query(&self.settle_by_id_sql).bind(by_id).execute(&mut *tx).await?;
                 }
             }
-            if !located.is_empty() {
-                sqlx::query(&self.settle_located_sql).bind(located).execute(&mut *tx).await?;
+            if !failures.is_empty() {
+                let ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
+                let attempts: Vec<i32> = failures.iter().map(|f| f.attempts).collect();
+                let errors: Vec<String> = failures.iter().map(|f| truncate_chars(&f.last_error)).collect();
+                sqlx::query(&self.fail_sql).bind(ids).bind(attempts).bind(errors).execute(&mut *tx).await?;
             }
-            if !by_id.is_empty() {
-                sqlx::query(&self.settle_by_id_sql).bind(by_id).execute(&mut *tx).await?;
-            }
-        }
-        if !failures.is_empty() {
-            let ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
-            let attempts: Vec<i32> = failures.iter().map(|f| f.attempts).collect();
-            let errors: Vec<String> = failures.iter().map(|f| truncate_chars(&f.last_error)).collect();
-            sqlx::query(&self.fail_sql).bind(ids).bind(attempts).bind(errors).execute(&mut *tx).await?;
-        }
-        tx.commit().await
+            tx.commit().await
+        })
+        .await
+    }
+
+    /// Marks (or deletes) rows JetStream acknowledged whose batch could not be settled, by id, outside any
+    /// claim: so a Postgres outage between PubAck and mark does not publish them again once it is over.
+    ///
+    /// # Errors
+    /// Any database error or a timeout.
+    pub async fn mark_published(&self, ids: &[Uuid]) -> Result<(), StoreError> {
+        self.bounded(sqlx::query(&self.settle_by_id_sql).bind(ids).execute(&self.pool)).await.map(|_| ())
     }
 
     /// Deletes up to `limit` rows published before `older_than` ago; returns how many. Skips rows another
     /// transaction holds, so it never waits on a drain.
     ///
     /// # Errors
-    /// Any database error.
-    pub async fn delete_published(&self, older_than: Duration, limit: i64) -> Result<u64, sqlx::Error> {
+    /// Any database error or a timeout.
+    pub async fn delete_published(&self, older_than: Duration, limit: i64) -> Result<u64, StoreError> {
         let sql = format!(
             "DELETE FROM {table} WHERE id IN (\
                SELECT id FROM {table} WHERE published_at < now() - $1::interval \
@@ -369,101 +504,136 @@ impl OutboxStore {
         );
         let older_than =
             sqlx::postgres::types::PgInterval::try_from(older_than).map_err(sqlx::Error::Encode)?;
-        let done = sqlx::query(&sql).bind(older_than).bind(limit).execute(&self.pool).await?;
+        let done = self.bounded(sqlx::query(&sql).bind(older_than).bind(limit).execute(&self.pool)).await?;
         Ok(done.rows_affected())
     }
 
     /// Subscribes to `channel` for immediate wake-ups when producers insert.
     ///
     /// # Errors
-    /// When the listening connection cannot be opened.
-    pub async fn listen(&self, channel: &str) -> Result<PgListener, sqlx::Error> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(channel).await?;
-        Ok(listener)
+    /// When the listening connection cannot be opened in time.
+    pub async fn listen(&self, channel: &str) -> Result<PgListener, StoreError> {
+        self.bounded(async {
+            let mut listener = PgListener::connect_with(&self.pool).await?;
+            listener.listen(channel).await?;
+            Ok(listener)
+        })
+        .await
     }
 
-    /// The relay's columns that the table lacks; an error when the table does not exist.
+    /// Whether the table is fit to relay: it exists, has the relay's columns, and declares qx-db's NOT NULL
+    /// columns so.
     ///
     /// # Errors
-    /// A database error, or `RowNotFound` when there is no such table.
-    pub async fn missing_columns(&self) -> Result<Vec<&'static str>, sqlx::Error> {
-        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
-            .bind(&self.table)
-            .fetch_one(&self.pool)
+    /// A database error or a timeout.
+    pub async fn table_problem(&self) -> Result<Option<TableProblem>, StoreError> {
+        let exists: Option<String> = self
+            .bounded(
+                sqlx::query_scalar("SELECT to_regclass($1)::text").bind(&self.table).fetch_one(&self.pool),
+            )
             .await?;
         if exists.is_none() {
-            return Err(sqlx::Error::RowNotFound);
+            return Ok(Some(TableProblem::Missing));
         }
-        let columns: Vec<String> = sqlx::query_scalar(
-            "SELECT attname::text FROM pg_attribute \
-             WHERE attrelid = to_regclass($1) AND NOT attisdropped",
-        )
-        .bind(&self.table)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(REQUIRED_COLUMNS.iter().copied().filter(|c| !columns.iter().any(|have| have == c)).collect())
+        let columns: Vec<(String, bool)> = self
+            .bounded(
+                sqlx::query_as(
+                    "SELECT attname::text, attnotnull FROM pg_attribute \
+                     WHERE attrelid = to_regclass($1) AND NOT attisdropped",
+                )
+                .bind(&self.table)
+                .fetch_all(&self.pool),
+            )
+            .await?;
+        let find = |name: &str| columns.iter().find(|(have, _)| have == name);
+        let missing: Vec<&'static str> =
+            REQUIRED_COLUMNS.iter().copied().filter(|c| find(c).is_none()).collect();
+        if !missing.is_empty() {
+            return Ok(Some(TableProblem::MissingColumns(missing)));
+        }
+        let nullable: Vec<&'static str> = NOT_NULL_COLUMNS
+            .iter()
+            .copied()
+            .filter(|c| find(c).is_some_and(|(_, not_null)| !not_null))
+            .collect();
+        if !nullable.is_empty() {
+            return Ok(Some(TableProblem::NullableColumns(nullable)));
+        }
+        Ok(None)
     }
 
-    /// Pending, parked and recently published counts for `shard`.
+    /// Pending and parked rows of `shard`. Reads only the unpublished end of the `(published_at, occurred_at)`
+    /// index, so its cost follows the backlog, not the table (which only grows in mark mode).
     ///
     /// # Errors
-    /// Any database error.
-    pub async fn stats(&self, shard: Shard) -> Result<OutboxStats, sqlx::Error> {
-        let table = &self.table;
-        let shard_clause = shard.sql_clause(&self.key_sql);
+    /// Any database error or a timeout.
+    pub async fn backlog(&self, shard: Shard) -> Result<Backlog, StoreError> {
         let sql = format!(
-            "SELECT \
-               count(*) FILTER (WHERE published_at IS NULL AND attempts < $1), \
-               EXTRACT(EPOCH FROM now() - min(occurred_at) FILTER (WHERE published_at IS NULL AND attempts < $1))::float8, \
-               count(*) FILTER (WHERE published_at IS NULL AND attempts >= $1), \
-               count(*) FILTER (WHERE published_at > now() - interval '5 minutes') \
-             FROM {table} WHERE true {shard_clause}"
+            "SELECT count(*) FILTER (WHERE attempts < $1), \
+                    EXTRACT(EPOCH FROM now() - min(occurred_at) FILTER (WHERE attempts < $1))::float8, \
+                    count(*) FILTER (WHERE attempts >= $1) \
+             FROM {} WHERE published_at IS NULL {}",
+            self.table,
+            shard.sql_clause(&self.key_sql)
         );
-        let (pending, oldest_pending_seconds, parked, published_last_5m) =
-            sqlx::query_as(&sql).bind(self.max_attempts).fetch_one(&self.pool).await?;
-        Ok(OutboxStats { pending, oldest_pending_seconds, parked, published_last_5m })
+        let (pending, oldest_pending_seconds, parked) =
+            self.bounded(sqlx::query_as(&sql).bind(self.max_attempts).fetch_one(&self.pool)).await?;
+        Ok(Backlog { pending, oldest_pending_seconds, parked })
+    }
+
+    /// The backlog of `shard` and its rows published in the last five minutes (a range of the same index).
+    ///
+    /// # Errors
+    /// Any database error or a timeout.
+    pub async fn stats(&self, shard: Shard) -> Result<OutboxStats, StoreError> {
+        let backlog = self.backlog(shard).await?;
+        let sql = format!(
+            "SELECT count(*) FROM {} WHERE published_at > now() - interval '5 minutes' {}",
+            self.table,
+            shard.sql_clause(&self.key_sql)
+        );
+        let published_last_5m = self.bounded(sqlx::query_scalar(&sql).fetch_one(&self.pool)).await?;
+        Ok(OutboxStats { backlog, published_last_5m })
     }
 
     /// Parked rows, oldest first.
     ///
     /// # Errors
-    /// Any database error.
-    pub async fn parked(&self, limit: i64, event_name: Option<&str>) -> Result<Vec<ParkedRow>, sqlx::Error> {
+    /// Any database error or a timeout.
+    pub async fn parked(&self, limit: i64, event_name: Option<&str>) -> Result<Vec<ParkedRow>, StoreError> {
         let sql = format!(
             "SELECT id, event_name, attempts, last_error, occurred_at FROM {} \
              WHERE published_at IS NULL AND attempts >= $1 AND ($2::text IS NULL OR event_name = $2) \
              ORDER BY occurred_at, id LIMIT $3",
             self.table
         );
-        sqlx::query_as(&sql).bind(self.max_attempts).bind(event_name).bind(limit).fetch_all(&self.pool).await
+        self.bounded(
+            sqlx::query_as(&sql).bind(self.max_attempts).bind(event_name).bind(limit).fetch_all(&self.pool),
+        )
+        .await
     }
 
     /// Gives parked rows a fresh start (`attempts = 0`, `last_error = NULL`); returns how many.
     ///
     /// # Errors
-    /// Any database error.
-    pub async fn requeue(&self, which: &Requeue) -> Result<u64, sqlx::Error> {
+    /// Any database error or a timeout.
+    pub async fn requeue(&self, which: &Requeue) -> Result<u64, StoreError> {
         let base = format!(
             "UPDATE {} SET attempts = 0, last_error = NULL WHERE published_at IS NULL AND attempts >= $1",
             self.table
         );
         let done = match which {
             Requeue::Ids(ids) => {
-                sqlx::query(&format!("{base} AND id = ANY($2)"))
-                    .bind(self.max_attempts)
-                    .bind(ids)
-                    .execute(&self.pool)
-                    .await?
+                let sql = format!("{base} AND id = ANY($2)");
+                self.bounded(sqlx::query(&sql).bind(self.max_attempts).bind(ids).execute(&self.pool)).await?
             }
             Requeue::EventName(name) => {
-                sqlx::query(&format!("{base} AND event_name = $2"))
-                    .bind(self.max_attempts)
-                    .bind(name)
-                    .execute(&self.pool)
-                    .await?
+                let sql = format!("{base} AND event_name = $2");
+                self.bounded(sqlx::query(&sql).bind(self.max_attempts).bind(name).execute(&self.pool)).await?
             }
-            Requeue::All => sqlx::query(&base).bind(self.max_attempts).execute(&self.pool).await?,
+            Requeue::All => {
+                self.bounded(sqlx::query(&base).bind(self.max_attempts).execute(&self.pool)).await?
+            }
         };
         Ok(done.rows_affected())
     }

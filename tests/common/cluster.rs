@@ -322,6 +322,26 @@ impl PgCluster {
         }
     }
 
+    /// SIGSTOP to the postmaster and every process it started: a hung server or a network blackhole, as
+    /// far as its clients can tell (connections open, nothing answers). New backends forked later are not
+    /// frozen, but a frozen postmaster forks none.
+    pub fn freeze(&self) {
+        self.signal_all("STOP");
+    }
+
+    /// SIGCONT to what [`PgCluster::freeze`] stopped.
+    pub fn thaw(&self) {
+        self.signal_all("CONT");
+    }
+
+    fn signal_all(&self, name: &str) {
+        let Some(postmaster) = self.postmaster_pid() else { return };
+        signal(postmaster, name);
+        for child in children_of(postmaster) {
+            signal(child, name);
+        }
+    }
+
     fn postmaster_pid(&self) -> Option<u32> {
         let text = fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
         let pid: u32 = text.lines().next()?.trim().parse().ok()?;

@@ -48,8 +48,9 @@ pub async fn stream_messages(jetstream: &jetstream::Context, name: &str) -> Vec<
     while messages.len() < total {
         let mut batch = reader
             .fetch()
-            .max_messages(1000)
-            .expires(Duration::from_secs(1))
+            // Small enough that a fetch of 1 MB messages arrives well within its expiry.
+            .max_messages(100)
+            .expires(Duration::from_secs(2))
             .messages()
             .await
             .expect("fetch");
