@@ -584,3 +584,61 @@ async fn large_rows_keep_the_relay_within_100_mib_with_the_defaults() {
         db.drop().await;
     }
 }
+
+#[tokio::test]
+async fn a_server_without_jetstream_is_named_and_ends_in_exit_69() {
+    let nats = NatsServer::start_without_jetstream().await;
+    let db = TestDb::create().await;
+    db.insert_events(10, "order.placed").await;
+    let stream = TestStream::unattached().await; // names only: the server has nowhere to put a stream
+    let mut relay = Relay::spawn(&bounded_env(&db, &stream, &nats.url()), &[]);
+    let status = relay.wait(GIVE_UP_AFTER + DRAIN_TIMEOUT + EXIT_SLACK).await;
+    let log = relay.log();
+    assert_eq!(status.code(), Some(69), "{log}");
+    assert!(log.contains("JetStream is not running on the server"), "the cause is named:\n{log}");
+    assert!(!log.contains("no stream captures"), "not blamed on a missing stream:\n{log}");
+    assert_eq!(db.count("attempts = 0 AND published_at IS NULL").await, 10, "rows untouched");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn two_rows_sharing_an_event_id_are_reported_by_row_id() {
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    let event_id = Uuid::new_v4();
+    let body = |n: u32| {
+        format!(
+            r#"{{"payload": {{"n": {n}}}, "event_id": "{event_id}", "event_name": "order.placed", "event_version": 1}}"#
+        )
+    };
+    let first = db.insert_raw("order.placed", &body(1)).await;
+    let second = db.insert_raw("order.placed", &body(2)).await;
+    let relay = Relay::spawn(&Relay::env(&db, &stream.prefix), &[]);
+    db.wait_for("published_at IS NULL", 0, DRAIN).await;
+    let log = relay.log();
+    relay.stop().await;
+    assert_eq!(stream.count().await, 1, "JetStream kept one of them");
+    let warned =
+        |id: Uuid| log.lines().any(|l| l.contains("two rows share it") && l.contains(&id.to_string()));
+    assert!(warned(first) ^ warned(second), "the dropped row, and only it, is named:\n{log}");
+    stream.delete().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_table_allowing_null_where_qx_db_does_not_is_refused_naming_the_column() {
+    let db = TestDb::create().await;
+    sqlx::query("ALTER TABLE qx_outbox_events ALTER COLUMN event_version DROP NOT NULL")
+        .execute(&db.pool)
+        .await
+        .expect("loosen the table");
+    let env = Relay::env(&db, "orders");
+    for args in [&["run"][..], &["check"][..]] {
+        let (code, stdout, stderr) = common::run_command(&env, args);
+        assert_eq!(code, Some(78), "{args:?}: {stdout}{stderr}");
+        assert!(
+            format!("{stdout}{stderr}").contains("allows NULL in [\"event_version\"]"),
+            "{stdout}{stderr}"
+        );
+    }
+    db.drop().await;
+}

@@ -368,6 +368,15 @@ impl Engine {
                     self.totals.published += 1;
                     duplicates += u64::from(duplicate);
                 }
+                Outcome::IdTaken => {
+                    // Publishing it again would be dropped the same way: mark it, and say so once.
+                    warn!(id = %row.id, event_name = %row.event_name, "the stream already holds another message \
+                          under this row's event_id (two rows share it): this row's content was dropped as a \
+                          duplicate; the row is marked");
+                    settlement.published.push(row.id);
+                    self.totals.published += 1;
+                    duplicates += 1;
+                }
                 Outcome::HeldBack => {}
                 Outcome::Failed(failure) => self.judge_failure(row, failure, now, &mut settlement),
             }

@@ -7,14 +7,15 @@
 //! sends every row with a reply subject under one subscription of its own, `<inbox>.<wave>.<row>`, and reads
 //! the PubAcks there, with one deadline for the whole wave.
 
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::error::Error as _;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::connection::State;
-use async_nats::jetstream::context::GetStreamByNameErrorKind;
+use async_nats::jetstream::context::{AccountErrorKind, GetStreamByNameErrorKind};
 use async_nats::jetstream::{self, stream, ErrorCode};
 use async_nats::{ConnectOptions, Message, StatusCode, Subscriber};
 use bytes::Bytes;
@@ -38,6 +39,9 @@ pub enum Outcome {
         /// The stream's dedupe window already held this `Nats-Msg-Id`.
         duplicate: bool,
     },
+    /// JetStream answered "duplicate", but the message it holds under this `Nats-Msg-Id` has other content:
+    /// another row carries the same `event_id` (a producer bug), and this row's content is not in the stream.
+    IdTaken,
     /// Not sent: an earlier row with the same order key failed in this batch, and order comes first.
     HeldBack,
     /// Not published.
@@ -181,6 +185,7 @@ impl RelayPublisher {
             },
         };
         let mut outcomes: Vec<Option<Outcome>> = vec![None; rows.len()];
+        let mut duplicates = Vec::new();
         let mut remaining: Vec<usize> = (0..rows.len()).collect();
         let mut failed_keys: HashSet<&str> = HashSet::new();
         while !remaining.is_empty() {
@@ -195,7 +200,7 @@ impl RelayPublisher {
                     Some(_) => wave.push(index),
                 }
             }
-            if !self.publish_wave(inbox, rows, &wave, &mut outcomes).await {
+            if !self.publish_wave(inbox, rows, &wave, &mut outcomes, &mut duplicates).await {
                 *acks = None; // the subscription ended: open a new one for the next batch
                 break;
             }
@@ -208,9 +213,66 @@ impl RelayPublisher {
             }
             remaining = later;
         }
+        drop(acks);
         let unanswered =
             || Outcome::Failed(self.classify(&NatsPublishError::new(PublishErrorKind::BrokenPipe).into()));
-        outcomes.into_iter().map(|o| o.unwrap_or_else(unanswered)).collect()
+        let mut outcomes: Vec<Outcome> = outcomes.into_iter().map(|o| o.unwrap_or_else(unanswered)).collect();
+        let no_stream = |o: &Outcome| matches!(o, Outcome::Failed(f) if f.kind == FailureKind::NoStream);
+        for index in self.clashes(rows, duplicates).await {
+            outcomes[index] = Outcome::IdTaken;
+        }
+        if outcomes.iter().any(no_stream) {
+            if let Some(reason) = self.jetstream_missing().await {
+                // Not a missing stream but a missing JetStream: an outage, with its real name.
+                let failure = Failure { kind: FailureKind::Unavailable, reason: reason.to_owned() };
+                for outcome in outcomes.iter_mut().filter(|o| no_stream(o)) {
+                    *outcome = Outcome::Failed(failure.clone());
+                }
+            }
+        }
+        outcomes
+    }
+
+    /// Rows of `duplicates` (row index, and where the stream holds the message it took them for) whose
+    /// stored message has other content. Only duplicates are looked at, each with one request: they are rare
+    /// (a republish after a crash, or this producer bug).
+    async fn clashes(&self, rows: &[OutboxRow], duplicates: Vec<(usize, StoredAt)>) -> Vec<usize> {
+        let mut clashes = Vec::new();
+        let mut streams: HashMap<String, Option<jetstream::stream::Stream>> = HashMap::new();
+        for (index, at) in duplicates {
+            let stream = match streams.entry(at.stream) {
+                Entry::Occupied(entry) => entry.into_mut(),
+                Entry::Vacant(entry) => {
+                    let found = self.publisher.jetstream().get_stream(entry.key()).await.ok();
+                    entry.insert(found)
+                }
+            };
+            let Some(stream) = stream else { continue };
+            // A message gone since (limits, purge) proves nothing either way.
+            if let Ok(stored) = stream.get_raw_message(at.seq).await {
+                if stored.payload != rows[index].payload.as_bytes() {
+                    clashes.push(index);
+                }
+            }
+        }
+        clashes
+    }
+
+    /// After publishes nobody answered: whether JetStream itself is missing on the server (disabled, or still
+    /// starting) rather than a stream for the subject.
+    async fn jetstream_missing(&self) -> Option<&'static str> {
+        match self.publisher.jetstream().query_account().await.map_err(|err| err.kind()) {
+            Err(AccountErrorKind::JetStreamUnavailable) => {
+                Some("JetStream is not running on the server (not enabled, or still starting)")
+            }
+            Err(AccountErrorKind::JetStream(err))
+                if [ErrorCode::JETSTREAM_NOT_ENABLED, ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT]
+                    .contains(&err.error_code()) =>
+            {
+                Some("JetStream is not enabled for this account")
+            }
+            _ => None,
+        }
     }
 
     /// Sends `wave` with up to `max_in_flight` acks pending and records each row's outcome. When neither a
@@ -223,6 +285,7 @@ impl RelayPublisher {
         rows: &[OutboxRow],
         wave: &[usize],
         outcomes: &mut [Option<Outcome>],
+        duplicates: &mut Vec<(usize, StoredAt)>,
     ) -> bool {
         inbox.wave += 1;
         let mut awaiting = vec![false; rows.len()];
@@ -273,7 +336,11 @@ impl RelayPublisher {
             in_flight_bytes -= rows[index].payload.len();
             progress_at = Instant::now();
             outcomes[index] = Some(match read_ack(&ack) {
-                Ok(duplicate) => Outcome::Published { duplicate },
+                Ok(None) => Outcome::Published { duplicate: false },
+                Ok(Some(at)) => {
+                    duplicates.push((index, at));
+                    Outcome::Published { duplicate: true }
+                }
                 Err(err) => Outcome::Failed(self.classify(&err.into())),
             });
         };
@@ -314,11 +381,17 @@ impl RelayPublisher {
     }
 
     fn classify(&self, err: &PublishError) -> Failure {
-        let kind = match err {
-            PublishError::Subject(_) => FailureKind::Poison,
-            PublishError::Nats(err) => classify_nats(err, self.is_connected()),
-        };
-        Failure { kind, reason: reason(err) }
+        match err {
+            PublishError::Subject(_) => Failure { kind: FailureKind::Poison, reason: reason(err) },
+            // The server is up and says why: name that, not an outage.
+            PublishError::Nats(nats) if is_stream_state_error(nats) => Failure {
+                kind: FailureKind::Unavailable,
+                reason: format!("the stream has no room: {}", reason(err)),
+            },
+            PublishError::Nats(nats) => {
+                Failure { kind: classify_nats(nats, self.is_connected()), reason: reason(err) }
+            }
+        }
     }
 
     /// The stream capturing `<subject_prefix>.>`, if any.
@@ -391,6 +464,12 @@ impl RelayPublisher {
 const STREAM_STATE_ERRORS: [ErrorCode; 2] =
     [ErrorCode::STREAM_STORE_FAILED, ErrorCode::INSUFFICIENT_RESOURCES];
 
+/// A JetStream answer about the stream's state rather than the message (see [`STREAM_STATE_ERRORS`]).
+fn is_stream_state_error(err: &NatsPublishError) -> bool {
+    let jetstream_error = err.source().and_then(|s| s.downcast_ref::<jetstream::Error>());
+    jetstream_error.is_some_and(|e| STREAM_STATE_ERRORS.contains(&e.error_code()))
+}
+
 fn classify_nats(err: &NatsPublishError, connected: bool) -> FailureKind {
     let jetstream_error = err.source().and_then(|s| s.downcast_ref::<jetstream::Error>());
     match err.kind() {
@@ -401,9 +480,7 @@ fn classify_nats(err: &NatsPublishError, connected: bool) -> FailureKind {
         }
         PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => FailureKind::Rejected,
         // Burning attempts here would park the whole outbox while the stream is full.
-        _ if jetstream_error.is_some_and(|e| STREAM_STATE_ERRORS.contains(&e.error_code())) => {
-            FailureKind::Unavailable
-        }
+        _ if is_stream_state_error(err) => FailureKind::Unavailable,
         // Any other JetStream error response is about this message; anything else is the connection's.
         _ if connected && jetstream_error.is_some() => FailureKind::Rejected,
         _ => FailureKind::Unavailable,
@@ -420,12 +497,24 @@ fn reason(err: &PublishError) -> String {
     }
 }
 
-/// A PubAck: whether the stream already had the message, or why it refused it.
-fn read_ack(ack: &Message) -> Result<bool, NatsPublishError> {
+/// Where a stream holds a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct StoredAt {
+    stream: String,
+    seq: u64,
+}
+
+/// A PubAck: `None` when the message was stored now, where the stream already had it when it was a
+/// duplicate, or why the stream refused it.
+fn read_ack(ack: &Message) -> Result<Option<StoredAt>, NatsPublishError> {
     #[derive(Deserialize)]
     struct PubAck {
         #[serde(default)]
         duplicate: bool,
+        #[serde(default)]
+        stream: String,
+        #[serde(default)]
+        seq: u64,
         error: Option<jetstream::Error>,
     }
     if ack.status == Some(StatusCode::NO_RESPONDERS) {
@@ -434,7 +523,7 @@ fn read_ack(ack: &Message) -> Result<bool, NatsPublishError> {
     let ack: PubAck = serde_json::from_slice(&ack.payload)
         .map_err(|err| NatsPublishError::with_source(PublishErrorKind::Other, err))?;
     let Some(error) = ack.error else {
-        return Ok(ack.duplicate);
+        return Ok(ack.duplicate.then_some(StoredAt { stream: ack.stream, seq: ack.seq }));
     };
     let kind = match error.error_code() {
         ErrorCode::STREAM_WRONG_LAST_MESSAGE_ID => PublishErrorKind::WrongLastMessageId,
@@ -591,8 +680,9 @@ mod tests {
     #[test]
     fn pub_acks_tell_stored_duplicate_and_refused() {
         let ack = |payload| read_ack(&message("_INBOX.x.1.0", None, payload));
-        assert_eq!(ack(r#"{"stream": "S", "seq": 7}"#).ok(), Some(false));
-        assert_eq!(ack(r#"{"stream": "S", "seq": 7, "duplicate": true}"#).ok(), Some(true));
+        assert_eq!(ack(r#"{"stream": "S", "seq": 7}"#).ok(), Some(None));
+        let duplicate = ack(r#"{"stream": "S", "seq": 7, "duplicate": true}"#).ok();
+        assert_eq!(duplicate, Some(Some(StoredAt { stream: "S".into(), seq: 7 })));
         let full =
             ack(r#"{"error": {"code": 503, "err_code": 10077, "description": "maximum messages exceeded"}}"#);
         assert_eq!(classify_nats(&full.unwrap_err(), true), FailureKind::Unavailable);

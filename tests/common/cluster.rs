@@ -66,13 +66,23 @@ fn reap(child: &mut Child, limit: Duration) {
 pub struct NatsServer {
     pub port: u16,
     pub dir: PathBuf,
+    jetstream: bool,
     child: Option<Child>,
 }
 
 impl NatsServer {
     /// Starts one on a free port.
     pub async fn start() -> Self {
-        let mut server = Self { port: free_port(), dir: temp_dir("nats"), child: None };
+        Self::start_with(true).await
+    }
+
+    /// Starts one with JetStream off: core NATS only.
+    pub async fn start_without_jetstream() -> Self {
+        Self::start_with(false).await
+    }
+
+    async fn start_with(jetstream: bool) -> Self {
+        let mut server = Self { port: free_port(), dir: temp_dir("nats"), jetstream, child: None };
         server.restart().await;
         server
     }
@@ -95,13 +105,13 @@ impl NatsServer {
             .append(true)
             .open(self.dir.join("nats.log"))
             .expect("open nats log");
-        let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(self.dir.join("store"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start nats-server (is it installed?)");
+        let mut command = Command::new("nats-server");
+        command.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        if self.jetstream {
+            command.arg("-js").arg("-sd").arg(self.dir.join("store"));
+        }
+        let child =
+            command.stdout(Stdio::null()).stderr(log).spawn().expect("start nats-server (is it installed?)");
         self.child = Some(child);
         wait_for_port(self.port, "nats-server").await;
     }
