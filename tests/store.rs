@@ -1,0 +1,239 @@
+//! The outbox store's SQL contract, in process against real Postgres (a fresh database per test): what a
+//! claim takes and leaves, how it settles, what it refuses. The binary-level tests keep what only they can
+//! show (faults, exit codes, failover).
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::TestDb;
+use qx_relay::relay::config::{OnPublish, RelayConfig, ShardKey};
+use qx_relay::relay::shard::Shard;
+use qx_relay::relay::store::{OutboxStore, Requeue, RowFailure, StoreError, TableProblem};
+use uuid::Uuid;
+
+const BATCH: u32 = 100;
+
+fn relay_config(shard_key: ShardKey, on_publish: OnPublish) -> RelayConfig {
+    RelayConfig { subject_prefix: Some("orders".into()), shard_key, on_publish, ..RelayConfig::default() }
+}
+
+async fn open_store(db: &TestDb, relay: &RelayConfig) -> OutboxStore {
+    let pool = OutboxStore::connect(&db.url, 1, Duration::from_secs(5)).await.expect("connect");
+    OutboxStore::new(pool, relay)
+}
+
+async fn default_store(db: &TestDb) -> OutboxStore {
+    open_store(db, &relay_config(ShardKey::Id, OnPublish::Mark)).await
+}
+
+fn ids(batch: &qx_relay::relay::store::ClaimedBatch) -> Vec<Uuid> {
+    batch.rows.iter().map(|row| row.id).collect()
+}
+
+#[tokio::test]
+async fn concurrent_claims_never_overlap_and_take_the_oldest_rows_first() {
+    let db = TestDb::create().await;
+    let inserted = db.insert_events(250, "order.placed").await;
+    let store = default_store(&db).await;
+    let (a, b) = tokio::join!(store.claim(BATCH, &[], &[]), store.claim(BATCH, &[], &[]));
+    let (a, b) = (a.expect("claim a"), b.expect("claim b"));
+    let (a_ids, b_ids): (HashSet<Uuid>, HashSet<Uuid>) =
+        (ids(&a).into_iter().collect(), ids(&b).into_iter().collect());
+    assert_eq!((a_ids.len(), b_ids.len()), (100, 100));
+    assert!(a_ids.is_disjoint(&b_ids), "two claims took the same row");
+    let both: HashSet<Uuid> = a_ids.union(&b_ids).copied().collect();
+    assert_eq!(both, inserted[..200].iter().copied().collect(), "the 200 oldest rows");
+    let third = store.claim(BATCH, &[], &[]).await.expect("claim c");
+    assert_eq!(ids(&third), inserted[200..], "the rest, in (occurred_at, id) order");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn held_keys_and_skipped_event_names_are_left_out() {
+    let db = TestDb::create().await;
+    let placed = db.insert_events(3, "order.placed").await;
+    let paid = db.insert_events(3, "order.paid").await;
+    let store = default_store(&db).await;
+    let held = vec![placed[0].to_string()];
+    let batch = store.claim(BATCH, &held, &["order.paid".to_owned()]).await.expect("claim");
+    assert_eq!(ids(&batch), placed[1..], "neither the held key nor the skipped event name");
+    drop(batch);
+    let batch = store.claim(BATCH, &[], &[]).await.expect("claim");
+    assert_eq!(ids(&batch).len(), placed.len() + paid.len(), "both are back once released");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn claim_after_continues_after_the_batch_in_flight() {
+    let db = TestDb::create().await;
+    let inserted = db.insert_events(250, "order.placed").await;
+    let store = default_store(&db).await;
+    let first = store.claim(BATCH, &[], &[]).await.expect("claim");
+    let last = first.rows.last().map(|row| (row.occurred_at, row.id)).expect("rows");
+    let next = store.claim_after(BATCH, &[], &[], last).await.expect("claim after");
+    assert_eq!(ids(&next), inserted[100..200]);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn the_byte_budget_cuts_a_batch_but_the_first_row_always_fits() {
+    let db = TestDb::create().await;
+    let blob = |size: usize| {
+        format!(r#"{{"payload": {{"blob": "{}"}}, "event_id": "{}"}}"#, "x".repeat(size), Uuid::new_v4())
+    };
+    for _ in 0..10 {
+        db.insert_raw("order.placed", &blob(40_000)).await;
+    }
+    let relay = RelayConfig { max_batch_bytes: 100_000, ..relay_config(ShardKey::Id, OnPublish::Mark) };
+    let store = open_store(&db, &relay).await;
+    let batch = store.claim(BATCH, &[], &[]).await.expect("claim");
+    assert_eq!(batch.rows.len(), 3, "40 KB rows while the bytes before them are under 100 KB");
+    assert!(batch.cut_by_bytes, "the rows left out are said to be");
+    drop(batch);
+
+    let huge = TestDb::create().await;
+    huge.insert_raw("order.placed", &blob(300_000)).await;
+    let batch = open_store(&huge, &relay).await.claim(BATCH, &[], &[]).await.expect("claim");
+    assert_eq!(batch.rows.len(), 1, "a row larger than the budget still goes out alone");
+    assert!(!batch.cut_by_bytes);
+    drop(batch);
+    huge.drop().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn ordered_claims_wait_for_rows_another_relay_holds_and_unordered_ones_skip_them() {
+    let db = TestDb::create().await;
+    db.insert_events(20, "order.placed").await;
+    let unordered = default_store(&db).await;
+    let holder = unordered.claim(5, &[], &[]).await.expect("the other relay's claim");
+    let skipping = unordered.claim(BATCH, &[], &[]).await.expect("claim around it");
+    assert_eq!(skipping.rows.len(), 15, "every row its own key: the locked ones are skipped");
+    drop(skipping);
+
+    let ordered = open_store(&db, &relay_config("payload.order_id".parse().unwrap(), OnPublish::Mark)).await;
+    match ordered.claim(BATCH, &[], &[]).await {
+        Err(StoreError::Locked) => {}
+        other => panic!("an ordered claim must not skip locked rows: {:?}", other.map(|b| b.rows.len())),
+    }
+    drop(holder);
+    let batch = ordered.claim(BATCH, &[], &[]).await.expect("claim once released");
+    assert_eq!(batch.rows.len(), 20);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn settling_marks_published_rows_and_writes_failures_cut_to_the_column() {
+    let db = TestDb::create().await;
+    let inserted = db.insert_events(3, "order.placed").await;
+    let store = default_store(&db).await;
+    let batch = store.claim(BATCH, &[], &[]).await.expect("claim");
+    let failure = RowFailure { id: inserted[2], attempts: 4, last_error: "é".repeat(3000) };
+    store.settle(batch, &inserted[..2], std::slice::from_ref(&failure)).await.expect("settle");
+    assert_eq!(db.count("published_at IS NOT NULL").await, 2);
+    let (attempts, chars): (i32, i32) =
+        sqlx::query_as("SELECT attempts, char_length(last_error) FROM qx_outbox_events WHERE id = $1")
+            .bind(inserted[2])
+            .fetch_one(&db.pool)
+            .await
+            .expect("read the failed row");
+    assert_eq!((attempts, chars), (4, 2048), "attempts written, last_error cut to VARCHAR(2048)");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn rows_of_a_child_table_settle_by_id_and_deletes_remove_only_published_rows() {
+    let db = TestDb::create().await;
+    db.insert_events(10, "order.placed").await;
+    sqlx::raw_sql(
+        "CREATE TABLE qx_outbox_events_child () INHERITS (qx_outbox_events);
+         WITH moved AS (DELETE FROM ONLY qx_outbox_events
+                        WHERE id IN (SELECT id FROM qx_outbox_events ORDER BY occurred_at LIMIT 5) RETURNING *)
+         INSERT INTO qx_outbox_events_child SELECT * FROM moved",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("move rows to a child table");
+    let store = open_store(&db, &relay_config(ShardKey::Id, OnPublish::Delete)).await;
+    let batch = store.claim(BATCH, &[], &[]).await.expect("claim");
+    let published: Vec<Uuid> = batch.rows.iter().step_by(2).map(|row| row.id).collect();
+    store.settle(batch, &published, &[]).await.expect("settle");
+    assert_eq!(db.count("true").await, 5, "the five published rows are gone, from either table");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM qx_outbox_events WHERE id = ANY($1)")
+        .bind(&published)
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(left, 0);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn rows_published_before_an_outage_are_marked_by_id_once() {
+    let db = TestDb::create().await;
+    let inserted = db.insert_events(3, "order.placed").await;
+    let store = default_store(&db).await;
+    store.mark_published(&inserted[..2]).await.expect("mark");
+    let first: Vec<(Uuid, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT id, published_at FROM qx_outbox_events WHERE published_at IS NOT NULL")
+            .fetch_all(&db.pool)
+            .await
+            .expect("read");
+    assert_eq!(first.len(), 2);
+    store.mark_published(&inserted[..2]).await.expect("mark again");
+    let again: i64 = sqlx::query_scalar("SELECT count(*) FROM qx_outbox_events WHERE published_at = ANY($1)")
+        .bind(first.iter().map(|(_, at)| *at).collect::<Vec<_>>())
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(again, 2, "marking again keeps the first published_at");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn requeue_touches_parked_rows_only_and_the_backlog_counts_them_apart() {
+    let db = TestDb::create().await;
+    let inserted = db.insert_events(4, "order.placed").await;
+    sqlx::query("UPDATE qx_outbox_events SET attempts = 10, last_error = 'parked' WHERE id = ANY($1)")
+        .bind(&inserted[..2])
+        .execute(&db.pool)
+        .await
+        .expect("park two rows");
+    sqlx::query("UPDATE qx_outbox_events SET attempts = 3, last_error = 'failing' WHERE id = $1")
+        .bind(inserted[2])
+        .execute(&db.pool)
+        .await
+        .expect("fail one row");
+    let store = default_store(&db).await;
+    let backlog = store.backlog(Shard { id: 0, count: 1 }).await.expect("backlog");
+    assert_eq!((backlog.pending, backlog.parked), (2, 2));
+    assert_eq!(store.requeue(&Requeue::All).await.expect("requeue"), 2);
+    assert_eq!(db.count("attempts = 3 AND last_error = 'failing'").await, 1, "a failing row is not parked");
+    assert_eq!(db.count("attempts = 0 AND last_error IS NULL").await, 3);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_view_a_missing_table_and_nullable_columns_are_refused() {
+    let db = TestDb::create().await;
+    sqlx::raw_sql("CREATE VIEW outbox_view AS SELECT * FROM qx_outbox_events")
+        .execute(&db.pool)
+        .await
+        .expect("create view");
+    let problem = |table: &str| {
+        let relay = RelayConfig { table: table.to_owned(), ..relay_config(ShardKey::Id, OnPublish::Mark) };
+        let db = &db;
+        async move { open_store(db, &relay).await.table_problem().await.expect("check the table") }
+    };
+    assert_eq!(problem("qx_outbox_events").await, None);
+    assert_eq!(problem("outbox_view").await, Some(TableProblem::MissingColumns(vec!["ctid", "tableoid"])));
+    assert_eq!(problem("no_such_table").await, Some(TableProblem::Missing));
+    sqlx::query("ALTER TABLE qx_outbox_events ALTER COLUMN attempts DROP NOT NULL")
+        .execute(&db.pool)
+        .await
+        .expect("loosen the table");
+    assert_eq!(problem("qx_outbox_events").await, Some(TableProblem::NullableColumns(vec!["attempts"])));
+    db.drop().await;
+}
