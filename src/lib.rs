@@ -5,11 +5,13 @@
 //! - [`wire`]: subjects and `qx.*` header names, written once;
 //! - [`publisher`]: publish events to JetStream with the Qx headers and `Nats-Msg-Id`;
 //! - [`registry`]: typed events ([`QxEvent`]) and the [`EventRegistry`] that decodes messages into them;
-//! - [`consumer`]: a durable JetStream pull consumer that decodes, hands events to a handler and acks.
+//! - [`consumer`]: a durable JetStream pull consumer that decodes, hands events to a handler and acks;
+//! - [`backoff`]: the exponential backoff with jitter used for every retry.
 //!
 //! With the `relay` feature (default), [`relay`] is the daemon that drains `qx_outbox_events` to JetStream.
 //! Services that only need the library depend with `default-features = false`.
 
+pub mod backoff;
 pub mod consumer;
 pub mod envelope;
 pub mod publisher;

@@ -54,7 +54,7 @@ async fn dispatch(command: Command, config: Config) -> ExitCode {
                 Ok(_) => ExitCode::Ok,
                 Err(err) => {
                     error!("relay stopped: {}", error_chain(&err));
-                    err.exit_code()
+                    ExitCode::from(&err)
                 }
             }
         }

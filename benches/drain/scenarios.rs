@@ -11,8 +11,9 @@ use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{self};
 use bytes::Bytes;
 use futures::StreamExt;
+use qx_relay::envelope::event_id_of;
 use qx_relay::relay::config::{OnPublish, RelayConfig};
-use qx_relay::relay::publisher::{Outcome, RelayPublisher};
+use qx_relay::relay::nats::{Outcome, RelayPublisher};
 use qx_relay::relay::store::{ClaimedBatch, OutboxRow, OutboxStore};
 use qx_relay::{EventHeaders, Publisher};
 use serde::Serialize;
@@ -277,16 +278,6 @@ fn headers(row: &OutboxRow, event_id: Option<Uuid>) -> EventHeaders {
     }
 }
 
-/// The envelope's `event_id`, as the relay reads it.
-fn event_id(payload: &str) -> Option<Uuid> {
-    #[derive(serde::Deserialize)]
-    struct Id<'a> {
-        #[serde(borrow)]
-        event_id: Option<&'a str>,
-    }
-    Uuid::parse_str(serde_json::from_str::<Id>(payload).ok()?.event_id?).ok()
-}
-
 /// NATS alone. `raw`: async-nats JetStream publishes with the Qx headers and `Nats-Msg-Id`, 1024 acks in
 /// flight. Otherwise the relay's own `RelayPublisher::publish_batch` on in-memory rows, 1000 per batch.
 pub async fn nats_ceiling(bench: &Bench, name: &str, label: &str, rows: u64, raw: bool) -> Throughput {
@@ -311,7 +302,7 @@ pub async fn nats_ceiling(bench: &Bench, name: &str, label: &str, rows: u64, raw
                 if in_flight.len() >= MAX_IN_FLIGHT {
                     in_flight.pop_front().expect("window is full").await.expect("puback");
                 }
-                let event_id = event_id(&row.payload);
+                let event_id = event_id_of(&row.payload);
                 let headers = headers(row, event_id).to_header_map(event_id.unwrap_or(row.id));
                 let body = Bytes::copy_from_slice(row.payload.as_bytes());
                 in_flight.push_back(
@@ -371,7 +362,7 @@ pub async fn baseline(bench: &Bench, rows: u64) -> Throughput {
         }
         let mut published = Vec::with_capacity(batch.rows.len());
         for row in &batch.rows {
-            let event_id = event_id(&row.payload);
+            let event_id = event_id_of(&row.payload);
             let body = Bytes::copy_from_slice(row.payload.as_bytes());
             let ack = publisher
                 .send(&headers(row, event_id), event_id.unwrap_or(row.id), body)

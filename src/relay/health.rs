@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::publisher::RelayPublisher;
+use super::nats::RelayPublisher;
 use super::store::OutboxStore;
 
 /// A readiness probe must answer well within Kubernetes' default 1 s timeout.

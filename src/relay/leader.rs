@@ -18,8 +18,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use super::outage::OutageClock;
+use crate::backoff::Backoff;
+
 /// Standbys never wait longer than this between attempts, so a released lock is taken within about a second.
 const STANDBY_POLL_MAX: Duration = Duration::from_millis(500);
+/// Retries while the backend fails: quickly at first, never slower than a standby polls.
+const BACKEND_RETRY: Backoff = Backoff::new(Duration::from_millis(100), STANDBY_POLL_MAX).with_jitter(0.5);
 
 /// Renew only if the key still holds our token.
 const RENEW_SCRIPT: &str = r"
@@ -78,8 +83,9 @@ impl LeaderLock {
         stop: &CancellationToken,
         give_up_after: Duration,
     ) -> Result<bool, LockError> {
-        let mut failing_since: Option<Instant> = None;
+        let mut outage = OutageClock::new(give_up_after);
         loop {
+            let started = Instant::now();
             let attempt = match self {
                 Self::Redis(lock) => lock.try_acquire().await,
                 Self::Postgres(lock) => lock.try_acquire().await,
@@ -87,25 +93,21 @@ impl LeaderLock {
             let wait = match attempt {
                 Ok(Acquired::Yes) => return Ok(true),
                 Ok(Acquired::No { retry_in }) => {
-                    if let Some(since) = failing_since.take() {
-                        info!(down_for = ?since.elapsed(), "leader lock backend available again");
+                    if let Some(down_for) = outage.recovered() {
+                        info!(?down_for, "leader lock backend available again");
                     }
                     retry_in
                 }
                 Err(err) => {
-                    let first = failing_since.is_none();
-                    let since = *failing_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > give_up_after {
-                        return Err(LockError::GaveUp(give_up_after));
-                    }
+                    let first = !outage.is_down();
+                    let down_for = outage.failed(started).map_err(|_| LockError::GaveUp(give_up_after))?;
                     // WARN once per outage: standbys retry twice a second.
                     if first {
                         warn!(error = %super::error_chain(&err), "leader lock backend unavailable; standing by");
                     } else {
-                        debug!(error = %super::error_chain(&err), down_for = ?since.elapsed(),
-                               "leader lock backend still unavailable");
+                        debug!(error = %super::error_chain(&err), ?down_for, "leader lock backend still unavailable");
                     }
-                    STANDBY_POLL_MAX
+                    outage.pause(&BACKEND_RETRY)
                 }
             };
             tokio::select! {

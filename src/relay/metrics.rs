@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 
-use super::publisher::FailureKind;
+use super::nats::FailureKind;
 use super::shard::Shard;
 use super::store::Backlog;
 

@@ -7,7 +7,8 @@ use serde::Serialize;
 
 use super::config::{Config, LeaderMode};
 use super::leader::{Holder, RedisLock};
-use super::publisher::RelayPublisher;
+use super::nats::RelayPublisher;
+use super::preflight::{self, PreflightError};
 use super::shard::Shard;
 use super::store::{OutboxStats, OutboxStore, ParkedRow, Requeue, StoreError};
 use super::{error_chain, ExitCode};
@@ -22,42 +23,38 @@ pub async fn check(config: &Config) -> ExitCode {
             worst = code;
         }
     };
+    let relay = &config.relay;
     let timeout = Duration::from_secs_f64(config.nats.connect_timeout_seconds);
     match OutboxStore::connect(&config.db.sqlx_url(), 1, timeout).await {
         Ok(pool) => {
             println!("ok    postgres: connected");
-            let store = OutboxStore::new(pool, &config.relay);
-            match store.table_problem().await {
-                Ok(None) => println!("ok    table: {} has the outbox columns", config.relay.table),
-                Ok(Some(problem)) => {
-                    fail(ExitCode::Config, format!("table: {} {problem}", config.relay.table))
-                }
-                Err(err) => fail(ExitCode::Unavailable, format!("table: {}", error_chain(&err))),
+            match preflight::table(&OutboxStore::new(pool, relay), relay, None).await {
+                Ok(()) => println!("ok    table: {} has the outbox columns", relay.table),
+                Err(err) => fail((&err).into(), format!("table: {}", error_chain(&err))),
             }
         }
         Err(err) => fail(ExitCode::Unavailable, format!("postgres: {}", error_chain(&err))),
     }
-    let prefix = config.relay.subject_prefix();
-    match RelayPublisher::connect(&config.nats, &config.relay).await {
+    let prefix = relay.subject_prefix();
+    match RelayPublisher::connect(&config.nats, relay).await {
         Ok(publisher) => {
             println!("ok    nats: connected");
-            match publisher.stream_for_prefix().await {
-                Ok(Some(info)) => println!("ok    stream: {} captures {prefix}.>", info.config.name),
-                Ok(None) if config.relay.ensure_stream => {
+            match preflight::stream(&publisher, relay, false).await {
+                Ok(preflight::Stream::Found(info) | preflight::Stream::Created(info)) => {
+                    println!("ok    stream: {} captures {prefix}.>", info.config.name);
+                }
+                Err(PreflightError::NoStream(_)) if relay.ensure_stream => {
                     println!(
                         "ok    stream: none captures {prefix}.> yet; the relay creates one (ensure_stream)"
                     );
                 }
-                Ok(None) => {
-                    fail(ExitCode::Config, format!("stream: no JetStream stream captures {prefix}.>"))
-                }
-                Err(err) => fail(ExitCode::Unavailable, format!("stream: {}", error_chain(&*err))),
+                Err(err) => fail((&err).into(), format!("stream: {}", error_chain(&err))),
             }
             publisher.close(Duration::from_secs(1)).await;
         }
         Err(err) => fail(ExitCode::Unavailable, format!("nats: {}", error_chain(&err))),
     }
-    if config.relay.leader == LeaderMode::Redis {
+    if relay.leader == LeaderMode::Redis {
         match lock_holders(config).await {
             Ok(_) => println!("ok    redis: connected"),
             Err(err) => fail(ExitCode::Unavailable, format!("redis: {err}")),

@@ -1,0 +1,488 @@
+//! The relay loop of one shard: claim → publish → settle → next pause, pipelined, over the pure decisions of
+//! [`verdict`] (what an outcome means for its row) and [`holds`] (what waits), with one [`OutageClock`] per
+//! server.
+//!
+//! Three things overlap: while batch k is being published, batch k+1 is claimed (continuing after batch k, so
+//! it is disjoint) and batch k-1 is marked and committed. A row is marked only after its PubAck arrived, so a
+//! crash anywhere means republishing, never losing; JetStream's `Nats-Msg-Id` dedupe absorbs the repeats.
+//!
+//! Order: rows go out in claim order `(occurred_at, id)`. When a row fails, its order key is *held*: later
+//! rows of the same key are neither claimed nor published until the row's retry comes up, so consumers never
+//! see one key's events out of order while other keys keep flowing.
+
+mod holds;
+mod verdict;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+use uuid::Uuid;
+
+use super::config::{RelayConfig, ShardKey};
+use super::metrics;
+use super::nats::RelayPublisher;
+use super::outage::OutageClock;
+use super::store::{ClaimedBatch, OutboxRow, OutboxStore, StoreError};
+use crate::backoff::Backoff;
+use holds::Holds;
+use verdict::{Notice, Rules, Settlement};
+
+/// During a backlog, claims continue after the batch in flight; this often one starts from the oldest row.
+const RESCAN_EVERY: Duration = Duration::from_secs(1);
+/// Pauses while Postgres or NATS is failing.
+const OUTAGE_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(5)).with_jitter(0.5);
+
+/// Why a shard loop stopped before being told to.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Postgres kept failing (or not answering) for longer than `give_up_after`.
+    #[error("Postgres unavailable for longer than {}", humantime::format_duration(*.0))]
+    StoreUnavailable(Duration, #[source] StoreError),
+    /// NATS kept failing (or JetStream kept refusing for want of room) for longer than `give_up_after`.
+    #[error("NATS unavailable for longer than {}: {}", humantime::format_duration(*.0), .1)]
+    NatsUnavailable(Duration, String),
+}
+
+/// What a shard loop did, for the log line at stop.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    /// Rows acknowledged by JetStream and marked (or deleted).
+    pub published: u64,
+    /// Of those, already in the stream's dedupe window.
+    pub duplicates: u64,
+    /// Failed publishes written back for a retry.
+    pub failed: u64,
+    /// Rows parked.
+    pub parked: u64,
+}
+
+/// A published batch waiting to be written back.
+type Unsettled = (ClaimedBatch, Settlement);
+
+/// How the next batch is claimed while this one is published.
+#[derive(Debug, Clone, Copy)]
+enum Prefetch {
+    /// Not at all: the next claim waits until this batch settles.
+    No,
+    /// From the oldest pending row.
+    Rescan,
+    /// After this batch's last row.
+    After(DateTime<Utc>, Uuid),
+}
+
+/// One shard's loop and its in-memory retry state (attempts and errors themselves live in the table).
+pub struct Engine {
+    store: OutboxStore,
+    publisher: RelayPublisher,
+    relay: RelayConfig,
+    rules: Rules,
+    wake: Arc<Notify>,
+    holds: Holds,
+    store_outage: OutageClock,
+    nats_outage: OutageClock,
+    /// Rows JetStream acknowledged whose batch could not be settled: marked by id before the next claim, so
+    /// a Postgres outage between PubAck and mark does not publish them again.
+    unmarked: Vec<Uuid>,
+    /// Whether the last claim waited in vain for rows another relay holds (logged once per wait).
+    waiting_for_locked: bool,
+    /// When a claim last started from the oldest pending row.
+    rescanned_at: Instant,
+    totals: Totals,
+}
+
+impl Engine {
+    /// An engine for the configured shard. `wake` is notified on LISTEN/NOTIFY (or never, with polling only).
+    pub fn new(store: OutboxStore, publisher: RelayPublisher, relay: RelayConfig, wake: Arc<Notify>) -> Self {
+        let rules = Rules {
+            max_attempts: relay.max_attempts,
+            retry: Backoff::new(relay.retry_backoff, relay.retry_backoff_max).with_jitter(0.5),
+            ordered: relay.shard_key != ShardKey::Id,
+            outage_hold: relay.poll_interval,
+            subject_prefix: relay.subject_prefix().to_owned(),
+        };
+        Self {
+            store,
+            publisher,
+            rules,
+            wake,
+            holds: Holds::default(),
+            store_outage: OutageClock::new(relay.give_up_after),
+            nats_outage: OutageClock::new(relay.give_up_after),
+            relay,
+            unmarked: Vec::new(),
+            waiting_for_locked: false,
+            rescanned_at: Instant::now(),
+            totals: Totals::default(),
+        }
+    }
+
+    /// What has been done so far.
+    pub fn totals(&self) -> Totals {
+        self.totals
+    }
+
+    /// Relays until `stop` is cancelled, then finishes the batch in flight (acks awaited, marks committed).
+    ///
+    /// `stop` is checked between batches only: a claimed batch always reaches commit or rollback.
+    ///
+    /// # Errors
+    /// When Postgres or NATS stays unavailable for longer than `give_up_after`.
+    pub async fn run(&mut self, stop: &CancellationToken) -> Result<(), EngineError> {
+        let mut prefetched: Option<ClaimedBatch> = None;
+        let mut unsettled: Option<Unsettled> = None;
+        let mut pause = Duration::ZERO;
+        while !stop.is_cancelled() {
+            // Claim (unless the previous round did already).
+            let mut batch = match prefetched.take() {
+                Some(batch) => batch,
+                None => {
+                    self.settle(unsettled.take()).await?;
+                    if !pause.is_zero() && !self.pause(pause, stop).await {
+                        continue;
+                    }
+                    match self.claim().await? {
+                        Some(batch) => batch,
+                        None => {
+                            pause = self.store_outage.pause(&OUTAGE_BACKOFF);
+                            continue;
+                        }
+                    }
+                }
+            };
+            if batch.rows.is_empty() {
+                self.watch_idle_nats()?;
+                pause = self.relay.idle_poll_interval;
+                continue;
+            }
+            // Publish it, claiming the next and settling the previous meanwhile.
+            let started = Instant::now();
+            let claimed = batch.rows.len();
+            let backlog =
+                (claimed == self.relay.batch_size as usize || batch.cut_by_bytes) && !stop.is_cancelled();
+            let prefetch = if backlog { self.prefetch_plan(&batch) } else { Prefetch::No };
+            self.drop_held_rows(&mut batch);
+            let (held, skipped_names) = self.left_out();
+            let (outcomes, next, settled) = tokio::join!(
+                self.publisher.publish_batch(&batch.rows),
+                async {
+                    let limit = self.relay.batch_size;
+                    match prefetch {
+                        Prefetch::No => Ok(None),
+                        Prefetch::Rescan => self.store.claim(limit, &held, &skipped_names).await.map(Some),
+                        Prefetch::After(at, id) => {
+                            self.store.claim_after(limit, &held, &skipped_names, (at, id)).await.map(Some)
+                        }
+                    }
+                },
+                self.store_settle(unsettled.take()),
+            );
+            self.after_settle(settled, started)?;
+            let (now, wall_now) = (Instant::now(), Utc::now());
+            let settlement =
+                verdict::judge(&batch.rows, outcomes, &mut self.holds, &self.rules, now, wall_now);
+            self.report(&batch.rows, &settlement, started);
+            batch.release_payloads();
+            prefetched = self.after_prefetch(next, started)?;
+            let (unavailable, wait) = (settlement.unavailable, settlement.wait);
+            let unavailable_reason = settlement.unavailable_reason.clone();
+            unsettled = Some((batch, settlement));
+            // The next pause.
+            pause = if unavailable > 0 {
+                // Rows of a prefetched batch would fail the same way: release them and wait for NATS.
+                prefetched = None;
+                self.settle(unsettled.take()).await?;
+                self.wait_for_nats(started, unavailable_reason, stop).await?
+            } else if !wait.is_zero() {
+                prefetched = None;
+                wait
+            } else {
+                self.nats_outage.recovered();
+                if backlog {
+                    Duration::ZERO
+                } else {
+                    self.relay.poll_interval
+                }
+            };
+        }
+        drop(prefetched); // rolled back: another relay, or our restart, takes those rows
+        self.settle(unsettled.take()).await
+    }
+
+    /// How to claim the next batch of a backlog while `batch` is published: after it, and now and then from
+    /// the oldest row again, for rows that committed after younger ones. Not after a batch the byte budget
+    /// cut (its left-out rows stay locked until it settles), and an ordered rescan waits until this batch
+    /// settles, since it would wait for this batch's own rows.
+    fn prefetch_plan(&mut self, batch: &ClaimedBatch) -> Prefetch {
+        if batch.cut_by_bytes {
+            return Prefetch::No;
+        }
+        match batch.rows.last() {
+            Some(last) if self.rescanned_at.elapsed() < RESCAN_EVERY => {
+                Prefetch::After(last.occurred_at, last.id)
+            }
+            _ if self.rules.ordered => Prefetch::No,
+            _ => {
+                self.rescanned_at = Instant::now();
+                Prefetch::Rescan
+            }
+        }
+    }
+
+    /// Keys on hold and event names without a stream: what claims leave out now.
+    fn left_out(&mut self) -> (Vec<String>, Vec<String>) {
+        let now = Instant::now();
+        let held = self.holds.held_keys(now);
+        // Only when every row is its own key: with a shard key, skipping one event name could let a key's
+        // later events overtake it, so the loop pauses instead.
+        let skipped_names = if self.rules.ordered { Vec::new() } else { self.holds.skipped_event_names(now) };
+        (held, skipped_names)
+    }
+
+    /// Claims a batch from the oldest pending row, or `None` after a database error (the outage clock is
+    /// running) or a wait for rows another relay holds. Rows published but left unmarked by an outage are
+    /// marked first.
+    async fn claim(&mut self) -> Result<Option<ClaimedBatch>, EngineError> {
+        let started = Instant::now();
+        if !self.unmarked.is_empty() {
+            if let Err(err) = self.store.mark_published(&self.unmarked).await {
+                self.store_failed(err, started)?;
+                return Ok(None);
+            }
+            info!(rows = self.unmarked.len(), "marked the rows published before the Postgres outage");
+            self.unmarked = Vec::new();
+        }
+        let (held, skipped_names) = self.left_out();
+        self.rescanned_at = started;
+        match self.store.claim(self.relay.batch_size, &held, &skipped_names).await {
+            Ok(batch) => {
+                self.store_recovered();
+                if std::mem::take(&mut self.waiting_for_locked) {
+                    info!("rows another relay held are free again; claiming in order");
+                }
+                Ok(Some(batch))
+            }
+            Err(StoreError::Locked) => {
+                self.store_recovered();
+                if !std::mem::replace(&mut self.waiting_for_locked, true) {
+                    info!(
+                        "the oldest pending rows are locked by another relay (a stopped or stepping-down \
+                         leader's batch); waiting for them, so no key's later events overtake them"
+                    );
+                }
+                Ok(None)
+            }
+            Err(err) => {
+                self.store_failed(err, started)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The batch claimed while the last one was published, if any.
+    fn after_prefetch(
+        &mut self,
+        next: Result<Option<ClaimedBatch>, StoreError>,
+        started: Instant,
+    ) -> Result<Option<ClaimedBatch>, EngineError> {
+        match next {
+            Ok(next) => {
+                if next.is_some() {
+                    self.store_recovered();
+                }
+                Ok(next)
+            }
+            Err(StoreError::Locked) => Ok(None),
+            Err(err) => {
+                self.store_failed(err, started)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Drops rows whose key went on hold after the batch was claimed; they stay locked until commit, untouched.
+    fn drop_held_rows(&self, batch: &mut ClaimedBatch) {
+        if !self.holds.any_keys() {
+            return;
+        }
+        let now = Instant::now();
+        batch.rows.retain(|row| !self.holds.is_held(&row.order_key(), now));
+    }
+
+    async fn settle(&mut self, unsettled: Option<Unsettled>) -> Result<(), EngineError> {
+        let started = Instant::now();
+        let settled = self.store_settle(unsettled).await;
+        self.after_settle(settled, started)
+    }
+
+    /// Whether there was a batch to settle, or why settling it failed and which rows it had published.
+    async fn store_settle(&self, unsettled: Option<Unsettled>) -> Result<bool, (StoreError, Vec<Uuid>)> {
+        match unsettled {
+            Some((batch, settlement)) => self
+                .store
+                .settle(batch, &settlement.published, &settlement.failures)
+                .await
+                .map(|()| true)
+                .map_err(|err| (err, settlement.published)),
+            None => Ok(false),
+        }
+    }
+
+    fn after_settle(
+        &mut self,
+        settled: Result<bool, (StoreError, Vec<Uuid>)>,
+        started: Instant,
+    ) -> Result<(), EngineError> {
+        match settled {
+            Ok(true) => {
+                self.store_recovered();
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            // Published but not marked: marked by id once Postgres is back (or, if we stop first, published
+            // again later, and the stream drops the repeats within its duplicate window).
+            Err((err, published)) => {
+                self.unmarked.extend(published);
+                self.store_failed(err, started)
+            }
+        }
+    }
+
+    /// Logs and counts what a batch's verdicts say.
+    fn report(&mut self, rows: &[OutboxRow], settlement: &Settlement, started: Instant) {
+        for notice in &settlement.notices {
+            match notice {
+                Notice::Parked { row, after_attempts: None, reason } => {
+                    let row = &rows[*row];
+                    error!(id = %row.id, event_name = %row.event_name, %reason, "row parked: it can never be published");
+                }
+                Notice::Parked { row, after_attempts: Some(attempts), reason } => {
+                    let row = &rows[*row];
+                    error!(id = %row.id, event_name = %row.event_name, attempts, %reason, "row parked after max_attempts");
+                }
+                Notice::Retrying { row, attempts, retry_in, reason } => {
+                    let row = &rows[*row];
+                    warn!(id = %row.id, event_name = %row.event_name, attempts, ?retry_in, %reason,
+                          "publish failed; will retry");
+                }
+                Notice::NoStream { subject } => error!(
+                    %subject,
+                    "no stream captures {subject}: create a JetStream stream whose subjects include it (e.g. {}.>); \
+                     its rows stay pending",
+                    self.rules.subject_prefix
+                ),
+                Notice::IdTaken { row } => {
+                    let row = &rows[*row];
+                    warn!(id = %row.id, event_name = %row.event_name,
+                          "the stream already holds another message under this row's event_id (two rows share \
+                           it): this row's content was dropped as a duplicate; the row is marked");
+                }
+            }
+        }
+        let parked = settlement.notices.iter().filter(|n| matches!(n, Notice::Parked { .. })).count() as u64;
+        let retried =
+            settlement.notices.iter().filter(|n| matches!(n, Notice::Retrying { .. })).count() as u64;
+        self.totals.published += settlement.published.len() as u64;
+        self.totals.duplicates += settlement.duplicates;
+        self.totals.failed += retried;
+        self.totals.parked += parked;
+        metrics::rows_published(settlement.published.len() as u64, settlement.duplicates);
+        for delay in &settlement.delays {
+            metrics::publish_delay(*delay);
+        }
+        for kind in &settlement.failed {
+            metrics::publish_failed(*kind);
+        }
+        for _ in 0..parked {
+            metrics::row_parked();
+        }
+        metrics::batch_finished(started.elapsed());
+        debug!(claimed = rows.len(), published = settlement.published.len(), failed = settlement.failures.len(),
+               elapsed = ?started.elapsed(), "batch published");
+        if settlement.unavailable > 0 {
+            warn!(rows = settlement.unavailable, reason = %settlement.unavailable_reason,
+                  "NATS did not confirm publishes; pausing until it is back (no attempts counted)");
+        }
+    }
+
+    /// Sleeps `delay`, waking early on NOTIFY; false when `stop` fired.
+    async fn pause(&self, delay: Duration, stop: &CancellationToken) -> bool {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => false,
+            _ = self.wake.notified() => true,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    /// A Postgres step that began at `started` failed: the outage goes on, or the relay gives up.
+    fn store_failed(&mut self, err: StoreError, started: Instant) -> Result<(), EngineError> {
+        metrics::set_store_up(false);
+        match self.store_outage.failed(started) {
+            Ok(down_for) => {
+                warn!(error = %super::error_chain(&err), ?down_for, "Postgres unavailable; retrying");
+                Ok(())
+            }
+            Err(_) => {
+                if !self.unmarked.is_empty() {
+                    error!(
+                        rows = self.unmarked.len(),
+                        "giving up with rows published but not marked: they will be \
+                           published again once Postgres is back (stored twice if that is after the stream's \
+                           duplicate window)"
+                    );
+                }
+                Err(EngineError::StoreUnavailable(self.relay.give_up_after, err))
+            }
+        }
+    }
+
+    fn store_recovered(&mut self) {
+        if let Some(down_for) = self.store_outage.recovered() {
+            info!(?down_for, "Postgres available again");
+        }
+        metrics::set_store_up(true);
+    }
+
+    /// With nothing to publish, NATS is only watched: a connection gone for `give_up_after` ends the relay as
+    /// a failed publish would, so an idle relay does not sit on a dead connection unnoticed.
+    fn watch_idle_nats(&mut self) -> Result<(), EngineError> {
+        if self.publisher.is_connected() {
+            self.nats_outage.recovered();
+            return Ok(());
+        }
+        self.nats_outage
+            .failed(Instant::now())
+            .map(drop)
+            .map_err(|_| EngineError::NatsUnavailable(self.relay.give_up_after, "not connected".to_owned()))
+    }
+
+    /// After a batch NATS did not confirm (its publishing started at `started`): waits for the connection,
+    /// then returns a pause so a server that answers but does not ack (e.g. JetStream restarting, or a full
+    /// stream) is not hammered.
+    async fn wait_for_nats(
+        &mut self,
+        started: Instant,
+        reason: String,
+        stop: &CancellationToken,
+    ) -> Result<Duration, EngineError> {
+        let give_up_after = self.relay.give_up_after;
+        let gave_up = |reason| EngineError::NatsUnavailable(give_up_after, reason);
+        if self.nats_outage.failed(started).is_err() {
+            return Err(gave_up(reason));
+        }
+        let connected = tokio::select! {
+            _ = stop.cancelled() => return Ok(Duration::ZERO),
+            connected = self.publisher.wait_connected(self.nats_outage.left()) => connected,
+        };
+        if !connected || self.nats_outage.left().is_zero() {
+            return Err(gave_up(reason));
+        }
+        Ok(self.nats_outage.pause(&OUTAGE_BACKOFF))
+    }
+}

@@ -1,0 +1,90 @@
+//! How the process ends: its exit codes, which error ends it with which, and the one-line error chain.
+
+use super::config::ConfigError;
+use super::engine::EngineError;
+use super::leader::LockError;
+use super::nats::ConnectError;
+use super::preflight::PreflightError;
+
+/// The process exit codes, documented in `--help` and the README.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExitCode {
+    /// Clean stop.
+    Ok = 0,
+    /// Bad flags.
+    Usage = 64,
+    /// Postgres, NATS or Redis unavailable at start or for longer than `give_up_after`.
+    Unavailable = 69,
+    /// A bug or an unexpected state.
+    Internal = 70,
+    /// Bad configuration, or a table that does not match it.
+    Config = 78,
+    /// Second signal: stopped without finishing.
+    Interrupted = 130,
+}
+
+/// Why the relay stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// A setting is wrong.
+    #[error("configuration")]
+    Config(#[from] ConfigError),
+    /// Postgres unreachable at start.
+    #[error("connecting to Postgres")]
+    PostgresConnect(#[source] sqlx::Error),
+    /// NATS unreachable at start.
+    #[error("connecting to NATS")]
+    NatsConnect(#[from] ConnectError),
+    /// A start-up check failed.
+    #[error("checking the setup")]
+    Preflight(#[from] PreflightError),
+    /// The relay loop gave up.
+    #[error("relay loop")]
+    Engine(#[from] EngineError),
+    /// The leader lock backend gave up.
+    #[error("leader lock")]
+    Lock(#[from] LockError),
+    /// The metrics endpoint could not listen.
+    #[error("metrics endpoint")]
+    Health(#[source] std::io::Error),
+}
+
+impl From<&PreflightError> for ExitCode {
+    fn from(err: &PreflightError) -> Self {
+        match err {
+            PreflightError::Postgres(_) | PreflightError::StreamLookup(..) => Self::Unavailable,
+            PreflightError::Table { .. } | PreflightError::EnsureStream(..) | PreflightError::NoStream(_) => {
+                Self::Config
+            }
+        }
+    }
+}
+
+impl From<&RelayError> for ExitCode {
+    fn from(err: &RelayError) -> Self {
+        match err {
+            RelayError::Config(_) | RelayError::Health(_) => Self::Config,
+            RelayError::Preflight(err) => err.into(),
+            RelayError::PostgresConnect(_)
+            | RelayError::NatsConnect(_)
+            | RelayError::Engine(_)
+            | RelayError::Lock(_) => Self::Unavailable,
+        }
+    }
+}
+
+/// `outer: inner: …`, each link once (some errors, async-nats' among them, already print their source).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,69 @@
+//! Off the hot path, every few seconds: retention (old published rows deleted in small batches) and the
+//! outbox gauges.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::config::RelayConfig;
+use super::health::Health;
+use super::metrics;
+use super::shard::Shard;
+use super::store::{Backlog, OutboxStore};
+
+/// Published rows deleted per retention statement, and statements per pass.
+const RETENTION_BATCH: (i64, u32) = (1000, 20);
+/// How often retention and the outbox gauges run.
+const EVERY: Duration = Duration::from_secs(5);
+
+/// Retention (delete old published rows in small batches) and the outbox gauges, off the hot path. Only the
+/// relay publishing the shard samples the gauges (standbys report zero), so a shard is read once per period
+/// however many replicas stand by.
+pub async fn run(
+    store: OutboxStore,
+    relay: RelayConfig,
+    shard: Shard,
+    health: Health,
+    shutdown: CancellationToken,
+) {
+    loop {
+        if let Some(retention) = relay.retention {
+            delete_expired(&store, retention, &shutdown).await;
+        }
+        if relay.metrics_addr.is_some() {
+            if !health.is_leading() {
+                metrics::set_outbox(&Backlog::default());
+            } else if let Ok(backlog) = store.backlog(shard).await {
+                metrics::set_outbox(&backlog);
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(EVERY) => {}
+        }
+    }
+}
+
+/// One retention pass: a bounded number of small deletes, so it never holds long locks.
+async fn delete_expired(store: &OutboxStore, retention: Duration, shutdown: &CancellationToken) {
+    let (batch, passes) = RETENTION_BATCH;
+    let mut deleted = 0;
+    for _ in 0..passes {
+        match store.delete_published(retention, batch).await {
+            Ok(n) => {
+                deleted += n;
+                if n < batch.unsigned_abs() || shutdown.is_cancelled() {
+                    break;
+                }
+            }
+            Err(err) => {
+                warn!(error = %err, "retention delete failed");
+                break;
+            }
+        }
+    }
+    if deleted > 0 {
+        info!(deleted, retention = %humantime::format_duration(retention), "old published rows deleted");
+    }
+}
