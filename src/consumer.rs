@@ -285,7 +285,6 @@ impl Delivery {
 #[derive(Debug)]
 pub struct EventMessage {
     event: DecodedEvent,
-    headers: Option<EventHeaders>,
     delivery: Delivery,
 }
 
@@ -300,9 +299,11 @@ impl EventMessage {
         self.event
     }
 
-    /// The `qx.*` headers; `None` when the producer set no `qx.event_name` or `qx.event_version`.
+    /// The `qx.*` headers, with version and event id from the envelope where the producer left them out (the
+    /// Python relay sends only the name, correlation and tenant); `None` when the message has no
+    /// `qx.event_name`. Tenant and correlation are the headers', as Python workers read them.
     pub fn headers(&self) -> Option<&EventHeaders> {
-        self.headers.as_ref()
+        self.event.headers()
     }
 
     /// The delivery count, ack, nak and term.
@@ -372,9 +373,8 @@ impl Stream for Messages {
 
 fn receive(registry: &EventRegistry, message: jetstream::Message) -> Result<Received, ConsumerError> {
     let delivery = Delivery::new(message)?;
-    let headers = delivery.message.headers.as_ref().and_then(EventHeaders::from_header_map);
-    Ok(match registry.decode(headers.as_ref(), &delivery.message.payload) {
-        Ok(event) => Received::Event(EventMessage { event, headers, delivery }),
+    Ok(match registry.decode(delivery.message.headers.as_ref(), &delivery.message.payload) {
+        Ok(event) => Received::Event(EventMessage { event, delivery }),
         Err(error) => Received::Undecodable(UndecodableMessage { error, delivery }),
     })
 }

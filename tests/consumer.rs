@@ -1,4 +1,4 @@
-//! The consumer against a real NATS: what the relay publishes decodes into typed events with the right
+//! The consumer against a real NATS: what every Qx producer publishes decodes into typed events with the right
 //! headers; retries, terms and `max_deliver` behave as JetStream promises; cancel loses nothing.
 
 mod common;
@@ -10,16 +10,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer;
+use async_nats::HeaderMap;
 use bytes::Bytes;
 use common::{FixtureRow, TestStream, FIXTURE_ROWS};
 use futures::StreamExt;
 use qx_relay::consumer::{Received, UndecodablePolicy};
 use qx_relay::registry::DecodeError;
+use qx_relay::wire::{
+    HEADER_CORRELATION_ID, HEADER_EVENT_ID, HEADER_EVENT_NAME, HEADER_EVENT_VERSION, HEADER_TENANT_ID,
+};
 use qx_relay::{
     ConsumerConfig, Envelope, EventConsumer, EventHeaders, EventRegistry, HandlerError, Publisher, QxEvent,
     RunConfig,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -426,5 +431,107 @@ async fn cancel_finishes_in_flight_handlers_and_loses_nothing() {
     eventually("all acks", || async { consumer_info(&stream, "workers").await.num_ack_pending == 0 }).await;
     cancel.cancel();
     run.await.unwrap().unwrap();
+    stream.delete().await;
+}
+
+/// Outbox rows and, in `body`, the bytes the Python relay publishes for each: it decodes the JSONB and
+/// re-encodes it with `json.dumps` (`\uXXXX` escapes, Python's float repr, `", "` and `": "` separators). The
+/// qx-db fixture rows, plus one with floats and characters outside the BMP.
+const PYTHON_RELAY_MESSAGES: &str = include_str!("fixtures/python-relay-messages.jsonl");
+
+#[derive(Debug, Deserialize)]
+struct PythonRelayMessage {
+    event_name: String,
+    correlation_id: Option<Uuid>,
+    tenant_id: Option<Uuid>,
+    /// The `payload` column as Postgres returns it.
+    payload: String,
+    body: String,
+}
+
+fn python_relay_messages() -> Vec<PythonRelayMessage> {
+    PYTHON_RELAY_MESSAGES
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("python relay message"))
+        .collect()
+}
+
+/// The headers the Python relay sets from a row's columns; `with_version_and_id` adds the two that Python's
+/// `NatsPublisher.publish` sets too. Neither sets `Nats-Msg-Id`.
+fn python_headers(message: &PythonRelayMessage, with_version_and_id: bool) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(HEADER_EVENT_NAME, message.event_name.as_str());
+    for (name, id) in [(HEADER_CORRELATION_ID, message.correlation_id), (HEADER_TENANT_ID, message.tenant_id)]
+    {
+        if let Some(id) = id {
+            headers.insert(name, id.to_string().as_str());
+        }
+    }
+    if with_version_and_id {
+        let envelope = Envelope::from_json(message.body.as_bytes()).unwrap();
+        headers.insert(HEADER_EVENT_VERSION, envelope.event_version.to_string().as_str());
+        headers.insert(HEADER_EVENT_ID, envelope.event_id.to_string().as_str());
+    }
+    headers
+}
+
+async fn publish_raw(stream: &TestStream, event_name: &str, headers: HeaderMap, body: &str) {
+    let subject = format!("{}.{event_name}", stream.prefix);
+    let ack =
+        stream.jetstream.publish_with_headers(subject, headers, Bytes::from(body.to_owned())).await.unwrap();
+    ack.await.unwrap();
+}
+
+#[tokio::test]
+async fn messages_as_python_producers_publish_them_expose_tenant_and_correlation() {
+    let stream = TestStream::create().await;
+    let messages = python_relay_messages();
+    for message in &messages {
+        let (body, payload): (Value, Value) =
+            (serde_json::from_str(&message.body).unwrap(), serde_json::from_str(&message.payload).unwrap());
+        assert_eq!(body, payload, "the relay re-encodes the row's JSON, it does not change it");
+        assert!(message.body.is_ascii(), "json.dumps escapes non-ASCII: {}", message.body);
+        for with_version_and_id in [false, true] {
+            let headers = python_headers(message, with_version_and_id);
+            publish_raw(&stream, &message.event_name, headers, &message.body).await;
+        }
+    }
+    assert!(messages.iter().any(|message| message.body.contains("1e-07")), "a Python float repr");
+    assert!(messages.iter().any(|message| message.tenant_id.is_none()));
+    assert!(messages.iter().any(|message| message.correlation_id.is_none()));
+
+    let consumer =
+        EventConsumer::bind(&stream.jetstream, config(&stream, "python"), registry()).await.unwrap();
+    let mut received = consumer.messages().await.unwrap();
+    let mut seen = HashSet::new();
+    for _ in 0..messages.len() * 2 {
+        let next = tokio::time::timeout(PATIENCE, received.next()).await.expect("a message").unwrap();
+        let message = match next.unwrap() {
+            Received::Event(message) => message,
+            Received::Undecodable(message) => panic!("undecodable: {:?}", message.error()),
+        };
+        let raw = message.delivery().message();
+        let sent = messages.iter().find(|sent| sent.body.as_bytes() == raw.payload.as_ref()).unwrap();
+        let from_python_relay = raw.headers.as_ref().unwrap().get(HEADER_EVENT_VERSION).is_none();
+        assert!(seen.insert((sent.body.as_str(), from_python_relay)), "delivered twice");
+        let envelope = message.event().envelope();
+        let expected = EventHeaders {
+            event_name: sent.event_name.clone(),
+            event_version: envelope.event_version,
+            event_id: Some(envelope.event_id),
+            correlation_id: sent.correlation_id,
+            tenant_id: sent.tenant_id,
+        };
+        assert_eq!(message.headers(), Some(&expected), "{}", sent.body);
+        match (sent.event_name.as_str(), envelope.event_version) {
+            ("order.placed", 1) => assert_typed::<OrderPlaced>(&message),
+            ("order.placed", 2) => assert_typed::<OrderPlacedV2>(&message),
+            ("identity.user.registered", 1) => assert_typed::<UserRegistered>(&message),
+            other => panic!("python relay event {other:?} has no type in this test"),
+        }
+        message.delivery().ack().await.unwrap();
+    }
+    assert_eq!(seen.len(), messages.len() * 2);
+    drop(received);
     stream.delete().await;
 }
