@@ -63,7 +63,7 @@ impl Envelope {
 }
 
 /// Python's `datetime.isoformat()`: microseconds only when non-zero, offset as `+HH:MM`.
-mod python_isoformat {
+pub(crate) mod python_isoformat {
     use chrono::{DateTime, FixedOffset, Timelike};
     use serde::{Deserialize, Deserializer, Serializer};
 

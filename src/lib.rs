@@ -5,12 +5,15 @@
 //! - [`wire`]: subjects and `qx.*` header names, written once;
 //! - [`publisher`]: publish events to JetStream with the Qx headers and `Nats-Msg-Id`;
 //! - [`registry`]: typed events ([`QxEvent`]) and the [`EventRegistry`] that decodes messages into them;
-//! - [`consumer`]: a durable JetStream pull consumer that decodes, hands events to a handler and acks.
+//! - [`consumer`]: a durable JetStream pull consumer that decodes, hands events to a handler and acks;
+//! - [`dead_letter`]: what the consumer keeps of messages it gives up on, in qx-worker's `qx_dead_letters`
+//!   shape (`dead_letter::PgDeadLetters` with the `dead-letters-postgres` feature).
 //!
 //! With the `relay` feature (default), [`relay`] is the daemon that drains `qx_outbox_events` to JetStream.
 //! Services that only need the library depend with `default-features = false`.
 
 pub mod consumer;
+pub mod dead_letter;
 pub mod envelope;
 pub mod publisher;
 pub mod registry;
