@@ -1,5 +1,5 @@
-//! Prints the orders and sign-ups a relay publishes: a durable consumer of `<prefix>.>` that decodes
-//! `order.placed` (v1 and v2) and `identity.user.registered` into Rust types.
+//! Prints the orders and sign-ups a relay publishes (qx-relay or the Python one): a durable consumer of
+//! `<prefix>.>` that decodes `order.placed` (v1 and v2) and `identity.user.registered` into Rust types.
 //!
 //! ```text
 //! NATS_URL=nats://127.0.0.1:4222 cargo run --example consumer -- <stream> <subject_prefix> [durable]
@@ -57,16 +57,18 @@ fn setting(position: usize, name: &str) -> Result<String, String> {
 
 async fn print_event(message: EventMessage) -> Result<(), HandlerError> {
     let event = message.event();
-    let tenant = message.headers().and_then(|headers| headers.tenant_id);
+    // From the headers, where Python workers read them; every Qx producer sets them, the Python relay too.
+    let (tenant, correlation) =
+        message.headers().map_or((None, None), |headers| (headers.tenant_id, headers.correlation_id));
     let delivered = message.delivery().delivered();
     if let Some(order) = event.downcast_ref::<OrderPlaced>() {
         println!(
-            "order {} placed: {} {} by {} (tenant {tenant:?}, delivery {delivered})",
+            "order {} placed: {} {} by {} (tenant {tenant:?}, correlation {correlation:?}, delivery {delivered})",
             order.order_id, order.amount_cents, order.currency, order.customer_email
         );
     } else if let Some(order) = event.downcast_ref::<OrderPlacedV2>() {
         println!(
-            "order {} placed with {} lines (v2, delivery {delivered})",
+            "order {} placed with {} lines (v2, tenant {tenant:?}, delivery {delivered})",
             order.order_id,
             order.lines.len()
         );

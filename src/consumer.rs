@@ -1,11 +1,12 @@
 //! Consuming Qx events from JetStream: a durable pull consumer with explicit acks, each message decoded by
 //! an [`EventRegistry`], and [`EventConsumer::run`] to drive a handler with bounded concurrency, retry
-//! backoff and a clean stop.
+//! backoff, optional dead letters and a clean stop.
 //!
 //! Owns the consumer's JetStream settings and what happens to a message after its handler; knows nothing
 //! about SQL or the relay.
 
 use std::error::Error as StdError;
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,8 +21,9 @@ use futures::{Stream, StreamExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, warn, Instrument};
+use tracing::{debug, error, warn, Instrument};
 
+use crate::dead_letter::{DeadLetter, DeadLetters};
 use crate::registry::{DecodeError, DecodedEvent, EventRegistry};
 use crate::wire::EventHeaders;
 
@@ -209,10 +211,11 @@ pub struct AckError {
 /// How a handler failed, which decides what happens to the message.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
-    /// Worth another try later (a dependency is down): nak with backoff, until `max_deliver` is reached.
+    /// Worth another try later (a dependency is down): nak with backoff, until `max_deliver` is reached (then
+    /// dead-letter, with dead letters).
     #[error("handler failed, will retry")]
     Retry(#[source] Box<dyn StdError + Send + Sync>),
-    /// Will fail every time (invalid data): terminate, JetStream never redelivers it.
+    /// Will fail every time (invalid data): terminate (ack, with dead letters), JetStream never redelivers it.
     #[error("handler failed permanently")]
     Permanent(#[source] Box<dyn StdError + Send + Sync>),
 }
@@ -285,7 +288,6 @@ impl Delivery {
 #[derive(Debug)]
 pub struct EventMessage {
     event: DecodedEvent,
-    headers: Option<EventHeaders>,
     delivery: Delivery,
 }
 
@@ -300,9 +302,11 @@ impl EventMessage {
         self.event
     }
 
-    /// The `qx.*` headers; `None` when the producer set no `qx.event_name` or `qx.event_version`.
+    /// The `qx.*` headers, with version and event id from the envelope where the producer left them out (the
+    /// Python relay sends only the name, correlation and tenant); `None` when the message has no
+    /// `qx.event_name`. Tenant and correlation are the headers', as Python workers read them.
     pub fn headers(&self) -> Option<&EventHeaders> {
-        self.headers.as_ref()
+        self.event.headers()
     }
 
     /// The delivery count, ack, nak and term.
@@ -372,9 +376,8 @@ impl Stream for Messages {
 
 fn receive(registry: &EventRegistry, message: jetstream::Message) -> Result<Received, ConsumerError> {
     let delivery = Delivery::new(message)?;
-    let headers = delivery.message.headers.as_ref().and_then(EventHeaders::from_header_map);
-    Ok(match registry.decode(headers.as_ref(), &delivery.message.payload) {
-        Ok(event) => Received::Event(EventMessage { event, headers, delivery }),
+    Ok(match registry.decode(delivery.message.headers.as_ref(), &delivery.message.payload) {
+        Ok(event) => Received::Event(EventMessage { event, delivery }),
         Err(error) => Received::Undecodable(UndecodableMessage { error, delivery }),
     })
 }
@@ -406,11 +409,24 @@ fn receive(registry: &EventRegistry, message: jetstream::Message) -> Result<Rece
 ///     .await?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EventConsumer {
     consumer: PullConsumer,
     registry: Arc<EventRegistry>,
     config: ConsumerConfig,
+    // Kept for the dead-letter notifications, which go through JetStream as qx-worker's do.
+    jetstream: jetstream::Context,
+    dead_letters: Option<Arc<dyn DeadLetters>>,
+}
+
+impl fmt::Debug for EventConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventConsumer")
+            .field("config", &self.config)
+            .field("registry", &self.registry)
+            .field("dead_letters", &self.dead_letters.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl EventConsumer {
@@ -442,7 +458,44 @@ impl EventConsumer {
                     source,
                 }
             })?;
-        Ok(Self { consumer, registry: Arc::new(registry), config })
+        Ok(Self {
+            consumer,
+            registry: Arc::new(registry),
+            config,
+            jetstream: jetstream.clone(),
+            dead_letters: None,
+        })
+    }
+
+    /// Dead-letters messages as qx-worker does, for `qx dlq list` and `qx dlq replay`.
+    ///
+    /// In [`EventConsumer::run`], a message that fails with [`HandlerError::Retry`] (or does not decode, under
+    /// [`UndecodablePolicy::Retry`]) on its last delivery (`max_deliver`) is stored in `store` as a
+    /// [`DeadLetter`], then announced on `qx_dlq.<event_name>` through JetStream (best effort: the row is the
+    /// record), then acked. A [`HandlerError::Permanent`] failure is acked without a dead letter, as qx-worker
+    /// drops it. A letter `store` refuses is logged and nak'd, which JetStream does not redeliver past
+    /// `max_deliver`.
+    ///
+    /// ```no_run
+    /// # use qx_relay::dead_letter::{DeadLetter, DeadLetters, StoreError};
+    /// # struct MyStore;
+    /// # impl DeadLetters for MyStore {
+    /// #     fn store<'a>(&'a self, _: &'a DeadLetter) -> futures::future::BoxFuture<'a, Result<(), StoreError>> {
+    /// #         Box::pin(async { Ok(()) })
+    /// #     }
+    /// # }
+    /// # async fn demo(jetstream: async_nats::jetstream::Context) -> Result<(), Box<dyn std::error::Error>> {
+    /// use qx_relay::{ConsumerConfig, EventConsumer, EventRegistry};
+    ///
+    /// let config = ConsumerConfig::new("BILLING", "shipping", "billing.>");
+    /// let consumer = EventConsumer::bind(&jetstream, config, EventRegistry::new())
+    ///     .await?
+    ///     .with_dead_letters(MyStore); // or PgDeadLetters (feature `dead-letters-postgres`)
+    /// # Ok(()) }
+    /// ```
+    pub fn with_dead_letters(mut self, store: impl DeadLetters) -> Self {
+        self.dead_letters = Some(Arc::new(store));
+        self
     }
 
     /// The settings this consumer was bound with.
@@ -470,8 +523,8 @@ impl EventConsumer {
 
     /// Hands each decoded message to `handler`, at most `options.max_in_flight` at once, and settles it by
     /// the outcome: ack on `Ok`, nak with backoff on [`HandlerError::Retry`], term on
-    /// [`HandlerError::Permanent`].
-    /// Undecodable messages never reach the handler; `options.on_undecodable` settles them.
+    /// [`HandlerError::Permanent`] ([`EventConsumer::with_dead_letters`] changes the last two as qx-worker
+    /// does). Undecodable messages never reach the handler; `options.on_undecodable` settles them.
     ///
     /// Returns `Ok` once `cancel` fires and the handlers in flight have finished and been settled. Messages
     /// pulled but not yet handled, and those of a panicking handler, come back after `ack_wait`. Leave
@@ -503,7 +556,11 @@ impl EventConsumer {
         let handler = Arc::new(handler);
         let slots = Arc::new(Semaphore::new(options.max_in_flight));
         let handlers = TaskTracker::new();
-        let max_deliver = self.config.max_deliver;
+        let settler = Arc::new(Settler {
+            options,
+            max_deliver: self.config.max_deliver,
+            dead_letters: self.dead_letters.clone().map(|store| (store, self.jetstream.clone())),
+        });
         let result = loop {
             // A slot before the next message: while all handlers are busy the pull stream is not polled, so
             // it asks the server for nothing more than the batch it holds.
@@ -519,25 +576,35 @@ impl EventConsumer {
             };
             match next {
                 Some(Ok(Received::Event(message))) => {
-                    let (handler, delivery) = (handler.clone(), message.delivery.clone());
+                    let (handler, settler) = (handler.clone(), settler.clone());
+                    let delivery = message.delivery.clone();
                     let task = async move {
                         let action = match handler(message).await {
                             Ok(()) => Action::Ack,
                             Err(err @ HandlerError::Retry(_)) => Action::Retry(Box::new(err)),
+                            // With dead letters, a permanent failure is acked as qx-worker acks it.
+                            Err(err @ HandlerError::Permanent(_)) if settler.dead_letters.is_some() => {
+                                Action::Discard(Box::new(err))
+                            }
                             Err(err @ HandlerError::Permanent(_)) => Action::Term(Box::new(err)),
                         };
-                        settle(&delivery, action, &options, max_deliver).await;
+                        settler.settle(&delivery, action).await;
                         drop(slot);
                     };
                     handlers.spawn(task.in_current_span());
                 }
-                Some(Ok(Received::Undecodable(message))) => {
-                    let error = Box::new(message.error);
+                Some(Ok(Received::Undecodable(UndecodableMessage { error, delivery }))) => {
                     let action = match options.on_undecodable {
-                        UndecodablePolicy::Term => Action::Term(error),
-                        UndecodablePolicy::Retry => Action::Retry(error),
+                        UndecodablePolicy::Term => Action::Term(Box::new(error)),
+                        UndecodablePolicy::Retry => Action::Retry(Box::new(error)),
                     };
-                    settle(&message.delivery, action, &options, max_deliver).await;
+                    // In a task like a handler's: on the last delivery, settling may write a dead letter.
+                    let settler = settler.clone();
+                    let task = async move {
+                        settler.settle(&delivery, action).await;
+                        drop(slot);
+                    };
+                    handlers.spawn(task.in_current_span());
                 }
                 Some(Err(err)) if err.is_transient() => {
                     let pause = RECEIVE_ERROR_PAUSE;
@@ -564,38 +631,114 @@ enum Action {
     Ack,
     Retry(Box<dyn StdError + Send + Sync>),
     Term(Box<dyn StdError + Send + Sync>),
+    /// Failed for good, acked without a dead letter.
+    Discard(Box<dyn StdError + Send + Sync>),
 }
 
-async fn settle(delivery: &Delivery, action: Action, options: &RunConfig, max_deliver: i64) {
-    let (subject, delivered) = (delivery.message.subject.as_str(), delivery.delivered);
-    let sent = match action {
-        Action::Ack => delivery.ack().await,
-        Action::Retry(err) => {
-            let retry_in = options.backoff(delivered);
-            if delivered == max_deliver {
+/// What settling a message takes, shared by the handler tasks.
+struct Settler {
+    options: RunConfig,
+    max_deliver: i64,
+    dead_letters: Option<(Arc<dyn DeadLetters>, jetstream::Context)>,
+}
+
+impl Settler {
+    async fn settle(&self, delivery: &Delivery, action: Action) {
+        let (subject, delivered) = (delivery.message.subject.as_str(), delivery.delivered);
+        // JetStream delivers a message at most `max_deliver` times; -1 is no limit.
+        let last = self.max_deliver > 0 && delivered >= self.max_deliver;
+        let sent = match action {
+            Action::Ack => delivery.ack().await,
+            Action::Retry(err) => match &self.dead_letters {
+                Some((store, jetstream)) if last => bury(delivery, &*err, &**store, jetstream).await,
+                _ => {
+                    let retry_in = self.options.backoff(delivered);
+                    if last {
+                        error!(
+                            error = &*err as &dyn StdError,
+                            subject,
+                            delivered,
+                            "failed on the last delivery; JetStream will not redeliver it"
+                        );
+                    } else {
+                        warn!(
+                            error = &*err as &dyn StdError,
+                            subject,
+                            delivered,
+                            ?retry_in,
+                            "failed; to be redelivered"
+                        );
+                    }
+                    delivery.nak(Some(retry_in)).await
+                }
+            },
+            Action::Term(err) => {
+                error!(error = &*err as &dyn StdError, subject, delivered, "failed for good; terminated");
+                delivery.term().await
+            }
+            Action::Discard(err) => {
                 error!(
                     error = &*err as &dyn StdError,
-                    subject, delivered, "failed on the last delivery; JetStream will not redeliver it"
+                    subject, delivered, "failed for good; acked, no dead letter"
                 );
-            } else {
-                warn!(
-                    error = &*err as &dyn StdError,
-                    subject,
-                    delivered,
-                    ?retry_in,
-                    "failed; to be redelivered"
-                );
+                delivery.ack().await
             }
-            delivery.nak(Some(retry_in)).await
+        };
+        if let Err(err) = sent {
+            warn!(
+                error = &err as &dyn StdError,
+                subject, "not settled; JetStream redelivers it after ack_wait"
+            );
         }
-        Action::Term(err) => {
-            error!(error = &*err as &dyn StdError, subject, delivered, "failed for good; terminated");
-            delivery.term().await
-        }
-    };
-    if let Err(err) = sent {
-        warn!(error = &err as &dyn StdError, subject, "not settled; JetStream redelivers it after ack_wait");
     }
+}
+
+/// Moves a message that failed on its last delivery to the dead letters as qx-worker does: store, notify, ack.
+async fn bury(
+    delivery: &Delivery,
+    err: &(dyn StdError + Send + Sync + 'static),
+    store: &dyn DeadLetters,
+    jetstream: &jetstream::Context,
+) -> Result<(), AckError> {
+    let (subject, delivered) = (delivery.message.subject.as_str(), delivery.delivered);
+    let failure = failure_text(err);
+    let letter = DeadLetter::new(&delivery.message, delivered, &failure);
+    if let Err(store_err) = store.store(&letter).await {
+        error!(
+            error = &*store_err as &dyn StdError,
+            failure, subject, delivered, "failed on the last delivery, and its dead letter was not stored"
+        );
+        // Past max_deliver JetStream does not redeliver it: it stays in the stream only.
+        return delivery.nak(None).await;
+    }
+    error!(dead_letter = %letter.id, failure, subject, delivered, "failed on the last delivery; dead-lettered");
+    // Best effort, as qx-worker: the row is the record, and only a stream capturing qx_dlq.> keeps notices.
+    if let Err(notify_err) = notify(jetstream, &letter, &failure).await {
+        debug!(error = &*notify_err as &dyn StdError, dead_letter = %letter.id, "dead letter not announced");
+    }
+    delivery.ack().await
+}
+
+async fn notify(
+    jetstream: &jetstream::Context,
+    letter: &DeadLetter,
+    failure: &str,
+) -> Result<(), Box<dyn StdError + Send + Sync>> {
+    let (subject, body) = letter.notification(failure)?;
+    jetstream.publish(subject, body.into()).await?.await?;
+    Ok(())
+}
+
+/// The failure as qx-worker records a handler's `str(exc)`: the handler's own error, then its causes.
+fn failure_text(err: &(dyn StdError + 'static)) -> String {
+    // A HandlerError only says how to settle; what went wrong is its source.
+    let first = match err.downcast_ref::<HandlerError>() {
+        Some(handler) => handler.source(),
+        None => Some(err),
+    };
+    let causes: Vec<String> =
+        std::iter::successors(first, |&cause| cause.source()).map(ToString::to_string).collect();
+    causes.join(": ")
 }
 
 #[cfg(test)]

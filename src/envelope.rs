@@ -115,7 +115,7 @@ fn skip_whitespace(bytes: &[u8], from: usize) -> usize {
 }
 
 /// Python's `datetime.isoformat()`: microseconds only when non-zero, offset as `+HH:MM`.
-mod python_isoformat {
+pub(crate) mod python_isoformat {
     use chrono::{DateTime, FixedOffset, Timelike};
     use serde::{Deserialize, Deserializer, Serializer};
 

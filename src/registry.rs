@@ -7,6 +7,7 @@ use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
 
+use async_nats::HeaderMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -159,14 +160,15 @@ impl EventRegistry {
 
     /// Decodes a message body into its registered type.
     ///
-    /// The name and version come from `headers` when the message has them (as every Qx producer sets them),
-    /// else from the envelope, so messages without Qx headers still decode.
+    /// The name and version come from the Qx headers when the message has them (see
+    /// [`EventHeaders::from_header_map`]), else from the envelope, so messages without Qx headers still decode.
     ///
     /// # Errors
     /// See [`DecodeError`]: each variant is a distinct reason, and none goes away by decoding again.
-    pub fn decode(&self, headers: Option<&EventHeaders>, body: &[u8]) -> Result<DecodedEvent, DecodeError> {
+    pub fn decode(&self, headers: Option<&HeaderMap>, body: &[u8]) -> Result<DecodedEvent, DecodeError> {
         let envelope = Envelope::from_json(body).map_err(DecodeError::NotEnvelope)?;
-        let (name, version) = match headers {
+        let headers = headers.and_then(|headers| EventHeaders::from_header_map(headers, &envelope));
+        let (name, version) = match &headers {
             Some(headers) => (headers.event_name.as_str(), headers.event_version),
             None => (envelope.event_name.as_str(), envelope.event_version),
         };
@@ -177,7 +179,7 @@ impl EventRegistry {
             type_name: entry.type_name,
             source,
         })?;
-        Ok(DecodedEvent { envelope: Box::new(envelope), event, type_name: entry.type_name })
+        Ok(DecodedEvent { envelope: Box::new(envelope), headers, event, type_name: entry.type_name })
     }
 
     /// Decodes a received NATS message (core, or JetStream's, which derefs to it): Qx headers, then body.
@@ -185,8 +187,7 @@ impl EventRegistry {
     /// # Errors
     /// As [`EventRegistry::decode`].
     pub fn decode_message(&self, message: &async_nats::Message) -> Result<DecodedEvent, DecodeError> {
-        let headers = message.headers.as_ref().and_then(EventHeaders::from_header_map);
-        self.decode(headers.as_ref(), &message.payload)
+        self.decode(message.headers.as_ref(), &message.payload)
     }
 
     fn lookup(&self, name: &str, version: i32) -> Result<Entry, DecodeError> {
@@ -215,10 +216,11 @@ fn decode_payload<T: QxEvent>(envelope: &Envelope) -> Result<Box<dyn Any + Send 
     Ok(Box::new(T::deserialize(&envelope.payload)?))
 }
 
-/// A message decoded into its registered type, with the envelope it came in.
+/// A message decoded into its registered type, with the envelope and the Qx headers it came with.
 pub struct DecodedEvent {
     // Boxed: the envelope is most of the size, and a `DecodedEvent` moves through results and channels.
     envelope: Box<Envelope>,
+    headers: Option<EventHeaders>,
     event: Box<dyn Any + Send + Sync>,
     type_name: &'static str,
 }
@@ -227,6 +229,12 @@ impl DecodedEvent {
     /// The envelope: ids, timestamps, tenant, and the raw `payload`.
     pub fn envelope(&self) -> &Envelope {
         &self.envelope
+    }
+
+    /// The `qx.*` headers, with version and event id from the envelope where the producer left them out;
+    /// `None` when the message has no `qx.event_name` (see [`EventHeaders::from_header_map`]).
+    pub fn headers(&self) -> Option<&EventHeaders> {
+        self.headers.as_ref()
     }
 
     /// The event as `T`, or `None` when it decoded into another type.
@@ -256,6 +264,7 @@ impl fmt::Debug for DecodedEvent {
         f.debug_struct("DecodedEvent")
             .field("type_name", &self.type_name)
             .field("envelope", &self.envelope)
+            .field("headers", &self.headers)
             .finish_non_exhaustive()
     }
 }
@@ -309,14 +318,15 @@ mod tests {
         .unwrap()
     }
 
-    fn headers(name: &str, version: i32) -> EventHeaders {
-        EventHeaders {
+    fn headers(name: &str, version: i32) -> HeaderMap {
+        let headers = EventHeaders {
             event_name: name.into(),
             event_version: version,
             event_id: None,
             correlation_id: None,
             tenant_id: None,
-        }
+        };
+        headers.to_header_map(Uuid::new_v4())
     }
 
     fn registry() -> EventRegistry {
@@ -359,7 +369,7 @@ mod tests {
             subject: "billing.order.placed".into(),
             reply: None,
             payload: v2.into(),
-            headers: Some(headers("order.placed", 1).to_header_map(Uuid::new_v4())),
+            headers: Some(headers("order.placed", 1)),
             status: None,
             description: None,
             length: 0,
@@ -367,7 +377,17 @@ mod tests {
         let err = registry().decode_message(&message).unwrap_err();
         assert!(matches!(err, DecodeError::Payload { version: 1, .. }), "{err:?}");
         message.headers = None;
-        assert!(registry().decode_message(&message).unwrap().downcast_ref::<PlacedV2>().is_some());
+        let decoded = registry().decode_message(&message).unwrap();
+        assert!(decoded.downcast_ref::<PlacedV2>().is_some());
+        assert_eq!(decoded.headers(), None);
+
+        // The Python relay sends the name alone: the version comes from the envelope.
+        let mut name_only = HeaderMap::new();
+        name_only.insert(wire::HEADER_EVENT_NAME, "order.placed");
+        message.headers = Some(name_only);
+        let decoded = registry().decode_message(&message).unwrap();
+        assert!(decoded.downcast_ref::<PlacedV2>().is_some());
+        assert_eq!(decoded.headers().map(|headers| headers.event_version), Some(2));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue, NATS_MESSAGE_ID};
 use uuid::Uuid;
 
+use crate::envelope::Envelope;
+
 /// The event's dotted name, e.g. `order.placed`.
 pub const HEADER_EVENT_NAME: &str = "qx.event_name";
 /// The payload schema version, as decimal text.
@@ -21,13 +23,20 @@ pub const HEADER_TENANT_ID: &str = "qx.tenant_id";
 /// Why an event name cannot become a subject. Retrying never helps.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubjectError {
-    /// The name is empty, or one of its dot-separated parts is.
+    /// The name is empty, or one of its dot-separated tokens is.
     #[error("event name {0:?} has an empty subject token")]
     EmptyToken(String),
-    /// The name holds whitespace, a control character or a wildcard.
-    #[error("event name {0:?} is not a valid subject token (whitespace, control character or wildcard)")]
+    /// The name holds whitespace nats-server splits on, or NUL.
+    #[error("event name {0:?} holds whitespace or NUL, which nats-server refuses in a subject")]
     InvalidCharacter(String),
+    /// A token is exactly `*` or `>`: a wildcard, which a published subject cannot hold.
+    #[error("event name {0:?} has a wildcard token")]
+    Wildcard(String),
 }
+
+/// What nats-server refuses anywhere in a subject: the whitespace it splits tokens on (`IsValidSubject`), and
+/// NUL, which it takes for corruption when it reads a stream's subjects back.
+const NOT_IN_SUBJECTS: [char; 6] = [' ', '\t', '\n', '\u{c}', '\r', '\0'];
 
 /// The subject an event is published on: `<subject_prefix>.<event_name>`.
 ///
@@ -38,17 +47,21 @@ pub fn subject(subject_prefix: &str, event_name: &str) -> Result<String, Subject
     Ok(format!("{subject_prefix}.{event_name}"))
 }
 
-/// Checks that `event_name` is one or more literal subject tokens.
+/// Checks that `event_name` (or a subject prefix) is one or more literal subject tokens, as nats-server's
+/// `IsValidPublishSubject` defines them: no empty token, no whitespace it splits on, no token that is exactly
+/// `*` or `>`; and no NUL. Anything else is literal, `*` and `>` inside a token included (`order.bad*name`).
 ///
 /// # Errors
 /// See [`SubjectError`].
 pub fn validate_event_name(event_name: &str) -> Result<(), SubjectError> {
-    if event_name.split('.').any(str::is_empty) {
-        return Err(SubjectError::EmptyToken(event_name.to_owned()));
-    }
-    let bad = |c: char| c.is_whitespace() || c.is_control() || c == '*' || c == '>';
-    if event_name.contains(bad) {
-        return Err(SubjectError::InvalidCharacter(event_name.to_owned()));
+    for token in event_name.split('.') {
+        let error = match token {
+            "" => SubjectError::EmptyToken,
+            "*" | ">" => SubjectError::Wildcard,
+            _ if token.contains(NOT_IN_SUBJECTS) => SubjectError::InvalidCharacter,
+            _ => continue,
+        };
+        return Err(error(event_name.to_owned()));
     }
     Ok(())
 }
@@ -58,9 +71,9 @@ pub fn validate_event_name(event_name: &str) -> Result<(), SubjectError> {
 pub struct EventHeaders {
     /// `qx.event_name`.
     pub event_name: String,
-    /// `qx.event_version`.
+    /// `qx.event_version`; on a received message without it, the envelope's.
     pub event_version: i32,
-    /// `qx.event_id`; absent only for rows whose envelope has no valid `event_id`.
+    /// `qx.event_id`; absent only when publishing a row whose envelope has no valid `event_id`.
     pub event_id: Option<Uuid>,
     /// `qx.correlation_id`.
     pub correlation_id: Option<Uuid>,
@@ -93,15 +106,22 @@ impl EventHeaders {
         headers
     }
 
-    /// Reads the Qx headers of a received message. `None` when `qx.event_name` or `qx.event_version` is
-    /// missing or malformed; an unparsable optional id is read as absent.
-    pub fn from_header_map(headers: &HeaderMap) -> Option<Self> {
+    /// Reads the Qx headers of a received message whose body is `envelope`; `None` when it has no
+    /// `qx.event_name`, which every Qx producer sets.
+    ///
+    /// Not every producer sets the rest: the Python relay sends only `qx.event_name`, plus `qx.correlation_id`
+    /// and `qx.tenant_id` when the event has them. A missing or unparsable `qx.event_version` or `qx.event_id`
+    /// is taken from the envelope. Correlation and tenant come from the headers alone, as Python workers read
+    /// them; an unparsable one is read as absent.
+    pub fn from_header_map(headers: &HeaderMap, envelope: &Envelope) -> Option<Self> {
         let text = |name: &str| headers.get(name).map(HeaderValue::as_str);
         let id = |name: &str| text(name).and_then(|value| Uuid::parse_str(value).ok());
         Some(Self {
             event_name: text(HEADER_EVENT_NAME)?.to_owned(),
-            event_version: text(HEADER_EVENT_VERSION)?.parse().ok()?,
-            event_id: id(HEADER_EVENT_ID),
+            event_version: text(HEADER_EVENT_VERSION)
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(envelope.event_version),
+            event_id: id(HEADER_EVENT_ID).or(Some(envelope.event_id)),
             correlation_id: id(HEADER_CORRELATION_ID),
             tenant_id: id(HEADER_TENANT_ID),
         })
@@ -123,13 +143,104 @@ mod tests {
     }
 
     #[test]
-    fn invalid_event_names_are_rejected() {
-        for name in ["", "order..placed", ".x", "x.", "order placed", "orders.*", ">", "a\tb", "a\u{0}b"] {
-            assert!(validate_event_name(name).is_err(), "{name:?} should be rejected");
+    fn event_names_follow_nats_publish_subject_rules() {
+        use SubjectError::{EmptyToken as Empty, InvalidCharacter as Char, Wildcard};
+        // None: a valid name; else the error it gets.
+        type Verdict = Option<fn(String) -> SubjectError>;
+        let cases: &[(&str, Verdict)] = &[
+            ("order.placed", None),
+            ("identity.user.registered", None),
+            ("ünïcødé.🎉", None),
+            ("order-placed_v2:x$y", None),
+            // `*` and `>` are wildcards only as whole tokens; inside one they are literal, and the Python relay
+            // publishes such names.
+            ("order.bad*name", None),
+            ("order.*name", None),
+            ("order.name>", None),
+            ("order.>>", None),
+            ("order.**", None),
+            ("*a.b>", None),
+            // Control characters other than NUL and the whitespace below, and Unicode spaces: nats-server
+            // takes them in a publish subject.
+            ("a\u{1}b", None),
+            ("a\u{b}b", None),
+            ("a\u{7f}b", None),
+            ("a\u{a0}b", None),
+            ("a\u{2028}b", None),
+            ("", Some(Empty)),
+            (".", Some(Empty)),
+            (".x", Some(Empty)),
+            ("x.", Some(Empty)),
+            ("order..placed", Some(Empty)),
+            ("*", Some(Wildcard)),
+            (">", Some(Wildcard)),
+            ("orders.*", Some(Wildcard)),
+            ("orders.>", Some(Wildcard)),
+            ("*.placed", Some(Wildcard)),
+            ("order.*.v2", Some(Wildcard)),
+            ("order.>.v2", Some(Wildcard)),
+            ("order placed", Some(Char)),
+            ("order.placed ", Some(Char)),
+            (" ", Some(Char)),
+            ("a\tb", Some(Char)),
+            ("a\nb", Some(Char)),
+            ("a\rb", Some(Char)),
+            ("a\u{c}b", Some(Char)),
+            ("a\u{0}b", Some(Char)),
+            ("a b.*", Some(Char)),
+        ];
+        for &(name, expected) in cases {
+            let expected = expected.map_or(Ok(()), |error| Err(error(name.to_owned())));
+            assert_eq!(validate_event_name(name), expected, "{name:?}");
+            assert_eq!(subject("billing", name).map(drop), expected, "{name:?}");
         }
-        for name in ["order.placed", "identity.user.registered", "ünïcødé"] {
-            assert!(validate_event_name(name).is_ok(), "{name:?} should be accepted");
+    }
+
+    /// A message as the Python relay publishes it: the event name, plus correlation and tenant when set.
+    fn python_relay_headers(name: &str, correlation_id: Option<Uuid>, tenant_id: Option<Uuid>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_EVENT_NAME, name);
+        for (header, id) in [(HEADER_CORRELATION_ID, correlation_id), (HEADER_TENANT_ID, tenant_id)] {
+            if let Some(id) = id {
+                headers.insert(header, id.to_string().as_str());
+            }
         }
+        headers
+    }
+
+    fn envelope(version: i32, tenant_id: Option<Uuid>) -> Envelope {
+        let body = serde_json::json!({
+            "payload": {}, "actor_id": null, "event_id": Uuid::new_v4(), "tenant_id": tenant_id,
+            "event_name": "order.placed", "occurred_at": "2026-11-27T04:43:29.753088+00:00",
+            "causation_id": null, "event_version": version, "correlation_id": null,
+        });
+        serde_json::from_value(body).unwrap()
+    }
+
+    #[test]
+    fn headers_without_version_or_id_take_them_from_the_envelope() {
+        let (correlation, tenant) = (Uuid::new_v4(), Uuid::new_v4());
+        let envelope = envelope(2, Some(Uuid::new_v4()));
+        let headers = python_relay_headers("order.placed", Some(correlation), Some(tenant));
+        let expected = EventHeaders {
+            event_name: "order.placed".into(),
+            event_version: 2,
+            event_id: Some(envelope.event_id),
+            correlation_id: Some(correlation),
+            // The header's tenant, not the envelope's: Python workers read it there alone.
+            tenant_id: Some(tenant),
+        };
+        assert_eq!(EventHeaders::from_header_map(&headers, &envelope), Some(expected));
+
+        let mut headers = python_relay_headers("order.placed", None, None);
+        headers.insert(HEADER_EVENT_VERSION, "two");
+        headers.insert(HEADER_TENANT_ID, "not-a-uuid");
+        let read = EventHeaders::from_header_map(&headers, &envelope).unwrap();
+        assert_eq!((read.event_version, read.tenant_id, read.correlation_id), (2, None, None));
+
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_TENANT_ID, tenant.to_string().as_str());
+        assert_eq!(EventHeaders::from_header_map(&headers, &envelope), None, "no qx.event_name");
     }
 
     #[test]
@@ -145,6 +256,7 @@ mod tests {
         let map = event.to_header_map(msg_id);
         assert_eq!(map.get(NATS_MESSAGE_ID).unwrap().as_str(), msg_id.to_string());
         assert!(map.get(HEADER_TENANT_ID).is_none());
-        assert_eq!(EventHeaders::from_header_map(&map), Some(event));
+        // Headers set by every Qx producer but the Python relay win over a differing envelope.
+        assert_eq!(EventHeaders::from_header_map(&map, &envelope(1, None)), Some(event));
     }
 }

@@ -1,25 +1,34 @@
-//! The consumer against a real NATS: what the relay publishes decodes into typed events with the right
-//! headers; retries, terms and `max_deliver` behave as JetStream promises; cancel loses nothing.
+//! The consumer against a real NATS (and Postgres for dead letters): what every Qx producer publishes decodes
+//! into typed events with the right headers; retries, terms and `max_deliver` behave as JetStream promises;
+//! cancel loses nothing; dead letters match qx-worker's and replay with `qx dlq replay`.
 
 mod common;
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer;
+use async_nats::header::NATS_MESSAGE_ID;
+use async_nats::jetstream::{self, consumer, publish::PublishAck};
+use async_nats::HeaderMap;
 use bytes::Bytes;
-use common::{FixtureRow, TestStream, FIXTURE_ROWS};
-use futures::StreamExt;
+use chrono::{DateTime, Utc};
+use common::{FixtureRow, TestDb, TestStream, DEAD_LETTERS_DDL, FIXTURE_ROWS};
+use futures::{FutureExt, StreamExt};
 use qx_relay::consumer::{Received, UndecodablePolicy};
+use qx_relay::dead_letter::PgDeadLetters;
 use qx_relay::registry::DecodeError;
+use qx_relay::wire::{
+    HEADER_CORRELATION_ID, HEADER_EVENT_ID, HEADER_EVENT_NAME, HEADER_EVENT_VERSION, HEADER_TENANT_ID,
+};
 use qx_relay::{
     ConsumerConfig, Envelope, EventConsumer, EventHeaders, EventRegistry, HandlerError, Publisher, QxEvent,
     RunConfig,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -427,4 +436,390 @@ async fn cancel_finishes_in_flight_handlers_and_loses_nothing() {
     cancel.cancel();
     run.await.unwrap().unwrap();
     stream.delete().await;
+}
+
+/// Outbox rows and, in `body`, the bytes the Python relay publishes for each: it decodes the JSONB and
+/// re-encodes it with `json.dumps` (`\uXXXX` escapes, Python's float repr, `", "` and `": "` separators). The
+/// qx-db fixture rows, plus one with floats and characters outside the BMP.
+const PYTHON_RELAY_MESSAGES: &str = include_str!("fixtures/python-relay-messages.jsonl");
+
+#[derive(Debug, Deserialize)]
+struct PythonRelayMessage {
+    event_name: String,
+    correlation_id: Option<Uuid>,
+    tenant_id: Option<Uuid>,
+    /// The `payload` column as Postgres returns it.
+    payload: String,
+    body: String,
+}
+
+fn python_relay_messages() -> Vec<PythonRelayMessage> {
+    PYTHON_RELAY_MESSAGES
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("python relay message"))
+        .collect()
+}
+
+/// The headers the Python relay sets from a row's columns; `with_version_and_id` adds the two that Python's
+/// `NatsPublisher.publish` sets too. Neither sets `Nats-Msg-Id`.
+fn python_headers(message: &PythonRelayMessage, with_version_and_id: bool) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(HEADER_EVENT_NAME, message.event_name.as_str());
+    for (name, id) in [(HEADER_CORRELATION_ID, message.correlation_id), (HEADER_TENANT_ID, message.tenant_id)]
+    {
+        if let Some(id) = id {
+            headers.insert(name, id.to_string().as_str());
+        }
+    }
+    if with_version_and_id {
+        let envelope = Envelope::from_json(message.body.as_bytes()).unwrap();
+        headers.insert(HEADER_EVENT_VERSION, envelope.event_version.to_string().as_str());
+        headers.insert(HEADER_EVENT_ID, envelope.event_id.to_string().as_str());
+    }
+    headers
+}
+
+async fn publish_raw(stream: &TestStream, event_name: &str, headers: HeaderMap, body: &str) {
+    let subject = format!("{}.{event_name}", stream.prefix);
+    let ack =
+        stream.jetstream.publish_with_headers(subject, headers, Bytes::from(body.to_owned())).await.unwrap();
+    ack.await.unwrap();
+}
+
+#[tokio::test]
+async fn messages_as_python_producers_publish_them_expose_tenant_and_correlation() {
+    let stream = TestStream::create().await;
+    let messages = python_relay_messages();
+    for message in &messages {
+        let (body, payload): (Value, Value) =
+            (serde_json::from_str(&message.body).unwrap(), serde_json::from_str(&message.payload).unwrap());
+        assert_eq!(body, payload, "the relay re-encodes the row's JSON, it does not change it");
+        assert!(message.body.is_ascii(), "json.dumps escapes non-ASCII: {}", message.body);
+        for with_version_and_id in [false, true] {
+            let headers = python_headers(message, with_version_and_id);
+            publish_raw(&stream, &message.event_name, headers, &message.body).await;
+        }
+    }
+    assert!(messages.iter().any(|message| message.body.contains("1e-07")), "a Python float repr");
+    assert!(messages.iter().any(|message| message.tenant_id.is_none()));
+    assert!(messages.iter().any(|message| message.correlation_id.is_none()));
+
+    let consumer =
+        EventConsumer::bind(&stream.jetstream, config(&stream, "python"), registry()).await.unwrap();
+    let mut received = consumer.messages().await.unwrap();
+    let mut seen = HashSet::new();
+    for _ in 0..messages.len() * 2 {
+        let next = tokio::time::timeout(PATIENCE, received.next()).await.expect("a message").unwrap();
+        let message = match next.unwrap() {
+            Received::Event(message) => message,
+            Received::Undecodable(message) => panic!("undecodable: {:?}", message.error()),
+        };
+        let raw = message.delivery().message();
+        let sent = messages.iter().find(|sent| sent.body.as_bytes() == raw.payload.as_ref()).unwrap();
+        let from_python_relay = raw.headers.as_ref().unwrap().get(HEADER_EVENT_VERSION).is_none();
+        assert!(seen.insert((sent.body.as_str(), from_python_relay)), "delivered twice");
+        let envelope = message.event().envelope();
+        let expected = EventHeaders {
+            event_name: sent.event_name.clone(),
+            event_version: envelope.event_version,
+            event_id: Some(envelope.event_id),
+            correlation_id: sent.correlation_id,
+            tenant_id: sent.tenant_id,
+        };
+        assert_eq!(message.headers(), Some(&expected), "{}", sent.body);
+        match (sent.event_name.as_str(), envelope.event_version) {
+            ("order.placed", 1) => assert_typed::<OrderPlaced>(&message),
+            ("order.placed", 2) => assert_typed::<OrderPlacedV2>(&message),
+            ("identity.user.registered", 1) => assert_typed::<UserRegistered>(&message),
+            other => panic!("python relay event {other:?} has no type in this test"),
+        }
+        message.delivery().ack().await.unwrap();
+    }
+    assert_eq!(seen.len(), messages.len() * 2);
+    drop(received);
+    stream.delete().await;
+}
+
+/// A database of its own with qx-worker's `qx_dead_letters` table.
+async fn dead_letter_db() -> TestDb {
+    let db = TestDb::create().await;
+    sqlx::raw_sql(DEAD_LETTERS_DDL).execute(&db.pool).await.expect("create dead-letter table");
+    db
+}
+
+async fn dead_letter_count(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM qx_dead_letters").fetch_one(&db.pool).await.unwrap()
+}
+
+async fn wait_for_dead_letters(db: &TestDb, expected: i64) {
+    eventually("dead letters", || async { dead_letter_count(db).await == expected }).await;
+}
+
+/// The row qx-worker 1.1.0's `DeadLetterStore.persist` writes for `message` on its `delivered`th delivery,
+/// as `to_jsonb` of the row without `id`, `failed_at` and `last_error`, computed as its code does: a dict of
+/// the headers, each `qx.*` value read from it, `json.loads` of the body else `{"raw": <hex>}`.
+fn qx_worker_row(message: &jetstream::Message, delivered: i64) -> Value {
+    let headers: serde_json::Map<String, Value> = message
+        .headers
+        .iter()
+        .flat_map(|headers| headers.iter())
+        .map(|(name, values)| (name.to_string(), Value::from(values.last().unwrap().as_str())))
+        .collect();
+    let header = |name: &str| headers.get(name).cloned().unwrap_or(Value::Null);
+    let payload = serde_json::from_slice(&message.payload).unwrap_or_else(|_| {
+        let hex: String = message.payload.iter().map(|byte| format!("{byte:02x}")).collect();
+        json!({ "raw": hex })
+    });
+    json!({
+        "event_name": headers.get(HEADER_EVENT_NAME).cloned().unwrap_or(json!("<unknown>")),
+        "event_version": header(HEADER_EVENT_VERSION).as_str().map_or(1, |version| version.parse().unwrap()),
+        "payload": payload,
+        "headers": headers,
+        "subject": message.subject.as_str(),
+        "correlation_id": header(HEADER_CORRELATION_ID),
+        "tenant_id": header(HEADER_TENANT_ID),
+        "delivered_count": delivered,
+    })
+}
+
+struct DeadLetterRow {
+    id: Uuid,
+    /// The other columns.
+    row: Value,
+    last_error: String,
+    failed_at: DateTime<Utc>,
+}
+
+async fn dead_letter_rows(db: &TestDb) -> Vec<DeadLetterRow> {
+    let rows: Vec<(Uuid, String, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT id, (to_jsonb(d) - 'id' - 'failed_at' - 'last_error')::text, last_error, failed_at \
+         FROM qx_dead_letters d",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let row = |(id, row, last_error, failed_at): (Uuid, String, String, DateTime<Utc>)| DeadLetterRow {
+        id,
+        row: serde_json::from_str(&row).unwrap(),
+        last_error,
+        failed_at,
+    };
+    rows.into_iter().map(row).collect()
+}
+
+#[tokio::test]
+async fn a_message_failing_on_its_last_delivery_is_dead_lettered_as_qx_worker_does() {
+    const MAX_DELIVER: i64 = 2;
+    let (stream, db) = (TestStream::create().await, dead_letter_db().await);
+    let publisher = Publisher::new(stream.jetstream.clone(), &stream.prefix);
+    // As the Python relay publishes a row, as qx-relay does (with Nats-Msg-Id), a body that is not JSON
+    // without any header, and an event whose handler fails for good.
+    let python = &python_relay_messages()[0];
+    publish_raw(&stream, &python.event_name, python_headers(python, false), &python.body).await;
+    publish_row(&publisher, &fixture_rows()[2]).await;
+    let ack = stream.jetstream.publish(format!("{}.junk", stream.prefix), "not json".into()).await.unwrap();
+    ack.await.unwrap();
+    let cancelled = publish_order(&publisher).await;
+
+    let client = async_nats::connect(common::env("NATS_URL")).await.unwrap();
+    let mut notifications = client.subscribe("qx_dlq.>").await.unwrap();
+    let advisory = format!("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{}.dlq", stream.name);
+    let mut terminated = client.subscribe(advisory).await.unwrap();
+    client.flush().await.unwrap();
+
+    let config = ConsumerConfig { max_deliver: MAX_DELIVER, ..config(&stream, "dlq") };
+    let consumer = EventConsumer::bind(&stream.jetstream, config, registry())
+        .await
+        .unwrap()
+        .with_dead_letters(PgDeadLetters::new(db.pool.clone()));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let cancel = cancel.clone();
+        let options = RunConfig { on_undecodable: UndecodablePolicy::Retry, ..fast_retries() };
+        async move {
+            consumer
+                .run(options, cancel, move |message| {
+                    let event_id = message.event().envelope().event_id;
+                    tx.send(event_id).unwrap();
+                    async move {
+                        if event_id == cancelled {
+                            return Err(HandlerError::permanent("order was cancelled"));
+                        }
+                        Err(HandlerError::retry(std::io::Error::other("inventory service unavailable")))
+                    }
+                })
+                .await
+        }
+    });
+    wait_for_dead_letters(&db, 3).await;
+    let rows = dead_letter_rows(&db).await;
+
+    // Each row is the one qx-worker writes for the same message, less the Nats-Msg-Id header.
+    let mut expected: Vec<Value> = stream
+        .messages()
+        .await
+        .iter()
+        .filter(|message| {
+            Envelope::from_json(&message.payload).map_or(true, |envelope| envelope.event_id != cancelled)
+        })
+        .map(|message| qx_worker_row(message, MAX_DELIVER))
+        .collect();
+    let msg_id: &str = NATS_MESSAGE_ID.as_ref();
+    let with_msg_id = expected.iter_mut().filter_map(|row| row["headers"].as_object_mut()?.remove(msg_id));
+    assert_eq!(with_msg_id.count(), 1, "the message qx-relay's way carried Nats-Msg-Id");
+    let mut actual: Vec<Value> = rows.iter().map(|row| row.row.clone()).collect();
+    for rows in [&mut expected, &mut actual] {
+        rows.sort_by_key(Value::to_string);
+    }
+    assert_eq!(actual, expected);
+    assert!(actual
+        .iter()
+        .any(|row| row["event_name"] == "<unknown>" && row["payload"]["raw"] == "6e6f74206a736f6e"));
+    assert!(actual
+        .iter()
+        .any(|row| row["event_version"] == 1 && row["headers"].get(HEADER_EVENT_VERSION).is_none()));
+
+    let mut errors: Vec<&str> = rows.iter().map(|row| row.last_error.as_str()).collect();
+    errors.sort_unstable();
+    assert_eq!(errors[..2], ["inventory service unavailable"; 2]);
+    assert!(errors[2].starts_with("message body is not a qx envelope: "), "{}", errors[2]);
+
+    // One notification per row, as qx-worker publishes it: no headers, its five keys.
+    for _ in &rows {
+        let notice = loop {
+            let notice = tokio::time::timeout(PATIENCE, notifications.next()).await.expect("a notification");
+            let notice = notice.unwrap();
+            let body: Value = serde_json::from_slice(&notice.payload).unwrap();
+            if body["subject"].as_str().is_some_and(|subject| subject.starts_with(&stream.prefix)) {
+                break (notice, body);
+            }
+        };
+        let (notice, body) = notice;
+        assert!(notice.headers.is_none(), "{:?}", notice.headers);
+        let row = rows.iter().find(|row| body["id"] == row.id.to_string()).expect("the notified row");
+        assert_eq!(notice.subject.as_str(), format!("qx_dlq.{}", row.row["event_name"].as_str().unwrap()));
+        let failed_at = body["failed_at"].as_str().unwrap();
+        assert!(failed_at.ends_with("+00:00"), "Python's isoformat: {failed_at}");
+        assert_eq!(DateTime::parse_from_rfc3339(failed_at).unwrap(), row.failed_at);
+        let expected = json!({
+            "id": row.id.to_string(),
+            "event_name": row.row["event_name"],
+            "subject": row.row["subject"],
+            "failed_at": failed_at,
+            "last_error": row.last_error,
+        });
+        assert_eq!(body, expected);
+    }
+
+    // Nothing comes back past ack_wait: every dead letter was acked, and so was the permanent failure
+    // (qx-worker acks it; no row, no termination).
+    tokio::time::sleep(ACK_WAIT * 2).await;
+    cancel.cancel();
+    run.await.unwrap().unwrap();
+    let mut deliveries = Vec::new();
+    while let Ok(event_id) = rx.try_recv() {
+        deliveries.push(event_id);
+    }
+    assert_eq!(deliveries.iter().filter(|id| **id == cancelled).count(), 1);
+    assert_eq!(deliveries.len(), 1 + 2 * MAX_DELIVER as usize, "{deliveries:?}");
+    assert!(terminated.next().now_or_never().is_none(), "a message was terminated");
+    let info = consumer_info(&stream, "dlq").await;
+    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
+    assert_eq!(info.ack_floor.stream_sequence, 4, "all four acked");
+    assert_eq!(dead_letter_count(&db).await, 3);
+    stream.delete().await;
+    db.drop().await;
+}
+
+/// `qx dlq replay ID` of qx-cli 1.1: the row's `payload` as Postgres prints it, to its `subject`, with its
+/// stored `headers` (nulls dropped), through JetStream.
+async fn qx_dlq_replay(db: &TestDb, jetstream: &jetstream::Context, id: Uuid) -> PublishAck {
+    let (payload, subject, headers): (String, String, Option<String>) =
+        sqlx::query_as("SELECT payload::text, subject, headers::text FROM qx_dead_letters WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let stored: serde_json::Map<String, Value> =
+        headers.map_or_else(Default::default, |headers| serde_json::from_str(&headers).unwrap());
+    let mut map = HeaderMap::new();
+    for (name, value) in &stored {
+        if let Some(value) = value.as_str() {
+            map.insert(name.as_str(), value);
+        }
+    }
+    jetstream.publish_with_headers(subject, map, payload.into()).await.unwrap().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_replayed_dead_letter_reaches_the_consumer_even_inside_the_duplicate_window() {
+    let (stream, db) = (TestStream::create().await, dead_letter_db().await);
+    let publisher = Publisher::new(stream.jetstream.clone(), &stream.prefix);
+    // Published as qx-relay publishes: Nats-Msg-Id = the event id.
+    let event_id = publish_order(&publisher).await;
+
+    let config = ConsumerConfig { max_deliver: 2, ..config(&stream, "replay") };
+    let consumer = EventConsumer::bind(&stream.jetstream, config, registry())
+        .await
+        .unwrap()
+        .with_dead_letters(PgDeadLetters::new(db.pool.clone()));
+    let healthy = Arc::new(AtomicBool::new(false));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let (cancel, healthy) = (cancel.clone(), healthy.clone());
+        async move {
+            consumer
+                .run(fast_retries(), cancel, move |message| {
+                    let ok = healthy.load(Ordering::SeqCst);
+                    tx.send((message.event().envelope().event_id, message.delivery().delivered(), ok))
+                        .unwrap();
+                    async move {
+                        if ok {
+                            Ok(())
+                        } else {
+                            Err(HandlerError::retry("payment service down"))
+                        }
+                    }
+                })
+                .await
+        }
+    });
+    for delivered in 1..=2 {
+        assert_eq!(recv(&mut rx, "a failing delivery").await, (event_id, delivered, false));
+    }
+    wait_for_dead_letters(&db, 1).await;
+    let id: Uuid = sqlx::query_scalar("SELECT id FROM qx_dead_letters").fetch_one(&db.pool).await.unwrap();
+
+    // The service is fixed; the operator replays well inside the stream's 5-minute duplicate window.
+    healthy.store(true, Ordering::SeqCst);
+    let ack = qx_dlq_replay(&db, &stream.jetstream, id).await;
+    assert!(!ack.duplicate, "the replay was dropped as a duplicate");
+    assert_eq!(recv(&mut rx, "the replayed event").await, (event_id, 1, true));
+    eventually("the replay acked", || async {
+        let info = consumer_info(&stream, "replay").await;
+        info.num_ack_pending == 0 && info.ack_floor.stream_sequence == 2
+    })
+    .await;
+
+    // A Python worker's row of the same message keeps Nats-Msg-Id: replayed, it is stored nowhere, though the
+    // CLI reports success. Removing the header first, as the README tells operators, makes it go through.
+    let python_row =
+        "UPDATE qx_dead_letters SET headers = headers || jsonb_build_object('Nats-Msg-Id', $2::text) \
+                      WHERE id = $1";
+    sqlx::query(python_row).bind(id).bind(event_id).execute(&db.pool).await.unwrap();
+    assert!(qx_dlq_replay(&db, &stream.jetstream, id).await.duplicate);
+    assert_eq!(stream.count().await, 2);
+    let fix = "UPDATE qx_dead_letters SET headers = headers - 'Nats-Msg-Id' WHERE id = $1";
+    sqlx::query(fix).bind(id).execute(&db.pool).await.unwrap();
+    assert!(!qx_dlq_replay(&db, &stream.jetstream, id).await.duplicate);
+    assert_eq!(recv(&mut rx, "the second replay").await, (event_id, 1, true));
+
+    cancel.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(stream.count().await, 3);
+    assert_eq!(dead_letter_count(&db).await, 1, "the replays succeeded: no new dead letter");
+    stream.delete().await;
+    db.drop().await;
 }

@@ -21,6 +21,8 @@ pub use support::{relay_command, with_database};
 
 /// The qx-db DDL of the outbox table.
 pub const OUTBOX_DDL: &str = include_str!("../fixtures/qx_outbox_events.sql");
+/// The qx-worker DDL of the dead-letter table.
+pub const DEAD_LETTERS_DDL: &str = include_str!("../fixtures/qx_dead_letters.sql");
 /// Real rows written by qx-db 1.1.0 (a copy of shared/fixtures/qx-outbox-rows.jsonl), every column.
 pub const FIXTURE_ROWS: &str = include_str!("../fixtures/qx-outbox-rows.jsonl");
 
