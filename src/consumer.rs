@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn, Instrument};
 
+use crate::backoff::Backoff;
 use crate::dead_letter::{DeadLetter, DeadLetters};
 use crate::registry::{DecodeError, DecodedEvent, EventRegistry};
 use crate::wire::EventHeaders;
@@ -140,8 +141,8 @@ impl Default for RunConfig {
 impl RunConfig {
     /// `retry_delay`, doubled for each delivery after the first, capped at `max_retry_delay`.
     fn backoff(&self, delivered: i64) -> Duration {
-        let doublings = u32::try_from(delivered.saturating_sub(1)).unwrap_or(0).min(20);
-        self.retry_delay.saturating_mul(1 << doublings).min(self.max_retry_delay)
+        Backoff::new(self.retry_delay, self.max_retry_delay)
+            .delay(u32::try_from(delivered).unwrap_or(u32::MAX))
     }
 }
 
