@@ -478,9 +478,9 @@ impl Config {
     /// A copy fit to print: passwords and tokens replaced.
     pub fn redacted(&self) -> Self {
         let mut copy = self.clone();
-        copy.db.url = redact_url(&copy.db.url);
-        copy.cache.url = redact_url(&copy.cache.url);
-        copy.nats.servers = copy.nats.servers.iter().map(|s| redact_url(s)).collect();
+        copy.db.url = redact_url(&copy.db.url, LoneUserinfo::User);
+        copy.cache.url = redact_url(&copy.cache.url, LoneUserinfo::User);
+        copy.nats.servers = copy.nats.servers.iter().map(|s| redact_url(s, LoneUserinfo::Token)).collect();
         for secret in [&mut copy.nats.password, &mut copy.nats.token] {
             if secret.is_some() {
                 *secret = Some(REDACTED.into());
@@ -496,8 +496,10 @@ impl NatsConfig {
             return Err(ConfigError::invalid("nats.servers", "must list at least one server"));
         }
         for server in &self.servers {
-            async_nats::ServerAddr::from_str(server)
-                .map_err(|err| ConfigError::invalid("nats.servers", format!("{server:?}: {err}")))?;
+            async_nats::ServerAddr::from_str(server).map_err(|err| {
+                let server = redact_url(server, LoneUserinfo::Token);
+                ConfigError::invalid("nats.servers", format!("{server:?}: {err}"))
+            })?;
         }
         for (key, value) in [
             ("nats.reconnect_time_wait_seconds", self.reconnect_time_wait_seconds),
@@ -534,19 +536,101 @@ impl NatsConfig {
 
 const REDACTED: &str = "***";
 
-/// Hides the password of `scheme://user:password@host/...`.
-fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let (authority, tail) = rest.split_once('/').map_or((rest, None), |(a, t)| (a, Some(t)));
-    let Some((userinfo, host)) = authority.rsplit_once('@') else { return url.to_owned() };
-    let userinfo = match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{user}:{REDACTED}"),
-        None => REDACTED.to_owned(), // a lone userinfo is a token
-    };
-    match tail {
-        Some(tail) => format!("{scheme}://{userinfo}@{host}/{tail}"),
-        None => format!("{scheme}://{userinfo}@{host}"),
+/// What a lone userinfo (`scheme://name@host`) is: a user name to Postgres and Redis, a token to NATS.
+#[derive(Debug, Clone, Copy)]
+enum LoneUserinfo {
+    User,
+    Token,
+}
+
+/// A URL cut around its userinfo: `head` (`scheme://`, or nothing), `userinfo`, and `rest` from the host on.
+struct UrlParts<'a> {
+    head: &'a str,
+    userinfo: Option<&'a str>,
+    rest: &'a str,
+}
+
+impl<'a> UrlParts<'a> {
+    fn of(url: &'a str) -> Self {
+        let head_len = url.find("://").map_or(0, |at| at + 3);
+        let (head, after) = url.split_at(head_len);
+        let authority_len = after.find(['/', '?', '#']).unwrap_or(after.len());
+        // The last `@` ends the userinfo, as URL parsers and Python's urlparse read it.
+        match after[..authority_len].rfind('@') {
+            Some(at) => Self { head, userinfo: Some(&after[..at]), rest: &after[at + 1..] },
+            None => Self { head, userinfo: None, rest: after },
+        }
     }
+}
+
+/// `url` with every secret in it replaced: the userinfo's password (or, where it is one, a lone token), and the
+/// values of query parameters that hold a password or token (`password=`, `sslpassword=`, `token=`, …).
+/// Everything else is printed as written.
+fn redact_url(url: &str, lone: LoneUserinfo) -> String {
+    let parts = UrlParts::of(url);
+    let mut out = parts.head.to_owned();
+    match (parts.userinfo, lone) {
+        (Some(userinfo), _) if userinfo.contains(':') => {
+            let (user, _password) = userinfo.split_once(':').expect("contains ':'");
+            out.push_str(&format!("{user}:{REDACTED}@"));
+        }
+        (Some(token), LoneUserinfo::Token) if !token.is_empty() => out.push_str(&format!("{REDACTED}@")),
+        (Some(user), _) => out.push_str(&format!("{user}@")),
+        (None, _) => {}
+    }
+    let (before_fragment, fragment) =
+        parts.rest.split_once('#').map_or((parts.rest, None), |(b, f)| (b, Some(f)));
+    match before_fragment.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _value)) if is_secret_param(&percent_decode(key)) => {
+                        format!("{key}={REDACTED}")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            out.push_str(&format!("{path}?{}", query.join("&")));
+        }
+        None => out.push_str(before_fragment),
+    }
+    if let Some(fragment) = fragment {
+        out.push_str(&format!("#{fragment}"));
+    }
+    out
+}
+
+/// Query parameters whose value is a secret: libpq's `password` and `sslpassword`, and tokens, secrets and
+/// passwords under any other name. `sslkey`, `sslrootcert` and `passfile` are paths, not secrets.
+fn is_secret_param(key: &str) -> bool {
+    let key = key.to_ascii_lowercase().replace('-', "_");
+    ["password", "passwd", "token", "secret"].iter().any(|suffix| key.ends_with(suffix))
+        || key == "pass"
+        || key == "pwd"
+}
+
+/// URL query text decoded as URL parsers (and so sqlx) decode it: `%XX` escapes and `+` for a space.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let hex = || {
+            std::str::from_utf8(bytes.get(at + 1..at + 3)?).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
+        };
+        match (bytes[at], hex()) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                at += 3;
+                continue;
+            }
+            (b'+', _) => out.push(b' '),
+            (byte, _) => out.push(byte),
+        }
+        at += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `QX_*` variables that are ours; see the module docs.
@@ -753,8 +837,75 @@ mod tests {
 
     #[test]
     fn urls_are_redacted() {
-        assert_eq!(redact_url("postgres://u:pw@h:5/db"), "postgres://u:***@h:5/db");
-        assert_eq!(redact_url("redis://h:6379/0"), "redis://h:6379/0");
-        assert_eq!(redact_url("nats://tok@h:4222"), "nats://***@h:4222");
+        let user = |url| redact_url(url, LoneUserinfo::User);
+        assert_eq!(user("postgres://u:pw@h:5/db"), "postgres://u:***@h:5/db");
+        assert_eq!(user("redis://h:6379/0"), "redis://h:6379/0");
+        assert_eq!(user("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(redact_url("nats://tok@h:4222", LoneUserinfo::Token), "nats://***@h:4222");
+        assert_eq!(
+            redact_url("u:pw@h:4222", LoneUserinfo::Token),
+            "u:***@h:4222",
+            "no scheme, as NATS allows"
+        );
+    }
+
+    #[test]
+    fn a_user_alone_is_no_secret_to_postgres_and_redis() {
+        assert_eq!(
+            redact_url("postgres://relay@db:5432/qx", LoneUserinfo::User),
+            "postgres://relay@db:5432/qx"
+        );
+        assert_eq!(redact_url("redis://relay@h:6379/0", LoneUserinfo::User), "redis://relay@h:6379/0");
+    }
+
+    #[test]
+    fn secret_query_parameters_are_redacted_and_only_those() {
+        let user = |url| redact_url(url, LoneUserinfo::User);
+        assert_eq!(
+            user("postgres:///qx?host=/run/pg&password=pw&sslmode=verify-full"),
+            "postgres:///qx?host=/run/pg&password=***&sslmode=verify-full"
+        );
+        assert_eq!(
+            user("postgresql+asyncpg://u@h/qx?sslkey=/k.pem&sslpassword=kp&sslrootcert=/ca.pem"),
+            "postgresql+asyncpg://u@h/qx?sslkey=/k.pem&sslpassword=***&sslrootcert=/ca.pem"
+        );
+        assert_eq!(
+            user("redis://h/0?auth_token=t&Client-Secret=s&db=1"),
+            "redis://h/0?auth_token=***&Client-Secret=***&db=1"
+        );
+        assert_eq!(
+            user("postgres://h/qx?pass%77ord=pw"),
+            "postgres://h/qx?pass%77ord=***",
+            "decoded as sqlx reads it"
+        );
+        assert_eq!(user("postgres://u:pw@h/qx?password=pw2#x"), "postgres://u:***@h/qx?password=***#x");
+        assert_eq!(user("postgres://h/qx?passfile=/p&user=u"), "postgres://h/qx?passfile=/p&user=u");
+    }
+
+    #[test]
+    fn printed_config_hides_every_secret() {
+        let mut config = Config::default();
+        config.db.url = "postgres:///qx?host=127.0.0.1&user=relay&password=dbpw".into();
+        config.cache.url = "redis://:cachepw@h:6379/0".into();
+        config.nats.servers = vec!["nats://u:natspw@a:4222".into(), "nats://natstoken@b:4222".into()];
+        config.nats.user = Some("u".into());
+        config.nats.password = Some("optpw".into());
+        config.nats.token = Some("opttoken".into());
+        let text = toml::to_string(&config.redacted()).unwrap();
+        for secret in ["dbpw", "cachepw", "natspw", "natstoken", "optpw", "opttoken"] {
+            assert!(!text.contains(secret), "{secret} printed:\n{text}");
+        }
+        assert!(text.contains("user=relay"), "a user is no secret:\n{text}");
+    }
+
+    #[test]
+    fn a_bad_nats_server_is_named_without_its_credentials() {
+        Jail::expect_with(|jail| {
+            let err =
+                load(jail, "[nats]\nservers = [\"nats://u:pw@a:99999\"]\n[relay]\nsubject_prefix = \"o\"\n")
+                    .unwrap_err();
+            assert!(err.key.starts_with("nats.servers") && !err.to_string().contains("pw"), "{err}");
+            Ok(())
+        });
     }
 }
