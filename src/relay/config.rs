@@ -491,16 +491,46 @@ impl Config {
 }
 
 impl NatsConfig {
+    /// The server URLs without the credentials written in them, which is what the client gets (it logs server
+    /// addresses at debug), and those credentials.
+    ///
+    /// # Errors
+    /// When servers carry different credentials: the client sends one set to every server.
+    pub fn servers_and_url_auth(&self) -> Result<(Vec<String>, Option<UrlAuth>), ConfigError> {
+        let mut auth: Option<UrlAuth> = None;
+        let mut servers = Vec::with_capacity(self.servers.len());
+        for server in &self.servers {
+            let parts = UrlParts::of(server);
+            servers.push(format!("{}{}", parts.head, parts.rest));
+            let Some(found) = parts.userinfo.filter(|userinfo| !userinfo.is_empty()).map(UrlAuth::parse)
+            else {
+                continue;
+            };
+            match &auth {
+                Some(seen) if *seen != found => {
+                    return Err(ConfigError::invalid(
+                        "nats.servers",
+                        "servers carry different credentials; the client sends one set to every server",
+                    ))
+                }
+                _ => auth = Some(found),
+            }
+        }
+        Ok((servers, auth))
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         if self.servers.is_empty() {
             return Err(ConfigError::invalid("nats.servers", "must list at least one server"));
         }
-        for server in &self.servers {
+        let (servers, _) = self.servers_and_url_auth()?;
+        for (server, written) in servers.iter().zip(&self.servers) {
             async_nats::ServerAddr::from_str(server).map_err(|err| {
-                let server = redact_url(server, LoneUserinfo::Token);
+                let server = redact_url(written, LoneUserinfo::Token);
                 ConfigError::invalid("nats.servers", format!("{server:?}: {err}"))
             })?;
         }
+
         for (key, value) in [
             ("nats.reconnect_time_wait_seconds", self.reconnect_time_wait_seconds),
             ("nats.connect_timeout_seconds", self.connect_timeout_seconds),
@@ -531,6 +561,41 @@ impl NatsConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// Credentials written in a NATS server URL, read as nats-py reads them: `user:password@` is user and password,
+/// a lone `token@` a token, each taken as written (not percent-decoded).
+#[derive(Clone, PartialEq, Eq)]
+pub enum UrlAuth {
+    /// `nats://user:password@host`.
+    UserPassword {
+        /// The user.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// `nats://token@host`.
+    Token(String),
+}
+
+impl UrlAuth {
+    fn parse(userinfo: &str) -> Self {
+        match userinfo.split_once(':') {
+            Some((user, password)) => {
+                Self::UserPassword { user: user.to_owned(), password: password.to_owned() }
+            }
+            None => Self::Token(userinfo.to_owned()),
+        }
+    }
+}
+
+impl fmt::Debug for UrlAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UserPassword { user, .. } => write!(f, "UserPassword({user}:{REDACTED})"),
+            Self::Token(_) => write!(f, "Token({REDACTED})"),
+        }
     }
 }
 
@@ -896,6 +961,23 @@ mod tests {
             assert!(!text.contains(secret), "{secret} printed:\n{text}");
         }
         assert!(text.contains("user=relay"), "a user is no secret:\n{text}");
+    }
+
+    #[test]
+    fn nats_url_credentials_are_taken_out_of_the_servers() {
+        let nats = |servers: &[&str]| NatsConfig {
+            servers: servers.iter().map(|s| (*s).to_owned()).collect(),
+            ..NatsConfig::default()
+        };
+        let (servers, auth) = nats(&["nats://u:p@ss@a:4222", "b:4222"]).servers_and_url_auth().unwrap();
+        assert_eq!(servers, ["nats://a:4222", "b:4222"]);
+        assert_eq!(auth, Some(UrlAuth::UserPassword { user: "u".into(), password: "p@ss".into() }));
+        let (servers, auth) = nats(&["tls://t0k%40@a:4222/"]).servers_and_url_auth().unwrap();
+        assert_eq!(servers, ["tls://a:4222/"]);
+        assert_eq!(auth, Some(UrlAuth::Token("t0k%40".into())), "as written, as nats-py sends it");
+        assert_eq!(nats(&["nats://a:4222"]).servers_and_url_auth().unwrap().1, None);
+        assert!(nats(&["nats://x@a:4222", "nats://y@b:4222"]).servers_and_url_auth().is_err());
+        assert!(!format!("{auth:?}").contains("t0k"), "Debug hides the token");
     }
 
     #[test]

@@ -22,9 +22,10 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
+use tracing::warn;
 use uuid::Uuid;
 
-use super::config::{NatsConfig, RelayConfig, MAX_IN_FLIGHT_LIMIT};
+use super::config::{NatsConfig, RelayConfig, UrlAuth, MAX_IN_FLIGHT_LIMIT};
 use super::store::OutboxRow;
 use crate::publisher::{NatsPublishError, PublishErrorKind};
 use crate::{wire, EventHeaders, PublishError, Publisher};
@@ -132,7 +133,8 @@ impl RelayPublisher {
     /// # Errors
     /// When no server can be reached within the connect timeout, or credentials cannot be read.
     pub async fn connect(nats: &NatsConfig, relay: &RelayConfig) -> Result<Self, ConnectError> {
-        let client = connect_options(nats).await?.connect(nats.servers.clone()).await?;
+        let (servers, url_auth) = nats.servers_and_url_auth().expect("validate() checks nats.servers");
+        let client = connect_options(nats, url_auth).await?.connect(servers).await?;
         Ok(Self::new(client, relay))
     }
 
@@ -490,7 +492,12 @@ fn skip_whitespace(bytes: &[u8], from: usize) -> usize {
     from + bytes.get(from..).map_or(0, |rest| rest.iter().take_while(|b| b.is_ascii_whitespace()).count())
 }
 
-async fn connect_options(nats: &NatsConfig) -> Result<ConnectOptions, ConnectError> {
+/// The client's options. `url_auth` are the credentials written in the server URLs, which the client never sees
+/// (it would ignore them, and log them with the server address); credentials set on their own win, as in nats-py.
+async fn connect_options(
+    nats: &NatsConfig,
+    url_auth: Option<UrlAuth>,
+) -> Result<ConnectOptions, ConnectError> {
     let mut options = ConnectOptions::new()
         .subscription_capacity(MAX_IN_FLIGHT_LIMIT as usize)
         .connection_timeout(Duration::from_secs_f64(nats.connect_timeout_seconds))
@@ -511,6 +518,15 @@ async fn connect_options(nats: &NatsConfig) -> Result<ConnectOptions, ConnectErr
     }
     if let Some(token) = &nats.token {
         options = options.token(token.clone());
+    }
+    let explicit = nats.creds_file.is_some() || nats.user.is_some() || nats.token.is_some();
+    match url_auth {
+        Some(_) if explicit => {
+            warn!("nats.servers carry credentials, but nats.creds_file, nats.user or nats.token is set and wins")
+        }
+        Some(UrlAuth::UserPassword { user, password }) => options = options.user_and_password(user, password),
+        Some(UrlAuth::Token(token)) => options = options.token(token),
+        None => {}
     }
     if let Some(ca) = &nats.tls_ca_file {
         options = options.add_root_certificates(ca.into());

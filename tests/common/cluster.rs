@@ -66,13 +66,21 @@ fn reap(child: &mut Child, limit: Duration) {
 pub struct NatsServer {
     pub port: u16,
     pub dir: PathBuf,
+    /// Added to every start, e.g. `--user`/`--pass` or `--tls …`.
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl NatsServer {
     /// Starts one on a free port.
     pub async fn start() -> Self {
-        let mut server = Self { port: free_port(), dir: temp_dir("nats"), child: None };
+        Self::start_with(&[]).await
+    }
+
+    /// Starts one on a free port with `args` added to the command line.
+    pub async fn start_with(args: &[&str]) -> Self {
+        let args = args.iter().map(|arg| (*arg).to_owned()).collect();
+        let mut server = Self { port: free_port(), dir: temp_dir("nats"), args, child: None };
         server.restart().await;
         server
     }
@@ -98,6 +106,7 @@ impl NatsServer {
         let child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.dir.join("store"))
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
