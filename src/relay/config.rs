@@ -135,16 +135,91 @@ impl Default for DbConfig {
 }
 
 impl DbConfig {
-    /// The URL with SQLAlchemy's `+driver` suffix removed, as sqlx expects it.
+    /// The URL as sqlx takes it: SQLAlchemy's `+driver` dropped, asyncpg's `ssl=` written as the `sslmode=` it
+    /// means, and `sslmode=require` with a root certificate raised to `verify-ca`, as libpq does. Call it on a
+    /// validated config.
     pub fn sqlx_url(&self) -> String {
-        match self.url.split_once("://") {
-            Some((scheme, rest)) => match scheme.split_once('+') {
-                Some((base, _driver)) => format!("{base}://{rest}"),
-                None => self.url.clone(),
-            },
-            None => self.url.clone(),
-        }
+        self.to_sqlx().expect("validate() checks db.url")
     }
+
+    fn to_sqlx(&self) -> Result<String, ConfigError> {
+        let url = match self.url.split_once("://") {
+            Some((scheme, rest)) => {
+                let base = scheme.split_once('+').map_or(scheme, |(base, _driver)| base);
+                format!("{base}://{rest}")
+            }
+            None => self.url.clone(),
+        };
+        let (base, query) = url.split_once('?').unwrap_or((&url, ""));
+        // Raw `key=value` text as written; keys and values are compared decoded, as sqlx reads them.
+        let mut pairs: Vec<(String, String)> = query
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (key.to_owned(), value.to_owned())
+            })
+            .collect();
+        let is = |names: &[&str], key: &str| names.contains(&percent_decode(key).as_str());
+        if pairs.iter().any(|(key, _)| is(&["sslpassword"], key)) {
+            // sqlx cannot read an encrypted key, and would log the unknown parameter with its value.
+            return Err(ConfigError::invalid(
+                "db.url",
+                "sslpassword is not supported: give an unencrypted key in sslkey",
+            ));
+        }
+        let asyncpg = pairs.iter().any(|(key, _)| is(&[ASYNCPG_SSL], key));
+        if asyncpg && pairs.iter().any(|(key, _)| is(SSLMODE_KEYS, key)) {
+            return Err(ConfigError::invalid("db.url", "has both ssl (asyncpg's) and sslmode: keep one"));
+        }
+        for (key, value) in &mut pairs {
+            if is(&[ASYNCPG_SSL], key) {
+                let mode = asyncpg_sslmode(&percent_decode(value))
+                    .ok_or_else(|| ConfigError::invalid("db.url", ASYNCPG_SSL_VALUES))?;
+                (*key, *value) = (SSLMODE_KEYS[0].to_owned(), mode.to_owned());
+            }
+        }
+        // sqlx reads PGSSLMODE and PGSSLROOTCERT under the URL's parameters, as libpq does.
+        let last = |names: &[&str]| {
+            pairs.iter().rev().find(|(key, _)| is(names, key)).map(|(_, v)| percent_decode(v))
+        };
+        let mode = last(SSLMODE_KEYS).or_else(|| std::env::var("PGSSLMODE").ok());
+        let root_cert = last(SSLROOTCERT_KEYS).or_else(|| std::env::var("PGSSLROOTCERT").ok());
+        if mode.is_some_and(|mode| mode.eq_ignore_ascii_case("require"))
+            && root_cert.is_some_and(|c| !c.is_empty())
+        {
+            // libpq verifies the chain under `require` when given a root certificate; sqlx would not.
+            pairs.retain(|(key, _)| !is(SSLMODE_KEYS, key));
+            pairs.push((SSLMODE_KEYS[0].to_owned(), "verify-ca".to_owned()));
+        }
+        if pairs.is_empty() {
+            return Ok(base.to_owned());
+        }
+        let query: Vec<String> = pairs.iter().map(|(key, value)| format!("{key}={value}")).collect();
+        Ok(format!("{base}?{}", query.join("&")))
+    }
+}
+
+/// asyncpg's TLS parameter in a SQLAlchemy URL (`postgresql+asyncpg://…?ssl=require`).
+const ASYNCPG_SSL: &str = "ssl";
+const ASYNCPG_SSL_VALUES: &str =
+    "ssl must be disable, allow, prefer, require, verify-ca, verify-full, true or false (asyncpg's values)";
+/// The names sqlx reads the TLS mode and the root certificate under; the first is libpq's.
+const SSLMODE_KEYS: &[&str] = &["sslmode", "ssl-mode"];
+const SSLROOTCERT_KEYS: &[&str] = &["sslrootcert", "ssl-root-cert", "ssl-ca"];
+
+/// The `sslmode` an asyncpg `ssl=` value means. asyncpg takes `verify_full` for `verify-full`; `true` is its
+/// `ssl=True`, a default TLS context that checks the chain and the host name.
+fn asyncpg_sslmode(value: &str) -> Option<&'static str> {
+    Some(match value.to_ascii_lowercase().replace('_', "-").as_str() {
+        "disable" | "false" => "disable",
+        "allow" => "allow",
+        "prefer" => "prefer",
+        "require" => "require",
+        "verify-ca" => "verify-ca",
+        "verify-full" | "true" => "verify-full",
+        _ => return None,
+    })
 }
 
 /// `[cache]`: Redis, as Qx's `QX_CACHE__URL`.
@@ -459,7 +534,7 @@ impl Config {
         if relay.retention.is_some_and(|r| r.is_zero()) {
             return Err(ConfigError::invalid("relay.retention", "must be longer than 0s"));
         }
-        let db_url = self.db.sqlx_url();
+        let db_url = self.db.to_sqlx()?;
         if !(db_url.starts_with("postgres://") || db_url.starts_with("postgresql://")) {
             return Err(ConfigError::invalid(
                 "db.url",
@@ -989,5 +1064,67 @@ mod tests {
             assert!(err.key.starts_with("nats.servers") && !err.to_string().contains("pw"), "{err}");
             Ok(())
         });
+    }
+
+    fn sqlx_url(url: &str) -> Result<String, ConfigError> {
+        DbConfig { url: url.into() }.to_sqlx()
+    }
+
+    #[test]
+    fn asyncpgs_ssl_parameter_becomes_sslmode() {
+        Jail::expect_with(|_| {
+            let cases = [
+                ("postgresql+asyncpg://u@h/qx?ssl=verify-full", "postgresql://u@h/qx?sslmode=verify-full"),
+                ("postgresql+asyncpg://u@h/qx?ssl=require&x=1", "postgresql://u@h/qx?sslmode=require&x=1"),
+                ("postgresql+asyncpg://u@h/qx?ssl=verify_ca", "postgresql://u@h/qx?sslmode=verify-ca"),
+                ("postgresql+asyncpg://u@h/qx?ssl=true", "postgresql://u@h/qx?sslmode=verify-full"),
+                ("postgresql+asyncpg://u@h/qx?ssl=false", "postgresql://u@h/qx?sslmode=disable"),
+                ("postgresql+asyncpg://u@h/qx", "postgresql://u@h/qx"),
+            ];
+            for (url, expected) in cases {
+                assert_eq!(sqlx_url(url).unwrap(), expected);
+            }
+            assert_eq!(sqlx_url("postgresql+asyncpg://u@h/qx?ssl=maybe").unwrap_err().key, "db.url");
+            assert!(
+                sqlx_url("postgresql+asyncpg://u@h/qx?ssl=require&sslmode=disable").is_err(),
+                "ambiguous"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn require_with_a_root_certificate_verifies_the_chain_as_in_libpq() {
+        Jail::expect_with(|jail| {
+            assert_eq!(
+                sqlx_url("postgres://u@h/qx?sslmode=require&sslrootcert=/ca.pem").unwrap(),
+                "postgres://u@h/qx?sslrootcert=/ca.pem&sslmode=verify-ca"
+            );
+            assert_eq!(
+                sqlx_url("postgresql+asyncpg://u@h/qx?ssl=require&sslrootcert=/ca.pem").unwrap(),
+                "postgresql://u@h/qx?sslrootcert=/ca.pem&sslmode=verify-ca"
+            );
+            assert_eq!(
+                sqlx_url("postgres://u@h/qx?sslmode=require").unwrap(),
+                "postgres://u@h/qx?sslmode=require"
+            );
+            assert_eq!(
+                sqlx_url("postgres://u@h/qx?sslmode=verify-full&sslrootcert=/ca.pem").unwrap(),
+                "postgres://u@h/qx?sslmode=verify-full&sslrootcert=/ca.pem"
+            );
+            jail.set_env("PGSSLROOTCERT", "/ca.pem");
+            assert_eq!(
+                sqlx_url("postgres://u@h/qx?sslmode=require").unwrap(),
+                "postgres://u@h/qx?sslmode=verify-ca"
+            );
+            jail.set_env("PGSSLMODE", "require");
+            assert_eq!(sqlx_url("postgres://u@h/qx").unwrap(), "postgres://u@h/qx?sslmode=verify-ca");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_encrypted_key_password_is_refused_rather_than_logged() {
+        assert_eq!(sqlx_url("postgres://u@h/qx?sslkey=/k&sslpassword=x").unwrap_err().key, "db.url");
     }
 }
