@@ -35,6 +35,9 @@ const SHARED_ENV_KEYS: &[&str] = &[
     "nats__tls_key_file",
     "db__url",
     "cache__url",
+    "cache__tls_ca_file",
+    "cache__tls_cert_file",
+    "cache__tls_key_file",
 ];
 
 /// A setting that cannot be used: which key, and why. Displayed as one line.
@@ -222,17 +225,60 @@ fn asyncpg_sslmode(value: &str) -> Option<&'static str> {
     })
 }
 
-/// `[cache]`: Redis, as Qx's `QX_CACHE__URL`.
+/// `[cache]`: Redis, as Qx's `QX_CACHE__URL`, plus the certificates a `rediss://` server may need.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {
     /// `redis://` or `rediss://` URL.
     pub url: String,
+    /// CA certificate (PEM) to verify a `rediss://` server; the public web roots when unset.
+    pub tls_ca_file: Option<String>,
+    /// Client certificate (PEM) for mutual TLS.
+    pub tls_cert_file: Option<String>,
+    /// Client key (PEM) for mutual TLS.
+    pub tls_key_file: Option<String>,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { url: "redis://localhost:6379/0".into() }
+        Self {
+            url: "redis://localhost:6379/0".into(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// `url` fit to print: its password replaced.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url, LoneUserinfo::User)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        redis::Client::open(self.url.as_str())
+            .map_err(|err| ConfigError::invalid("cache.url", format!("not a Redis URL: {err}")))?;
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(ConfigError::invalid(
+                "cache.tls_key_file",
+                "tls_cert_file and tls_key_file go together",
+            ));
+        }
+        for (key, path) in [
+            ("cache.tls_ca_file", &self.tls_ca_file),
+            ("cache.tls_cert_file", &self.tls_cert_file),
+            ("cache.tls_key_file", &self.tls_key_file),
+        ] {
+            let Some(path) = path else { continue };
+            if !self.url.starts_with("rediss://") {
+                return Err(ConfigError::invalid(key, "needs a rediss:// cache.url"));
+            }
+            if !Path::new(path).is_file() {
+                return Err(ConfigError::invalid(key, format!("no such file: {path}")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -544,8 +590,7 @@ impl Config {
         sqlx::postgres::PgConnectOptions::from_str(&db_url)
             .map_err(|err| ConfigError::invalid("db.url", format!("not a Postgres URL: {err}")))?;
         if relay.leader == LeaderMode::Redis {
-            redis::Client::open(self.cache.url.as_str())
-                .map_err(|err| ConfigError::invalid("cache.url", format!("not a Redis URL: {err}")))?;
+            self.cache.validate()?;
         }
         self.nats.validate()
     }
@@ -554,7 +599,7 @@ impl Config {
     pub fn redacted(&self) -> Self {
         let mut copy = self.clone();
         copy.db.url = redact_url(&copy.db.url, LoneUserinfo::User);
-        copy.cache.url = redact_url(&copy.cache.url, LoneUserinfo::User);
+        copy.cache.url = copy.cache.redacted_url();
         copy.nats.servers = copy.nats.servers.iter().map(|s| redact_url(s, LoneUserinfo::Token)).collect();
         for secret in [&mut copy.nats.password, &mut copy.nats.token] {
             if secret.is_some() {
@@ -1126,5 +1171,24 @@ mod tests {
     #[test]
     fn an_encrypted_key_password_is_refused_rather_than_logged() {
         assert_eq!(sqlx_url("postgres://u@h/qx?sslkey=/k&sslpassword=x").unwrap_err().key, "db.url");
+    }
+
+    #[test]
+    fn redis_tls_files_need_rediss() {
+        Jail::expect_with(|jail| {
+            jail.create_file("ca.pem", "").unwrap();
+            let base = "[relay]\nsubject_prefix = \"o\"\nleader = \"redis\"\n[cache]\n";
+            let err =
+                load(jail, &format!("{base}url = \"redis://h\"\ntls_ca_file = \"ca.pem\"\n")).unwrap_err();
+            assert_eq!(err.key, "cache.tls_ca_file");
+            let err =
+                load(jail, &format!("{base}url = \"rediss://h\"\ntls_cert_file = \"ca.pem\"\n")).unwrap_err();
+            assert_eq!(err.key, "cache.tls_key_file");
+            load(jail, &format!("{base}url = \"rediss://h\"\ntls_ca_file = \"ca.pem\"\n")).unwrap();
+            jail.set_env("QX_CACHE__TLS_CA_FILE", "missing.pem");
+            let err = load(jail, &format!("{base}url = \"rediss://h\"\n")).unwrap_err();
+            assert_eq!(err.key, "cache.tls_ca_file");
+            Ok(())
+        });
     }
 }

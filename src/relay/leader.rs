@@ -11,12 +11,14 @@
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::AsyncConnectionConfig;
+use redis::{AsyncConnectionConfig, ClientTlsConfig, TlsCertificates};
 use sqlx::{Connection, PgConnection};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
+
+use super::config::CacheConfig;
 
 /// Standbys never wait longer than this between attempts, so a released lock is taken within about a second.
 const STANDBY_POLL_MAX: Duration = Duration::from_millis(500);
@@ -38,6 +40,20 @@ pub enum LockError {
     /// Redis failed or did not answer in time.
     #[error("redis")]
     Redis(#[from] redis::RedisError),
+    /// A `cache.tls_*` file could not be read.
+    #[error("reading {key} ({path})")]
+    CertificateFile {
+        /// The setting.
+        key: &'static str,
+        /// Its file.
+        path: String,
+        /// Why it could not be read.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The `cache.tls_*` certificates are not usable PEM.
+    #[error("reading the cache.tls_* certificates")]
+    Certificates(#[source] redis::RedisError),
     /// Postgres failed.
     #[error("postgres")]
     Postgres(#[from] sqlx::Error),
@@ -213,13 +229,19 @@ pub struct RedisLock {
 }
 
 impl RedisLock {
-    /// A lock on `key` with a fresh random token (uuid4 text, as Qx uses).
+    /// A lock on `key` in the Redis of `cache`, with a fresh random token (uuid4 text, as Qx uses).
     ///
     /// # Errors
-    /// When `url` is not a Redis URL.
-    pub fn new(url: &str, key: String, ttl: Duration) -> Result<Self, LockError> {
-        let client = redis::Client::open(url)?;
-        Ok(Self { client, connection: None, key, token: Uuid::new_v4().to_string(), ttl, lease_until: None })
+    /// When `cache.url` is not a Redis URL, or its certificates cannot be read.
+    pub fn new(cache: &CacheConfig, key: String, ttl: Duration) -> Result<Self, LockError> {
+        Ok(Self {
+            client: redis_client(cache)?,
+            connection: None,
+            key,
+            token: Uuid::new_v4().to_string(),
+            ttl,
+            lease_until: None,
+        })
     }
 
     /// Our token, logged so operators can tell holders apart.
@@ -319,6 +341,35 @@ impl RedisLock {
         self.connection = None;
         result
     }
+}
+
+/// A client for `cache.url`, trusting `cache.tls_ca_file` (else the public web roots) and presenting the
+/// client certificate when one is set.
+fn redis_client(cache: &CacheConfig) -> Result<redis::Client, LockError> {
+    let read = |key: &'static str, path: &Option<String>| {
+        path.as_ref()
+            .map(|path| {
+                std::fs::read(path).map_err(|source| LockError::CertificateFile {
+                    key,
+                    path: path.clone(),
+                    source,
+                })
+            })
+            .transpose()
+    };
+    let root_cert = read("cache.tls_ca_file", &cache.tls_ca_file)?;
+    let client_tls = match (
+        read("cache.tls_cert_file", &cache.tls_cert_file)?,
+        read("cache.tls_key_file", &cache.tls_key_file)?,
+    ) {
+        (Some(client_cert), Some(client_key)) => Some(ClientTlsConfig { client_cert, client_key }),
+        _ => None,
+    };
+    if root_cert.is_none() && client_tls.is_none() {
+        return Ok(redis::Client::open(cache.url.as_str())?);
+    }
+    redis::Client::build_with_tls(cache.url.as_str(), TlsCertificates { client_tls, root_cert })
+        .map_err(LockError::Certificates)
 }
 
 /// A Postgres session advisory lock held on a connection of its own.

@@ -266,7 +266,7 @@ fn leader_lock(config: &Config, shard: Shard) -> Result<Option<LeaderLock>, Rela
         LeaderMode::None => None,
         LeaderMode::Redis => {
             let key = shard.lock_key(&relay.leader_key);
-            Some(LeaderLock::Redis(Box::new(RedisLock::new(&config.cache.url, key, relay.leader_ttl)?)))
+            Some(LeaderLock::Redis(Box::new(RedisLock::new(&config.cache, key, relay.leader_ttl)?)))
         }
         LeaderMode::Postgres => {
             let name = shard.lock_key(&format!("qx-relay:{}", relay.table));

@@ -203,7 +203,7 @@ async fn lock_holders(config: &Config) -> Result<Vec<Holder>, String> {
     for shard in Shard::all_of(config.relay.shard_count) {
         let key = shard.lock_key(&config.relay.leader_key);
         let mut lock =
-            RedisLock::new(&config.cache.url, key, config.relay.leader_ttl).map_err(|e| error_chain(&e))?;
+            RedisLock::new(&config.cache, key, config.relay.leader_ttl).map_err(|e| error_chain(&e))?;
         holders.push(lock.holder().await.map_err(|e| error_chain(&e))?);
     }
     Ok(holders)

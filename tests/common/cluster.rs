@@ -155,12 +155,21 @@ impl Drop for NatsServer {
 pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
+    /// Added to every start, after the defaults they override.
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     pub async fn start() -> Self {
-        let mut server = Self { port: free_port(), dir: temp_dir("redis"), child: None };
+        Self::start_with(|_| Vec::new()).await
+    }
+
+    /// Starts one with the arguments `args` gives for its port added to the command line; later arguments win,
+    /// so `--port 0 --tls-port <port>` makes it a TLS-only server.
+    pub async fn start_with(args: impl FnOnce(u16) -> Vec<String>) -> Self {
+        let port = free_port();
+        let mut server = Self { port, dir: temp_dir("redis"), args: args(port), child: None };
         server.restart().await;
         server
     }
@@ -190,6 +199,7 @@ impl RedisServer {
             ])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
