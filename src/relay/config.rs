@@ -650,7 +650,6 @@ impl NatsConfig {
                 ConfigError::invalid("nats.servers", format!("{server:?}: {err}"))
             })?;
         }
-
         for (key, value) in [
             ("nats.reconnect_time_wait_seconds", self.reconnect_time_wait_seconds),
             ("nats.connect_timeout_seconds", self.connect_timeout_seconds),

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::config::CacheConfig;
+use super::refusal::{self, Refusal};
 
 /// Standbys never wait longer than this between attempts, so a released lock is taken within about a second.
 const STANDBY_POLL_MAX: Duration = Duration::from_millis(500);
@@ -40,6 +41,17 @@ pub enum LockError {
     /// Redis failed or did not answer in time.
     #[error("redis")]
     Redis(#[from] redis::RedisError),
+    /// Redis refused our TLS settings or credentials.
+    #[error("{refusal}: Redis at cache.url {url}")]
+    RedisRefused {
+        /// What was refused.
+        refusal: Refusal,
+        /// `cache.url`, redacted.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: redis::RedisError,
+    },
     /// A `cache.tls_*` file could not be read.
     #[error("reading {key} ({path})")]
     CertificateFile {
@@ -63,6 +75,14 @@ pub enum LockError {
     /// The backend kept failing for longer than `give_up_after`.
     #[error("leader lock backend unavailable for longer than {}", humantime::format_duration(*.0))]
     GaveUp(Duration),
+}
+
+impl LockError {
+    /// The settings must change, retrying cannot help: Redis refused our TLS settings or credentials, or the
+    /// certificates could not be read.
+    pub fn is_config_error(&self) -> bool {
+        matches!(self, Self::RedisRefused { .. } | Self::CertificateFile { .. } | Self::Certificates(_))
+    }
 }
 
 /// The lock's holder as Redis shows it, for `qx-relay status`.
@@ -108,6 +128,7 @@ impl LeaderLock {
                     }
                     retry_in
                 }
+                Err(err) if err.is_config_error() => return Err(err),
                 Err(err) => {
                     let first = failing_since.is_none();
                     let since = *failing_since.get_or_insert_with(Instant::now);
@@ -219,6 +240,8 @@ enum Acquired {
 /// A Redis lease compatible with Qx's `DistributedLock`.
 pub struct RedisLock {
     client: redis::Client,
+    /// `cache.url` redacted, to name the server in errors.
+    url: String,
     connection: Option<MultiplexedConnection>,
     key: String,
     token: String,
@@ -236,6 +259,7 @@ impl RedisLock {
     pub fn new(cache: &CacheConfig, key: String, ttl: Duration) -> Result<Self, LockError> {
         Ok(Self {
             client: redis_client(cache)?,
+            url: cache.redacted_url(),
             connection: None,
             key,
             token: Uuid::new_v4().to_string(),
@@ -330,16 +354,24 @@ impl RedisLock {
             // down on a hiccup its lease easily covers.
             let config = AsyncConnectionConfig::new().set_connection_timeout(None).set_response_timeout(None);
             let connect = self.client.get_multiplexed_async_connection_with_config(&config);
-            self.connection = Some(timeout(limit, connect).await.map_err(|_| LockError::TimedOut)??);
+            let connected = timeout(limit, connect).await.map_err(|_| LockError::TimedOut)?;
+            self.connection = Some(connected.map_err(|err| self.redis_error(err))?);
         }
         let connection = self.connection.as_mut().expect("just connected");
         let result = match timeout(limit, cmd.query_async(connection)).await {
             Ok(Ok(value)) => return Ok(value),
-            Ok(Err(err)) => Err(err.into()),
+            Ok(Err(err)) => Err(self.redis_error(err)),
             Err(_) => Err(LockError::TimedOut),
         };
         self.connection = None;
         result
+    }
+
+    fn redis_error(&self, err: redis::RedisError) -> LockError {
+        match refusal::of_redis(&err) {
+            Some(refusal) => LockError::RedisRefused { refusal, url: self.url.clone(), source: err },
+            None => LockError::Redis(err),
+        }
     }
 }
 

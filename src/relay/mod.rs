@@ -13,6 +13,7 @@ pub mod leader;
 pub mod metrics;
 pub mod ops;
 pub mod publisher;
+pub mod refusal;
 pub mod shard;
 pub mod shutdown;
 pub mod store;
@@ -30,6 +31,7 @@ use config::{Config, ConfigError, LeaderMode, RelayConfig};
 use engine::{Engine, EngineError, Totals};
 use leader::{AdvisoryLock, Kept, LeaderLock, LockError, RedisLock};
 use publisher::RelayPublisher;
+use refusal::PostgresError;
 use shard::Shard;
 use store::OutboxStore;
 
@@ -64,11 +66,11 @@ pub enum RelayError {
     /// A setting is wrong.
     #[error("configuration")]
     Config(#[from] ConfigError),
-    /// Postgres unreachable at start.
-    #[error("connecting to Postgres")]
-    PostgresConnect(#[source] sqlx::Error),
-    /// NATS unreachable at start.
-    #[error("connecting to NATS")]
+    /// Postgres unreachable at start, or refusing our settings.
+    #[error(transparent)]
+    PostgresConnect(#[from] PostgresError),
+    /// NATS unreachable at start, or refusing our settings.
+    #[error(transparent)]
     NatsConnect(#[from] publisher::ConnectError),
     /// The outbox table does not exist (yet) after `give_up_after`.
     #[error("outbox table {0} not found")]
@@ -99,6 +101,9 @@ impl RelayError {
     /// The exit code this error stops the process with.
     pub fn exit_code(&self) -> ExitCode {
         match self {
+            Self::PostgresConnect(err) if err.is_config_error() => ExitCode::Config,
+            Self::NatsConnect(err) if err.is_config_error() => ExitCode::Config,
+            Self::Lock(err) if err.is_config_error() => ExitCode::Config,
             Self::Config(_) | Self::TableColumns { .. } | Self::EnsureStream(..) | Self::Health(_) => {
                 ExitCode::Config
             }
@@ -141,9 +146,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
     metrics::set_leader(false);
 
     let connect_timeout = Duration::from_secs_f64(config.nats.connect_timeout_seconds);
-    let pool = OutboxStore::connect(&config.db.sqlx_url(), 1, connect_timeout)
+    let db_url = config.db.sqlx_url();
+    let pool = OutboxStore::connect(&db_url, 1, connect_timeout)
         .await
-        .map_err(RelayError::PostgresConnect)?;
+        .map_err(|err| PostgresError::connecting(&db_url, err))?;
     let store = OutboxStore::new(pool, &relay);
     wait_for_table(&store, &relay, &shutdown).await?;
     let publisher = RelayPublisher::connect(&config.nats, &relay).await?;
@@ -294,7 +300,7 @@ async fn wait_for_table(
                 warn!(table = %relay.table, "outbox table not found yet; waiting");
             }
             Err(sqlx::Error::RowNotFound) => return Err(RelayError::TableMissing(relay.table.clone())),
-            Err(err) => return Err(RelayError::PostgresConnect(err)),
+            Err(err) => return Err(PostgresError::new(&store.pool().connect_options(), err).into()),
         }
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),

@@ -26,6 +26,7 @@ use tracing::warn;
 use uuid::Uuid;
 
 use super::config::{NatsConfig, RelayConfig, UrlAuth, MAX_IN_FLIGHT_LIMIT};
+use super::refusal::{self, Refusal};
 use super::store::OutboxRow;
 use crate::publisher::{NatsPublishError, PublishErrorKind};
 use crate::{wire, EventHeaders, PublishError, Publisher};
@@ -72,9 +73,48 @@ pub enum ConnectError {
     /// The credentials file could not be read.
     #[error("reading nats.creds_file")]
     Credentials(#[source] std::io::Error),
+    /// A server refused our TLS settings or credentials.
+    #[error("{refusal}: NATS at {servers}")]
+    Refused {
+        /// What was refused.
+        refusal: Refusal,
+        /// The configured servers, `host:port` each.
+        servers: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::ConnectError,
+    },
     /// No server answered.
-    #[error("connecting to NATS")]
-    Connect(#[from] async_nats::ConnectError),
+    #[error("connecting to NATS at {servers}")]
+    Connect {
+        /// The configured servers, `host:port` each.
+        servers: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+}
+
+impl ConnectError {
+    fn new(servers: &[String], source: async_nats::ConnectError) -> Self {
+        let servers = servers
+            .iter()
+            .map(|server| match server.parse::<async_nats::ServerAddr>() {
+                Ok(addr) => format!("{}:{}", addr.host(), addr.port()),
+                Err(_) => server.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        match refusal::of_nats(&source) {
+            Some(refusal) => Self::Refused { refusal, servers, source },
+            None => Self::Connect { servers, source },
+        }
+    }
+
+    /// A server refused our settings: they must change, retrying cannot help.
+    pub fn is_config_error(&self) -> bool {
+        matches!(self, Self::Refused { .. })
+    }
 }
 
 /// The relay's NATS side.
@@ -131,10 +171,13 @@ impl RelayPublisher {
     /// Connects with the configured servers, credentials and TLS.
     ///
     /// # Errors
-    /// When no server can be reached within the connect timeout, or credentials cannot be read.
+    /// When no server can be reached within the connect timeout, one refuses our TLS settings or credentials, or
+    /// the credentials file cannot be read.
     pub async fn connect(nats: &NatsConfig, relay: &RelayConfig) -> Result<Self, ConnectError> {
         let (servers, url_auth) = nats.servers_and_url_auth().expect("validate() checks nats.servers");
-        let client = connect_options(nats, url_auth).await?.connect(servers).await?;
+        let options = connect_options(nats, url_auth).await?;
+        let client =
+            options.connect(servers.clone()).await.map_err(|source| ConnectError::new(&servers, source))?;
         Ok(Self::new(client, relay))
     }
 

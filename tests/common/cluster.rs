@@ -242,6 +242,46 @@ pub struct PgCluster {
 impl PgCluster {
     /// initdb and start, on a free port.
     pub async fn start() -> Self {
+        let cluster = Self::init();
+        cluster.restart().await;
+        cluster
+    }
+
+    /// initdb, TLS on with these PEM files (copied in, the key readable by the server alone), `hba` lines ahead
+    /// of initdb's trust lines; then start.
+    pub async fn start_with_tls(cert: &Path, key: &Path, ca: &Path, hba: &[&str]) -> Self {
+        let cluster = Self::init();
+        let mut settings = String::from("\nssl = on\n");
+        for (setting, file, mode) in
+            [("ssl_cert_file", cert, "644"), ("ssl_key_file", key, "600"), ("ssl_ca_file", ca, "644")]
+        {
+            let copy = cluster.dir.join(file.file_name().expect("a file name"));
+            fs::copy(file, &copy).expect("copy a TLS file");
+            cluster.give(&copy, mode);
+            settings.push_str(&format!("{setting} = '{}'\n", copy.display()));
+        }
+        let conf = cluster.data().join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).expect("read postgresql.conf");
+        text.push_str(&settings);
+        fs::write(&conf, text).expect("write postgresql.conf");
+        let hba_file = cluster.data().join("pg_hba.conf");
+        let hba = format!("{}\n{}", hba.join("\n"), fs::read_to_string(&hba_file).expect("read pg_hba.conf"));
+        fs::write(&hba_file, hba).expect("write pg_hba.conf");
+        cluster.restart().await;
+        cluster
+    }
+
+    /// Hands `path` to the server's user with `mode`.
+    fn give(&self, path: &Path, mode: &str) {
+        let status = Command::new("chmod").arg(mode).arg(path).status();
+        assert!(status.is_ok_and(|s| s.success()), "chmod {}", path.display());
+        if is_root() {
+            let status = Command::new("chown").arg("postgres:").arg(path).status();
+            assert!(status.is_ok_and(|s| s.success()), "chown {} to postgres", path.display());
+        }
+    }
+
+    fn init() -> Self {
         let dir = temp_dir("pg");
         let cluster = Self { port: free_port(), bin: pg_bin(), dir };
         if is_root() {
@@ -256,7 +296,6 @@ impl PgCluster {
             .output()
             .expect("run initdb");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        cluster.restart().await;
         cluster
     }
 
