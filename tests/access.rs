@@ -171,6 +171,7 @@ async fn a_redis_leader_lock_over_tls_and_its_tls_problems() {
             .collect()
     })
     .await;
+    let plaintext = RedisServer::start().await;
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     db.insert_events(10, "order.placed").await;
     let url = format!("rediss://127.0.0.1:{}/0", secured.port);
@@ -191,6 +192,13 @@ async fn a_redis_leader_lock_over_tls_and_its_tls_problems() {
     let expected = ["TLS/certificate problem", url.as_str()];
     assert_refused("an untrusted server certificate", exit_of(&tls(&pki.other_ca(), true)).await, &expected);
     assert_refused("no client certificate", exit_of(&tls(&pki.ca(), false)).await, &expected);
+    let plain_url = format!("rediss://127.0.0.1:{}/0", plaintext.port);
+    let required = with(leader_env(&db, &stream, &plain_url), &[("QX_CACHE__TLS_CA_FILE", &ca)]);
+    assert_refused(
+        "TLS to a plaintext server",
+        exit_of(&required).await,
+        &["TLS/certificate problem", &plain_url],
+    );
     stream.delete().await;
     db.drop().await;
 }

@@ -11,8 +11,9 @@
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ClientTlsConfig, TlsCertificates};
+use redis::{AsyncConnectionConfig, ClientTlsConfig, ConnectionAddr, TlsCertificates};
 use sqlx::{Connection, PgConnection};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -20,6 +21,9 @@ use uuid::Uuid;
 
 use super::config::CacheConfig;
 use super::refusal::{self, Refusal};
+
+/// The longest a plain-RESP probe of a `rediss://` server that does not answer may take.
+const PROBE_LIMIT: Duration = Duration::from_secs(1);
 
 /// Standbys never wait longer than this between attempts, so a released lock is taken within about a second.
 const STANDBY_POLL_MAX: Duration = Duration::from_millis(500);
@@ -52,6 +56,12 @@ pub enum LockError {
         #[source]
         source: redis::RedisError,
     },
+    /// `rediss://` to a server that answers without TLS.
+    #[error("{}: Redis at cache.url {url}: the server answers without TLS", Refusal::Tls)]
+    RedisWithoutTls {
+        /// `cache.url`, redacted.
+        url: String,
+    },
     /// A `cache.tls_*` file could not be read.
     #[error("reading {key} ({path})")]
     CertificateFile {
@@ -81,7 +91,13 @@ impl LockError {
     /// The settings must change, retrying cannot help: Redis refused our TLS settings or credentials, or the
     /// certificates could not be read.
     pub fn is_config_error(&self) -> bool {
-        matches!(self, Self::RedisRefused { .. } | Self::CertificateFile { .. } | Self::Certificates(_))
+        matches!(
+            self,
+            Self::RedisRefused { .. }
+                | Self::RedisWithoutTls { .. }
+                | Self::CertificateFile { .. }
+                | Self::Certificates(_)
+        )
     }
 }
 
@@ -354,7 +370,10 @@ impl RedisLock {
             // down on a hiccup its lease easily covers.
             let config = AsyncConnectionConfig::new().set_connection_timeout(None).set_response_timeout(None);
             let connect = self.client.get_multiplexed_async_connection_with_config(&config);
-            let connected = timeout(limit, connect).await.map_err(|_| LockError::TimedOut)?;
+            let connected = match timeout(limit, connect).await {
+                Ok(connected) => connected,
+                Err(_) => return Err(self.connect_timed_out(limit).await),
+            };
             self.connection = Some(connected.map_err(|err| self.redis_error(err))?);
         }
         let connection = self.connection.as_mut().expect("just connected");
@@ -365,6 +384,27 @@ impl RedisLock {
         };
         self.connection = None;
         result
+    }
+
+    /// A connection attempt that timed out. A plaintext Redis keeps a TLS ClientHello in its buffer waiting for a
+    /// line end, so `rediss://` to it hangs instead of failing: asking in plain RESP tells it from a server that
+    /// does not answer at all.
+    async fn connect_timed_out(&self, limit: Duration) -> LockError {
+        let ConnectionAddr::TcpTls { host, port, .. } = self.client.get_connection_info().addr() else {
+            return LockError::TimedOut;
+        };
+        let probe = async {
+            let mut stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await.ok()?;
+            stream.write_all(b"PING\r\n").await.ok()?;
+            let mut first = [0u8; 1];
+            stream.read_exact(&mut first).await.ok()?;
+            // A RESP reply: +PONG, or an error such as -NOAUTH.
+            Some(matches!(first[0], b'+' | b'-'))
+        };
+        match timeout(limit.min(PROBE_LIMIT), probe).await {
+            Ok(Some(true)) => LockError::RedisWithoutTls { url: self.url.clone() },
+            _ => LockError::TimedOut,
+        }
     }
 
     fn redis_error(&self, err: redis::RedisError) -> LockError {
