@@ -15,7 +15,8 @@ Exit codes:
   64  usage error (bad flags)
   69  a dependency (Postgres, NATS, Redis) unavailable at start or for longer than relay.give_up_after
   70  internal error
-  78  configuration error (one line names the key)
+  78  configuration error (one line names the key), or a server refusing our TLS settings, certificate or
+      credentials at start (one line names the server)
   130 second SIGTERM/SIGINT: stopped without finishing";
 
 /// Relays the Qx transactional outbox (`qx_outbox_events`) to NATS JetStream.

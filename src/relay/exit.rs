@@ -5,6 +5,7 @@ use super::engine::EngineError;
 use super::leader::LockError;
 use super::nats::ConnectError;
 use super::preflight::PreflightError;
+use super::refusal::PostgresError;
 
 /// The process exit codes, documented in `--help` and the README.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,11 +31,11 @@ pub enum RelayError {
     /// A setting is wrong.
     #[error("configuration")]
     Config(#[from] ConfigError),
-    /// Postgres unreachable at start.
-    #[error("connecting to Postgres")]
-    PostgresConnect(#[source] sqlx::Error),
-    /// NATS unreachable at start.
-    #[error("connecting to NATS")]
+    /// Postgres unreachable at start, or refusing our settings.
+    #[error(transparent)]
+    PostgresConnect(#[from] PostgresError),
+    /// NATS unreachable at start, or refusing our settings.
+    #[error(transparent)]
     NatsConnect(#[from] ConnectError),
     /// A start-up check failed.
     #[error("checking the setup")]
@@ -64,6 +65,10 @@ impl From<&PreflightError> for ExitCode {
 impl From<&RelayError> for ExitCode {
     fn from(err: &RelayError) -> Self {
         match err {
+            // A server refusing our TLS settings or credentials: they must change, retrying cannot help.
+            RelayError::PostgresConnect(err) if err.is_config_error() => Self::Config,
+            RelayError::NatsConnect(err) if err.is_config_error() => Self::Config,
+            RelayError::Lock(err) if err.is_config_error() => Self::Config,
             RelayError::Config(_) | RelayError::Health(_) => Self::Config,
             RelayError::Preflight(err) => err.into(),
             RelayError::PostgresConnect(_)

@@ -11,15 +11,21 @@
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::AsyncConnectionConfig;
+use redis::{AsyncConnectionConfig, ClientTlsConfig, ConnectionAddr, TlsCertificates};
 use sqlx::{Connection, PgConnection};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use super::config::CacheConfig;
 use super::outage::OutageClock;
+use super::refusal::{self, Refusal};
 use crate::backoff::Backoff;
+
+/// The longest a plain-RESP probe of a `rediss://` server that does not answer may take.
+const PROBE_LIMIT: Duration = Duration::from_secs(1);
 
 /// Standbys never wait longer than this between attempts, so a released lock is taken within about a second.
 const STANDBY_POLL_MAX: Duration = Duration::from_millis(500);
@@ -43,6 +49,37 @@ pub enum LockError {
     /// Redis failed or did not answer in time.
     #[error("redis")]
     Redis(#[from] redis::RedisError),
+    /// Redis refused our TLS settings or credentials.
+    #[error("{refusal}: Redis at cache.url {url}")]
+    RedisRefused {
+        /// What was refused.
+        refusal: Refusal,
+        /// `cache.url`, redacted.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// `rediss://` to a server that answers without TLS.
+    #[error("{}: Redis at cache.url {url}: the server answers without TLS", Refusal::Tls)]
+    RedisWithoutTls {
+        /// `cache.url`, redacted.
+        url: String,
+    },
+    /// A `cache.tls_*` file could not be read.
+    #[error("reading {key} ({path})")]
+    CertificateFile {
+        /// The setting.
+        key: &'static str,
+        /// Its file.
+        path: String,
+        /// Why it could not be read.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The `cache.tls_*` certificates are not usable PEM.
+    #[error("reading the cache.tls_* certificates")]
+    Certificates(#[source] redis::RedisError),
     /// Postgres failed.
     #[error("postgres")]
     Postgres(#[from] sqlx::Error),
@@ -52,6 +89,20 @@ pub enum LockError {
     /// The backend kept failing for longer than `give_up_after`.
     #[error("leader lock backend unavailable for longer than {}", humantime::format_duration(*.0))]
     GaveUp(Duration),
+}
+
+impl LockError {
+    /// The settings must change, retrying cannot help: Redis refused our TLS settings or credentials, or the
+    /// certificates could not be read.
+    pub fn is_config_error(&self) -> bool {
+        matches!(
+            self,
+            Self::RedisRefused { .. }
+                | Self::RedisWithoutTls { .. }
+                | Self::CertificateFile { .. }
+                | Self::Certificates(_)
+        )
+    }
 }
 
 /// The lock's holder as Redis shows it, for `qx-relay status`.
@@ -98,6 +149,7 @@ impl LeaderLock {
                     }
                     retry_in
                 }
+                Err(err) if err.is_config_error() => return Err(err),
                 Err(err) => {
                     let first = !outage.is_down();
                     let down_for = outage.failed(started).map_err(|_| LockError::GaveUp(give_up_after))?;
@@ -205,6 +257,8 @@ enum Acquired {
 /// A Redis lease compatible with Qx's `DistributedLock`.
 pub struct RedisLock {
     client: redis::Client,
+    /// `cache.url` redacted, to name the server in errors.
+    url: String,
     connection: Option<MultiplexedConnection>,
     key: String,
     token: String,
@@ -215,13 +269,20 @@ pub struct RedisLock {
 }
 
 impl RedisLock {
-    /// A lock on `key` with a fresh random token (uuid4 text, as Qx uses).
+    /// A lock on `key` in the Redis of `cache`, with a fresh random token (uuid4 text, as Qx uses).
     ///
     /// # Errors
-    /// When `url` is not a Redis URL.
-    pub fn new(url: &str, key: String, ttl: Duration) -> Result<Self, LockError> {
-        let client = redis::Client::open(url)?;
-        Ok(Self { client, connection: None, key, token: Uuid::new_v4().to_string(), ttl, lease_until: None })
+    /// When `cache.url` is not a Redis URL, or its certificates cannot be read.
+    pub fn new(cache: &CacheConfig, key: String, ttl: Duration) -> Result<Self, LockError> {
+        Ok(Self {
+            client: redis_client(cache)?,
+            url: cache.redacted_url(),
+            connection: None,
+            key,
+            token: Uuid::new_v4().to_string(),
+            ttl,
+            lease_until: None,
+        })
     }
 
     /// Our token, logged so operators can tell holders apart.
@@ -310,17 +371,78 @@ impl RedisLock {
             // down on a hiccup its lease easily covers.
             let config = AsyncConnectionConfig::new().set_connection_timeout(None).set_response_timeout(None);
             let connect = self.client.get_multiplexed_async_connection_with_config(&config);
-            self.connection = Some(timeout(limit, connect).await.map_err(|_| LockError::TimedOut)??);
+            let connected = match timeout(limit, connect).await {
+                Ok(connected) => connected,
+                Err(_) => return Err(self.connect_timed_out(limit).await),
+            };
+            self.connection = Some(connected.map_err(|err| self.redis_error(err))?);
         }
         let connection = self.connection.as_mut().expect("just connected");
         let result = match timeout(limit, cmd.query_async(connection)).await {
             Ok(Ok(value)) => return Ok(value),
-            Ok(Err(err)) => Err(err.into()),
+            Ok(Err(err)) => Err(self.redis_error(err)),
             Err(_) => Err(LockError::TimedOut),
         };
         self.connection = None;
         result
     }
+
+    /// A connection attempt that timed out. A plaintext Redis keeps a TLS ClientHello in its buffer waiting for a
+    /// line end, so `rediss://` to it hangs instead of failing: asking in plain RESP tells it from a server that
+    /// does not answer at all.
+    async fn connect_timed_out(&self, limit: Duration) -> LockError {
+        let ConnectionAddr::TcpTls { host, port, .. } = self.client.get_connection_info().addr() else {
+            return LockError::TimedOut;
+        };
+        let probe = async {
+            let mut stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await.ok()?;
+            stream.write_all(b"PING\r\n").await.ok()?;
+            let mut first = [0u8; 1];
+            stream.read_exact(&mut first).await.ok()?;
+            // A RESP reply: +PONG, or an error such as -NOAUTH.
+            Some(matches!(first[0], b'+' | b'-'))
+        };
+        match timeout(limit.min(PROBE_LIMIT), probe).await {
+            Ok(Some(true)) => LockError::RedisWithoutTls { url: self.url.clone() },
+            _ => LockError::TimedOut,
+        }
+    }
+
+    fn redis_error(&self, err: redis::RedisError) -> LockError {
+        match refusal::of_redis(&err) {
+            Some(refusal) => LockError::RedisRefused { refusal, url: self.url.clone(), source: err },
+            None => LockError::Redis(err),
+        }
+    }
+}
+
+/// A client for `cache.url`, trusting `cache.tls_ca_file` (else the public web roots) and presenting the
+/// client certificate when one is set.
+fn redis_client(cache: &CacheConfig) -> Result<redis::Client, LockError> {
+    let read = |key: &'static str, path: &Option<String>| {
+        path.as_ref()
+            .map(|path| {
+                std::fs::read(path).map_err(|source| LockError::CertificateFile {
+                    key,
+                    path: path.clone(),
+                    source,
+                })
+            })
+            .transpose()
+    };
+    let root_cert = read("cache.tls_ca_file", &cache.tls_ca_file)?;
+    let client_tls = match (
+        read("cache.tls_cert_file", &cache.tls_cert_file)?,
+        read("cache.tls_key_file", &cache.tls_key_file)?,
+    ) {
+        (Some(client_cert), Some(client_key)) => Some(ClientTlsConfig { client_cert, client_key }),
+        _ => None,
+    };
+    if root_cert.is_none() && client_tls.is_none() {
+        return Ok(redis::Client::open(cache.url.as_str())?);
+    }
+    redis::Client::build_with_tls(cache.url.as_str(), TlsCertificates { client_tls, root_cert })
+        .map_err(LockError::Certificates)
 }
 
 /// A Postgres session advisory lock held on a connection of its own.

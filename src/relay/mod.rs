@@ -20,6 +20,7 @@ pub mod notify;
 pub mod ops;
 pub mod outage;
 pub mod preflight;
+pub mod refusal;
 pub mod shard;
 pub mod shutdown;
 pub mod store;
@@ -39,6 +40,7 @@ pub use exit::{error_chain, ExitCode, RelayError};
 use leader::{AdvisoryLock, Kept, LeaderLock, RedisLock};
 use nats::RelayPublisher;
 use preflight::PreflightError;
+use refusal::PostgresError;
 use shard::Shard;
 use store::OutboxStore;
 
@@ -75,9 +77,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
     metrics::set_leader(false);
 
     let connect_timeout = Duration::from_secs_f64(config.nats.connect_timeout_seconds);
-    let pool = OutboxStore::connect(&config.db.sqlx_url(), 1, connect_timeout)
+    let db_url = config.db.sqlx_url();
+    let pool = OutboxStore::connect(&db_url, 1, connect_timeout)
         .await
-        .map_err(RelayError::PostgresConnect)?;
+        .map_err(|err| PostgresError::connecting(&db_url, err))?;
     let store = OutboxStore::new(pool, &relay);
     preflight::table(&store, &relay, Some(&shutdown)).await?;
     let publisher = RelayPublisher::connect(&config.nats, &relay).await?;
@@ -135,9 +138,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
         parked = totals.parked,
         "relay stopped"
     );
-    if let Err(err) = &result {
-        error!("relay failed: {}", error_chain(err));
-    }
     // Bounded, so a stop with NATS or Postgres gone still ends within drain_timeout and a second.
     publisher.close(STOP_GRACE).await;
     let _ = tokio::time::timeout(STOP_GRACE, background.wait()).await;
@@ -207,7 +207,7 @@ fn leader_lock(config: &Config, shard: Shard) -> Result<Option<LeaderLock>, Rela
         LeaderMode::None => None,
         LeaderMode::Redis => {
             let key = shard.lock_key(&relay.leader_key);
-            Some(LeaderLock::Redis(Box::new(RedisLock::new(&config.cache.url, key, relay.leader_ttl)?)))
+            Some(LeaderLock::Redis(Box::new(RedisLock::new(&config.cache, key, relay.leader_ttl)?)))
         }
         LeaderMode::Postgres => {
             let name = shard.lock_key(&format!("qx-relay:{}", relay.table));

@@ -6,9 +6,10 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::config::{Config, LeaderMode};
-use super::leader::{Holder, RedisLock};
+use super::leader::{Holder, LockError, RedisLock};
 use super::nats::RelayPublisher;
 use super::preflight::{self, PreflightError};
+use super::refusal::PostgresError;
 use super::shard::Shard;
 use super::store::{OutboxStats, OutboxStore, ParkedRow, Requeue, StoreError};
 use super::{error_chain, ExitCode};
@@ -24,16 +25,15 @@ pub async fn check(config: &Config) -> ExitCode {
         }
     };
     let relay = &config.relay;
-    let timeout = Duration::from_secs_f64(config.nats.connect_timeout_seconds);
-    match OutboxStore::connect(&config.db.sqlx_url(), 1, timeout).await {
-        Ok(pool) => {
+    match connect_store(config).await {
+        Ok(store) => {
             println!("ok    postgres: connected");
-            match preflight::table(&OutboxStore::new(pool, relay), relay, None).await {
+            match preflight::table(&store, relay, None).await {
                 Ok(()) => println!("ok    table: {} has the outbox columns", relay.table),
                 Err(err) => fail((&err).into(), format!("table: {}", error_chain(&err))),
             }
         }
-        Err(err) => fail(ExitCode::Unavailable, format!("postgres: {}", error_chain(&err))),
+        Err(err) => fail(exit_code(err.is_config_error()), format!("postgres: {}", error_chain(&err))),
     }
     let prefix = relay.subject_prefix();
     match RelayPublisher::connect(&config.nats, relay).await {
@@ -52,12 +52,12 @@ pub async fn check(config: &Config) -> ExitCode {
             }
             publisher.close(Duration::from_secs(1)).await;
         }
-        Err(err) => fail(ExitCode::Unavailable, format!("nats: {}", error_chain(&err))),
+        Err(err) => fail(exit_code(err.is_config_error()), format!("nats: {}", error_chain(&err))),
     }
     if relay.leader == LeaderMode::Redis {
         match lock_holders(config).await {
             Ok(_) => println!("ok    redis: connected"),
-            Err(err) => fail(ExitCode::Unavailable, format!("redis: {err}")),
+            Err(err) => fail(exit_code(err.is_config_error()), format!("redis: {}", error_chain(&err))),
         }
     }
     worst
@@ -110,8 +110,8 @@ pub async fn status(config: &Config, json: bool) -> ExitCode {
         match lock_holders(config).await {
             Ok(holders) => holders,
             Err(err) => {
-                eprintln!("redis: {err}");
-                return ExitCode::Unavailable;
+                eprintln!("redis: {}", error_chain(&err));
+                return exit_code(err.is_config_error());
             }
         }
     } else {
@@ -183,23 +183,39 @@ pub async fn dead_requeue(config: &Config, which: &Requeue, json: bool) -> ExitC
     ExitCode::Ok
 }
 
+/// The store, or the exit code after reporting why Postgres could not be used.
 async fn connect(config: &Config) -> Result<OutboxStore, ExitCode> {
+    connect_store(config).await.map_err(|err| {
+        eprintln!("postgres: {}", error_chain(&err));
+        exit_code(err.is_config_error())
+    })
+}
+
+async fn connect_store(config: &Config) -> Result<OutboxStore, PostgresError> {
     let timeout = Duration::from_secs_f64(config.nats.connect_timeout_seconds);
-    match OutboxStore::connect(&config.db.sqlx_url(), 1, timeout).await {
+    let url = config.db.sqlx_url();
+    match OutboxStore::connect(&url, 1, timeout).await {
         Ok(pool) => Ok(OutboxStore::new(pool, &config.relay)),
-        Err(err) => Err(unavailable("postgres", &StoreError::Database(err))),
+        Err(err) => Err(PostgresError::connecting(&url, err)),
     }
 }
 
-async fn lock_holders(config: &Config) -> Result<Vec<Holder>, String> {
+async fn lock_holders(config: &Config) -> Result<Vec<Holder>, LockError> {
     let mut holders = Vec::new();
     for shard in Shard::all_of(config.relay.shard_count) {
         let key = shard.lock_key(&config.relay.leader_key);
-        let mut lock =
-            RedisLock::new(&config.cache.url, key, config.relay.leader_ttl).map_err(|e| error_chain(&e))?;
-        holders.push(lock.holder().await.map_err(|e| error_chain(&e))?);
+        holders.push(RedisLock::new(&config.cache, key, config.relay.leader_ttl)?.holder().await?);
     }
     Ok(holders)
+}
+
+/// A server that refuses our settings is a configuration error (78); one that fails, an outage (69).
+fn exit_code(config_error: bool) -> ExitCode {
+    if config_error {
+        ExitCode::Config
+    } else {
+        ExitCode::Unavailable
+    }
 }
 
 /// Reports a database failure: a missing table is the configuration's fault (78), anything else Postgres' (69).

@@ -67,22 +67,30 @@ pub struct NatsServer {
     pub port: u16,
     pub dir: PathBuf,
     jetstream: bool,
+    /// Added to every start, e.g. `--user`/`--pass` or `--tls …`.
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl NatsServer {
     /// Starts one on a free port.
     pub async fn start() -> Self {
-        Self::start_with(true).await
+        Self::start_with(&[]).await
+    }
+
+    /// Starts one on a free port with `args` added to the command line.
+    pub async fn start_with(args: &[&str]) -> Self {
+        Self::start_as(true, args).await
     }
 
     /// Starts one with JetStream off: core NATS only.
     pub async fn start_without_jetstream() -> Self {
-        Self::start_with(false).await
+        Self::start_as(false, &[]).await
     }
 
-    async fn start_with(jetstream: bool) -> Self {
-        let mut server = Self { port: free_port(), dir: temp_dir("nats"), jetstream, child: None };
+    async fn start_as(jetstream: bool, args: &[&str]) -> Self {
+        let args = args.iter().map(|arg| (*arg).to_owned()).collect();
+        let mut server = Self { port: free_port(), dir: temp_dir("nats"), jetstream, args, child: None };
         server.restart().await;
         server
     }
@@ -106,7 +114,7 @@ impl NatsServer {
             .open(self.dir.join("nats.log"))
             .expect("open nats log");
         let mut command = Command::new("nats-server");
-        command.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        command.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]).args(&self.args);
         if self.jetstream {
             command.arg("-js").arg("-sd").arg(self.dir.join("store"));
         }
@@ -156,12 +164,21 @@ impl Drop for NatsServer {
 pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
+    /// Added to every start, after the defaults they override.
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     pub async fn start() -> Self {
-        let mut server = Self { port: free_port(), dir: temp_dir("redis"), child: None };
+        Self::start_with(|_| Vec::new()).await
+    }
+
+    /// Starts one with the arguments `args` gives for its port added to the command line; later arguments win,
+    /// so `--port 0 --tls-port <port>` makes it a TLS-only server.
+    pub async fn start_with(args: impl FnOnce(u16) -> Vec<String>) -> Self {
+        let port = free_port();
+        let mut server = Self { port, dir: temp_dir("redis"), args: args(port), child: None };
         server.restart().await;
         server
     }
@@ -191,6 +208,7 @@ impl RedisServer {
             ])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -233,6 +251,46 @@ pub struct PgCluster {
 impl PgCluster {
     /// initdb and start, on a free port.
     pub async fn start() -> Self {
+        let cluster = Self::init();
+        cluster.restart().await;
+        cluster
+    }
+
+    /// initdb, TLS on with these PEM files (copied in, the key readable by the server alone), `hba` lines ahead
+    /// of initdb's trust lines; then start.
+    pub async fn start_with_tls(cert: &Path, key: &Path, ca: &Path, hba: &[&str]) -> Self {
+        let cluster = Self::init();
+        let mut settings = String::from("\nssl = on\n");
+        for (setting, file, mode) in
+            [("ssl_cert_file", cert, "644"), ("ssl_key_file", key, "600"), ("ssl_ca_file", ca, "644")]
+        {
+            let copy = cluster.dir.join(file.file_name().expect("a file name"));
+            fs::copy(file, &copy).expect("copy a TLS file");
+            cluster.give(&copy, mode);
+            settings.push_str(&format!("{setting} = '{}'\n", copy.display()));
+        }
+        let conf = cluster.data().join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).expect("read postgresql.conf");
+        text.push_str(&settings);
+        fs::write(&conf, text).expect("write postgresql.conf");
+        let hba_file = cluster.data().join("pg_hba.conf");
+        let hba = format!("{}\n{}", hba.join("\n"), fs::read_to_string(&hba_file).expect("read pg_hba.conf"));
+        fs::write(&hba_file, hba).expect("write pg_hba.conf");
+        cluster.restart().await;
+        cluster
+    }
+
+    /// Hands `path` to the server's user with `mode`.
+    fn give(&self, path: &Path, mode: &str) {
+        let status = Command::new("chmod").arg(mode).arg(path).status();
+        assert!(status.is_ok_and(|s| s.success()), "chmod {}", path.display());
+        if is_root() {
+            let status = Command::new("chown").arg("postgres:").arg(path).status();
+            assert!(status.is_ok_and(|s| s.success()), "chown {} to postgres", path.display());
+        }
+    }
+
+    fn init() -> Self {
         let dir = temp_dir("pg");
         let cluster = Self { port: free_port(), bin: pg_bin(), dir };
         if is_root() {
@@ -247,7 +305,6 @@ impl PgCluster {
             .output()
             .expect("run initdb");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        cluster.restart().await;
         cluster
     }
 

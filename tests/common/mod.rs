@@ -41,11 +41,16 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn create() -> Self {
-        let admin_url = env("DATABASE_URL");
+        Self::create_at(&env("DATABASE_URL")).await
+    }
+
+    /// One on the server of `admin_url`, e.g. a private cluster. Its name is unique, so even [`Self::drop`]
+    /// (which talks to DATABASE_URL) cannot hit anything else.
+    pub async fn create_at(admin_url: &str) -> Self {
         let name = format!("qxr_{}", Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&admin_url).await.expect("connect DATABASE_URL");
+        let mut admin = PgConnection::connect(admin_url).await.expect("connect to create a database");
         sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create database");
-        let url = with_database(&admin_url, &name);
+        let url = with_database(admin_url, &name);
         let pool = PgPool::connect(&url).await.expect("connect test database");
         sqlx::raw_sql(OUTBOX_DDL).execute(&pool).await.expect("create outbox table");
         Self { name, url, pool }

@@ -15,11 +15,12 @@ use async_nats::jetstream::context::GetStreamByNameErrorKind;
 use async_nats::jetstream::{self, stream};
 use async_nats::ConnectOptions;
 use tokio::sync::Mutex;
-use tracing::debug;
+use tracing::{debug, warn};
 
 pub use outcome::{Failure, FailureKind, Outcome};
 
-use super::config::{NatsConfig, RelayConfig, MAX_IN_FLIGHT_LIMIT};
+use super::config::{NatsConfig, RelayConfig, UrlAuth, MAX_IN_FLIGHT_LIMIT};
+use super::refusal::{self, Refusal};
 use pipeline::AckInbox;
 
 /// Why NATS could not be reached at start.
@@ -28,9 +29,48 @@ pub enum ConnectError {
     /// The credentials file could not be read.
     #[error("reading nats.creds_file")]
     Credentials(#[source] std::io::Error),
+    /// A server refused our TLS settings or credentials.
+    #[error("{refusal}: NATS at {servers}")]
+    Refused {
+        /// What was refused.
+        refusal: Refusal,
+        /// The configured servers, `host:port` each.
+        servers: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::ConnectError,
+    },
     /// No server answered.
-    #[error("connecting to NATS")]
-    Connect(#[from] async_nats::ConnectError),
+    #[error("connecting to NATS at {servers}")]
+    Connect {
+        /// The configured servers, `host:port` each.
+        servers: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+}
+
+impl ConnectError {
+    fn new(servers: &[String], source: async_nats::ConnectError) -> Self {
+        let servers = servers
+            .iter()
+            .map(|server| match server.parse::<async_nats::ServerAddr>() {
+                Ok(addr) => format!("{}:{}", addr.host(), addr.port()),
+                Err(_) => server.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        match refusal::of_nats(&source) {
+            Some(refusal) => Self::Refused { refusal, servers, source },
+            None => Self::Connect { servers, source },
+        }
+    }
+
+    /// A server refused our settings: they must change, retrying cannot help.
+    pub fn is_config_error(&self) -> bool {
+        matches!(self, Self::Refused { .. })
+    }
 }
 
 /// The relay's NATS side.
@@ -52,9 +92,13 @@ impl RelayPublisher {
     /// Connects with the configured servers, credentials and TLS.
     ///
     /// # Errors
-    /// When no server can be reached within the connect timeout, or credentials cannot be read.
+    /// When no server can be reached within the connect timeout, one refuses our TLS settings or credentials, or
+    /// the credentials file cannot be read.
     pub async fn connect(nats: &NatsConfig, relay: &RelayConfig) -> Result<Self, ConnectError> {
-        let client = connect_options(nats).await?.connect(nats.servers.clone()).await?;
+        let (servers, url_auth) = nats.servers_and_url_auth().expect("validate() checks nats.servers");
+        let options = connect_options(nats, url_auth).await?;
+        let client =
+            options.connect(servers.clone()).await.map_err(|source| ConnectError::new(&servers, source))?;
         Ok(Self::new(client, relay))
     }
 
@@ -144,7 +188,12 @@ impl RelayPublisher {
     }
 }
 
-async fn connect_options(nats: &NatsConfig) -> Result<ConnectOptions, ConnectError> {
+/// The client's options. `url_auth` are the credentials written in the server URLs, which the client never sees
+/// (it would ignore them, and log them with the server address); credentials set on their own win, as in nats-py.
+async fn connect_options(
+    nats: &NatsConfig,
+    url_auth: Option<UrlAuth>,
+) -> Result<ConnectOptions, ConnectError> {
     let mut options = ConnectOptions::new()
         .subscription_capacity(MAX_IN_FLIGHT_LIMIT as usize)
         .connection_timeout(Duration::from_secs_f64(nats.connect_timeout_seconds))
@@ -165,6 +214,15 @@ async fn connect_options(nats: &NatsConfig) -> Result<ConnectOptions, ConnectErr
     }
     if let Some(token) = &nats.token {
         options = options.token(token.clone());
+    }
+    let explicit = nats.creds_file.is_some() || nats.user.is_some() || nats.token.is_some();
+    match url_auth {
+        Some(_) if explicit => {
+            warn!("nats.servers carry credentials, but nats.creds_file, nats.user or nats.token is set and wins")
+        }
+        Some(UrlAuth::UserPassword { user, password }) => options = options.user_and_password(user, password),
+        Some(UrlAuth::Token(token)) => options = options.token(token),
+        None => {}
     }
     if let Some(ca) = &nats.tls_ca_file {
         options = options.add_root_certificates(ca.into());

@@ -1,0 +1,293 @@
+//! Credentials and TLS against private servers (tests/common/cluster.rs) and a CA made for the test
+//! (tests/common/pki.rs): credentials written in a NATS server URL are used and never logged, at any level;
+//! Redis over TLS holds the leader lock; Postgres honours asyncpg's `ssl=` and, given a root certificate,
+//! verifies the chain under `sslmode=require` as libpq does. A server that refuses our TLS settings, our
+//! certificate or our credentials stops the relay at start with exit 78 and one error line naming it.
+
+#[path = "common/cluster.rs"]
+mod cluster;
+mod common;
+#[path = "common/pki.rs"]
+mod pki;
+
+use std::path::Path;
+use std::time::Duration;
+
+use cluster::{NatsServer, PgCluster, RedisServer};
+use common::{run_command, Relay, TestDb, TestStream};
+use pki::{text, Pki};
+use uuid::Uuid;
+
+const DRAIN: Duration = Duration::from_secs(30);
+/// A relay refused at start exits within its connect timeout; give_up_after bounds one that retries instead.
+const EXIT: Duration = Duration::from_secs(30);
+
+/// `env` with `pairs` set, replacing earlier values of the same variables.
+fn with(mut env: Vec<(String, String)>, pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    env.retain(|(key, _)| !pairs.iter().any(|(k, _)| k == key));
+    env.extend(pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    env
+}
+
+/// Runs the relay until every row of `db` is published, stops it with SIGTERM; its log.
+async fn drain(db: &TestDb, env: &[(String, String)]) -> String {
+    let mut relay = Relay::spawn(env, &[]);
+    let deadline = tokio::time::Instant::now() + DRAIN;
+    while db.unpublished().await > 0 {
+        if let Some(status) = relay.child.try_wait().expect("poll relay") {
+            panic!("relay exited ({status}) before publishing every row; log:\n{}", relay.log());
+        }
+        assert!(tokio::time::Instant::now() < deadline, "rows left unpublished; log:\n{}", relay.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.signal("TERM");
+    let status = relay.wait(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "relay exit; log:\n{}", relay.log());
+    relay.log()
+}
+
+/// Runs the relay until it exits by itself: its exit code and log.
+async fn exit_of(env: &[(String, String)]) -> (Option<i32>, String) {
+    let mut relay = Relay::spawn(env, &[]);
+    let status = relay.wait(EXIT).await;
+    (status.code(), relay.log())
+}
+
+/// The relay stopped with exit 78, and its last error line holds each of `parts`.
+fn assert_refused(case: &str, (code, log): (Option<i32>, String), parts: &[&str]) {
+    assert_eq!(code, Some(78), "{case}: exit code; log:\n{log}");
+    let line = log
+        .lines()
+        .rev()
+        .find(|line| line.contains("ERROR"))
+        .unwrap_or_else(|| panic!("{case}: no error line; log:\n{log}"));
+    for part in parts {
+        assert!(line.contains(part), "{case}: {part:?} missing from {line:?}");
+    }
+}
+
+#[tokio::test]
+async fn nats_credentials_in_the_server_url_are_used_and_never_logged() {
+    const PASSWORD: &str = "pw-9f3a7c";
+    const TOKEN: &str = "tok-5e8b21";
+    const WRONG: &str = "wrong-41d2";
+    let by_password = NatsServer::start_with(&["--user", "relay", "--pass", PASSWORD]).await;
+    let by_token = NatsServer::start_with(&["--auth", TOKEN]).await;
+    let db = TestDb::create().await;
+    let base = with(Relay::env(&db, "orders"), &[("QX_RELAY__ENSURE_STREAM", "true")]);
+    for (server, userinfo) in [(&by_password, format!("relay:{PASSWORD}")), (&by_token, TOKEN.to_owned())] {
+        db.insert_events(20, "order.placed").await;
+        let url = format!("nats://{userinfo}@127.0.0.1:{}", server.port);
+        // Every crate at every level: async-nats logs the server it connects to at debug.
+        let log =
+            drain(&db, &with(base.clone(), &[("QX_NATS__SERVERS", &url), ("QX_RELAY__LOG", "trace")])).await;
+        assert!(log.contains("attempting connection"), "the client's debug line naming the server:\n{log}");
+        assert!(!log.contains(PASSWORD) && !log.contains(TOKEN), "a secret was logged:\n{log}");
+    }
+
+    // Credentials the server refuses are a configuration error, named with the server and not logged.
+    let url = format!("nats://relay:{WRONG}@127.0.0.1:{}", by_password.port);
+    let (code, log) = exit_of(&with(base, &[("QX_NATS__SERVERS", &url), ("QX_RELAY__LOG", "trace")])).await;
+    assert!(!log.contains(WRONG), "the wrong password was logged:\n{log}");
+    let server = format!("NATS at 127.0.0.1:{}", by_password.port);
+    assert_refused("a wrong password", (code, log), &["credentials refused", &server]);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn nats_tls_problems_stop_the_relay_with_one_line_naming_the_server() {
+    let pki = Pki::create("relay");
+    let (cert, key, ca) = (text(&pki.server_cert()), text(&pki.server_key()), text(&pki.ca()));
+    let secured = NatsServer::start_with(&[
+        "--tls",
+        "--tlscert",
+        &cert,
+        "--tlskey",
+        &key,
+        "--tlscacert",
+        &ca,
+        "--tlsverify",
+    ])
+    .await;
+    let plaintext = NatsServer::start().await;
+    let db = TestDb::create().await;
+    db.insert_events(10, "order.placed").await;
+    let base = with(Relay::env(&db, "orders"), &[("QX_RELAY__ENSURE_STREAM", "true")]);
+    let url = format!("nats://127.0.0.1:{}", secured.port);
+    let tls = |ca: &Path, client_certificate: bool| {
+        let (client_cert, client_key) = (text(&pki.client_cert()), text(&pki.client_key()));
+        let mut env = with(base.clone(), &[("QX_NATS__SERVERS", &url), ("QX_NATS__TLS_CA_FILE", &text(ca))]);
+        if client_certificate {
+            env = with(
+                env,
+                &[("QX_NATS__TLS_CERT_FILE", &client_cert), ("QX_NATS__TLS_KEY_FILE", &client_key)],
+            );
+        }
+        env
+    };
+    drain(&db, &tls(&pki.ca(), true)).await;
+
+    let server = format!("NATS at 127.0.0.1:{}", secured.port);
+    let expected = ["TLS/certificate problem", server.as_str()];
+    assert_refused("an untrusted server certificate", exit_of(&tls(&pki.other_ca(), true)).await, &expected);
+    assert_refused("no client certificate", exit_of(&tls(&pki.ca(), false)).await, &expected);
+    let plain_url = format!("nats://127.0.0.1:{}", plaintext.port);
+    let required = with(base, &[("QX_NATS__SERVERS", &plain_url), ("QX_NATS__TLS_REQUIRED", "true")]);
+    let server = format!("NATS at 127.0.0.1:{}", plaintext.port);
+    assert_refused(
+        "TLS required of a plaintext server",
+        exit_of(&required).await,
+        &["TLS/certificate problem", &server],
+    );
+    db.drop().await;
+}
+
+/// Settings for a relay holding a leader lock of this test's own in the Redis at `url`.
+fn leader_env(db: &TestDb, stream: &TestStream, url: &str) -> Vec<(String, String)> {
+    let key = format!("test:{}:leader", Uuid::new_v4().simple());
+    let env = Relay::env(db, &stream.prefix);
+    with(
+        env,
+        &[
+            ("QX_RELAY__LEADER", "redis"),
+            ("QX_RELAY__LEADER_KEY", &key),
+            ("QX_CACHE__URL", url),
+            // A relay that took a refusal for an outage would exit 69 after this.
+            ("QX_RELAY__GIVE_UP_AFTER", "5s"),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn a_redis_leader_lock_over_tls_and_its_tls_problems() {
+    let pki = Pki::create("relay");
+    let (cert, key, ca) = (text(&pki.server_cert()), text(&pki.server_key()), text(&pki.ca()));
+    let secured = RedisServer::start_with(|port| {
+        let port = port.to_string();
+        ["--port", "0", "--tls-port", &port, "--tls-cert-file", &cert, "--tls-key-file", &key]
+            .into_iter()
+            .chain(["--tls-ca-cert-file", &ca, "--tls-auth-clients", "yes"])
+            .map(str::to_owned)
+            .collect()
+    })
+    .await;
+    let plaintext = RedisServer::start().await;
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    db.insert_events(10, "order.placed").await;
+    let url = format!("rediss://127.0.0.1:{}/0", secured.port);
+    let tls = |ca: &Path, client_certificate: bool| {
+        let (client_cert, client_key) = (text(&pki.client_cert()), text(&pki.client_key()));
+        let mut env = with(leader_env(&db, &stream, &url), &[("QX_CACHE__TLS_CA_FILE", &text(ca))]);
+        if client_certificate {
+            env = with(
+                env,
+                &[("QX_CACHE__TLS_CERT_FILE", &client_cert), ("QX_CACHE__TLS_KEY_FILE", &client_key)],
+            );
+        }
+        env
+    };
+    let log = drain(&db, &tls(&pki.ca(), true)).await;
+    assert!(log.contains("leader lock acquired"), "published as the leader:\n{log}");
+
+    let expected = ["TLS/certificate problem", url.as_str()];
+    assert_refused("an untrusted server certificate", exit_of(&tls(&pki.other_ca(), true)).await, &expected);
+    assert_refused("no client certificate", exit_of(&tls(&pki.ca(), false)).await, &expected);
+    let plain_url = format!("rediss://127.0.0.1:{}/0", plaintext.port);
+    let required = with(leader_env(&db, &stream, &plain_url), &[("QX_CACHE__TLS_CA_FILE", &ca)]);
+    assert_refused(
+        "TLS to a plaintext server",
+        exit_of(&required).await,
+        &["TLS/certificate problem", &plain_url],
+    );
+    stream.delete().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn redis_credentials_it_refuses_are_a_configuration_error() {
+    const PASSWORD: &str = "pw-7c1e90";
+    const WRONG: &str = "wrong-b3a5";
+    let redis = RedisServer::start_with(|_| vec!["--requirepass".into(), PASSWORD.into()]).await;
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    db.insert_events(10, "order.placed").await;
+    let url = |password: &str| format!("redis://:{password}@127.0.0.1:{}/0", redis.port);
+
+    let wrong = leader_env(&db, &stream, &url(WRONG));
+    let (code, log) = exit_of(&wrong).await;
+    assert!(!log.contains(WRONG), "the password was logged:\n{log}");
+    let named = format!("cache.url redis://:***@127.0.0.1:{}/0", redis.port);
+    assert_refused(
+        "a wrong password",
+        (code, log),
+        &["credentials refused", &named, "authentication failed"],
+    );
+    let (code, stdout, _) = run_command(&wrong, &["check"]);
+    assert_eq!(code, Some(78), "check: {stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("FAIL  redis: credentials refused")), "{stdout}");
+
+    let none = leader_env(&db, &stream, &format!("redis://127.0.0.1:{}/0", redis.port));
+    let named = format!("cache.url redis://127.0.0.1:{}/0", redis.port);
+    assert_refused("no password", exit_of(&none).await, &["credentials refused", &named, "NOAUTH"]);
+
+    let log = drain(&db, &leader_env(&db, &stream, &url(PASSWORD))).await;
+    assert!(log.contains("leader lock acquired"), "published as the leader:\n{log}");
+    stream.delete().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn postgres_tls_as_asyncpg_and_libpq_mean_it() {
+    let pki = Pki::create("certuser");
+    let cluster = PgCluster::start_with_tls(
+        &pki.server_cert(),
+        &pki.server_key(),
+        &pki.ca(),
+        &["hostssl all certuser 127.0.0.1/32 cert"],
+    )
+    .await;
+    let db = TestDb::create_at(&cluster.url("postgres")).await;
+    sqlx::query("CREATE ROLE certuser LOGIN SUPERUSER").execute(&db.pool).await.expect("create role");
+    let stream = TestStream::create().await;
+    let server = format!("127.0.0.1:{}", cluster.port);
+    let env = |url: String| with(Relay::env(&db, &stream.prefix), &[("QX_DB__URL", &url)]);
+    let (ca, other_ca) = (text(&pki.ca()), text(&pki.other_ca()));
+    let asyncpg = |query: &str| env(format!("postgresql+asyncpg://postgres@{server}/{}?{query}", db.name));
+    let libpq = |user: &str, query: &str| env(format!("postgres://{user}@{server}/{}?{query}", db.name));
+
+    db.insert_events(10, "order.placed").await;
+    drain(&db, &asyncpg(&format!("ssl=verify-full&sslrootcert={ca}"))).await;
+
+    let expected = ["TLS/certificate problem", "Postgres at", server.as_str()];
+    let untrusted = asyncpg(&format!("ssl=verify-full&sslrootcert={other_ca}"));
+    assert_refused(
+        "asyncpg's ssl=verify-full, an untrusted certificate",
+        exit_of(&untrusted).await,
+        &expected,
+    );
+    let untrusted = libpq("postgres", &format!("sslmode=require&sslrootcert={other_ca}"));
+    assert_refused("sslmode=require with a root certificate", exit_of(&untrusted).await, &expected);
+    let no_client_cert = libpq("certuser", &format!("sslmode=verify-full&sslrootcert={ca}"));
+    assert_refused("no client certificate", exit_of(&no_client_cert).await, &expected);
+
+    db.insert_events(10, "order.placed").await;
+    let (client_cert, client_key) = (text(&pki.client_cert()), text(&pki.client_key()));
+    let query = format!("sslmode=verify-full&sslrootcert={ca}&sslcert={client_cert}&sslkey={client_key}");
+    drain(&db, &libpq("certuser", &query)).await;
+    stream.delete().await;
+}
+
+#[tokio::test]
+async fn postgres_without_tls_or_the_role_stops_the_relay_with_78() {
+    // initdb leaves TLS off.
+    let cluster = PgCluster::start().await;
+    let db = TestDb::create_at(&cluster.url("postgres")).await;
+    let server = format!("127.0.0.1:{}", cluster.port);
+    let env = |url: String| with(Relay::env(&db, "orders"), &[("QX_DB__URL", &url)]);
+
+    let required = env(format!("postgres://postgres@{server}/{}?sslmode=require", db.name));
+    let expected = ["TLS/certificate problem", "Postgres at", server.as_str()];
+    assert_refused("TLS required of a plaintext server", exit_of(&required).await, &expected);
+    let unknown_role = env(format!("postgres://nobody@{server}/{}", db.name));
+    let expected = ["credentials refused", "Postgres at", server.as_str(), "nobody"];
+    assert_refused("an unknown role", exit_of(&unknown_role).await, &expected);
+}
