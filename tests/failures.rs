@@ -384,9 +384,10 @@ async fn a_frozen_relay_releases_its_claimed_rows_after_give_up_after() {
         &mut env,
         &[
             ("QX_NATS__SERVERS", &frozen_nats.url()),
-            // Left alone, the claim would stay open this long waiting for acks.
-            ("QX_RELAY__ACK_TIMEOUT", "10m"),
-            ("QX_RELAY__GIVE_UP_AFTER", "2s"),
+            // Left alone, the claim would stay open this long waiting for acks: time to freeze the relay.
+            ("QX_RELAY__ACK_TIMEOUT", "5s"),
+            // The shortest give_up_after that ack_timeout allows.
+            ("QX_RELAY__GIVE_UP_AFTER", "10s"),
         ],
     );
     let mut frozen = Relay::spawn(&env, &[]);

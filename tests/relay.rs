@@ -308,6 +308,14 @@ fn bad_settings_exit_78_naming_the_key() {
         ),
         (vec![], vec![], "relay.subject_prefix"),
         (config_env(&[("QX_RELAY__BATCHSIZE", "10")]), vec![], "relay.batchsize"),
+        (config_env(&[("QX_RELAY__GIVE_UP_AFTER", "1ms")]), vec![], "relay.give_up_after"),
+        (config_env(&[("QX_RELAY__ACK_TIMEOUT", "31s")]), vec![], "relay.give_up_after"),
+        (config_env(&[("QX_RELAY__LEADER_TTL", "500000000000y")]), vec![], "relay.leader_ttl"),
+        (
+            config_env(&[("QX_NATS__CONNECT_TIMEOUT_SECONDS", "100000000000000000000000000000.0")]),
+            vec![],
+            "nats.connect_timeout_seconds",
+        ),
     ];
     for (env, args, key) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).chain(["run"]).collect();
@@ -322,6 +330,23 @@ fn bad_settings_exit_78_naming_the_key() {
     let (code, _, _) = run_command(&config_env(&[]), &["--no-such-flag"]);
     assert_eq!(code, Some(64), "usage error");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn durations_too_long_to_add_up_exit_78_before_connecting() {
+    let db = TestDb::create().await;
+    let mut env = Relay::env(&db, "absurd");
+    // Each fits in a Duration; their sum (the republish horizon) does not.
+    env.push(("QX_RELAY__GIVE_UP_AFTER".into(), "500000000000y".into()));
+    env.push(("QX_RELAY__DRAIN_TIMEOUT".into(), "500000000000y".into()));
+    let mut relay = Relay::spawn(&env, &[]);
+    let status = relay.wait(Duration::from_secs(10)).await;
+    let log = relay.log();
+    assert_eq!(status.code(), Some(78), "{log}");
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {log}");
+    assert!(lines[0].contains("relay.drain_timeout: must be at most 1day"), "{log}");
+    db.drop().await;
 }
 
 #[test]
