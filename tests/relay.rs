@@ -189,17 +189,19 @@ async fn relay_mid_drain(db: &TestDb, stream: &TestStream, rows: usize) -> Relay
     relay
 }
 
-#[tokio::test]
-async fn sigterm_mid_drain_exits_cleanly_and_a_restart_finishes() {
+/// `signal` mid-drain: the relay finishes its batch and exits 0, naming the signal; every row it marked is in
+/// the stream, and a restart publishes the rest, each event once.
+async fn signal_mid_drain_exits_cleanly_and_a_restart_finishes(signal: &str) {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     let rows = 60_000;
     let mut relay = relay_mid_drain(&db, &stream, rows).await;
-    relay.signal("TERM");
+    relay.signal(signal);
     let status = relay.wait(Duration::from_secs(10)).await; // drain_timeout
     assert_eq!(status.code(), Some(0), "log:\n{}", relay.log());
     assert!(relay.log().contains("relay stopped"), "stop is logged with totals");
+    assert!(relay.log().contains(&format!("SIG{signal}")), "the log names the signal:\n{}", relay.log());
     let left = db.unpublished().await;
-    assert!(left > 0, "SIGTERM came after the drain finished; make the backlog larger");
+    assert!(left > 0, "SIG{signal} came after the drain finished; make the backlog larger");
     // Every row marked so far is in the stream: a clean stop leaves nothing published-but-unmarked behind.
     assert!(stream.count().await >= (rows as i64 - left) as u64);
 
@@ -209,6 +211,16 @@ async fn sigterm_mid_drain_exits_cleanly_and_a_restart_finishes() {
     assert_eq!(stream.count().await, rows as u64, "each event once");
     stream.delete().await;
     db.drop().await;
+}
+
+#[tokio::test]
+async fn sigterm_mid_drain_exits_cleanly_and_a_restart_finishes() {
+    signal_mid_drain_exits_cleanly_and_a_restart_finishes("TERM").await;
+}
+
+#[tokio::test]
+async fn sighup_mid_drain_exits_cleanly_and_a_restart_finishes() {
+    signal_mid_drain_exits_cleanly_and_a_restart_finishes("HUP").await;
 }
 
 #[tokio::test]
