@@ -2,12 +2,14 @@
 //!
 //! Map: [`cli`] flags · [`config`] settings · [`store`] all SQL · [`publisher`] all NATS · [`engine`] the
 //! claim → publish → settle loop · [`leader`] one lock · [`shard`] which rows · [`shutdown`] signals ·
-//! [`telemetry`] logs · [`metrics`] Prometheus · [`health`] HTTP probes · [`ops`] operator commands.
+//! [`telemetry`] logs · [`escape`] control characters in text output · [`metrics`] Prometheus · [`health`] HTTP
+//! probes · [`ops`] operator commands.
 //! [`run`] wires them: connect, check, then relay under a leader lock (or not) until the token is cancelled.
 
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod escape;
 pub mod health;
 pub mod leader;
 pub mod metrics;
