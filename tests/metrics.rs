@@ -7,19 +7,11 @@ mod common;
 use std::time::Duration;
 
 use cluster::{free_port, NatsServer};
-use common::{Relay, TestDb, TestStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::{http, Relay, TestDb, TestStream};
 
 /// `GET path` → (status, body); `None` while nothing listens.
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
-    Some((status, body))
+    http(port, "GET", path).await.map(|response| (response.status, response.body))
 }
 
 /// The value of an unlabelled sample, 0 when absent.

@@ -1,22 +1,11 @@
-//! HTTP probes and metrics: `/livez` (the process answers), `/readyz` (Postgres and NATS reachable) and
-//! `/metrics` (Prometheus text, rendered by metrics-exporter-prometheus).
+//! What the probes judge: `/livez` (the process answers) and `/readyz` (Postgres and NATS reachable).
+//! [`endpoint`](super::endpoint) serves them.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use hyper::StatusCode;
 
 use super::publisher::RelayPublisher;
 use super::store::OutboxStore;
@@ -33,7 +22,7 @@ pub struct Health {
 #[derive(Default)]
 struct HealthInner {
     dependencies: OnceLock<(OutboxStore, RelayPublisher)>,
-    leading: std::sync::atomic::AtomicBool,
+    leading: AtomicBool,
 }
 
 impl Health {
@@ -44,11 +33,11 @@ impl Health {
 
     /// Whether this relay currently publishes its shard (shown on `/readyz`).
     pub fn set_leading(&self, leading: bool) {
-        self.inner.leading.store(leading, std::sync::atomic::Ordering::Relaxed);
+        self.inner.leading.store(leading, Ordering::Relaxed);
     }
 
     /// Ready: Postgres answers and NATS is connected. A standby is ready too: it can take over at once.
-    async fn readiness(&self) -> (StatusCode, String) {
+    pub(super) async fn readiness(&self) -> (StatusCode, String) {
         let Some((store, publisher)) = self.inner.dependencies.get() else {
             return (StatusCode::SERVICE_UNAVAILABLE, "starting\n".into());
         };
@@ -56,8 +45,7 @@ impl Health {
             .await
             .is_ok_and(|r| r.is_ok());
         let nats = publisher.is_connected();
-        let role =
-            if self.inner.leading.load(std::sync::atomic::Ordering::Relaxed) { "leader" } else { "standby" };
+        let role = if self.inner.leading.load(Ordering::Relaxed) { "leader" } else { "standby" };
         let status = if postgres && nats { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         (status, format!("postgres: {}\nnats: {}\nrole: {role}\n", up(postgres), up(nats)))
     }
@@ -69,58 +57,4 @@ fn up(ok: bool) -> &'static str {
     } else {
         "down"
     }
-}
-
-/// Installs the Prometheus recorder and serves the endpoints on `addr` until `shutdown`.
-///
-/// # Errors
-/// When `addr` cannot be bound or a recorder is already installed.
-pub async fn serve(addr: SocketAddr, health: Health, shutdown: CancellationToken) -> std::io::Result<()> {
-    let metrics = PrometheusBuilder::new().install_recorder().map_err(std::io::Error::other)?;
-    let listener = TcpListener::bind(addr).await?;
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = tokio::select! {
-                () = shutdown.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        debug!(error = %err, "accept failed");
-                        continue;
-                    }
-                },
-            };
-            let (health, metrics) = (health.clone(), metrics.clone());
-            tokio::spawn(async move {
-                let service = service_fn(move |request| respond(request, health.clone(), metrics.clone()));
-                if let Err(err) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-                {
-                    debug!(error = %err, "probe connection failed");
-                }
-            });
-        }
-    });
-    Ok(())
-}
-
-async fn respond(
-    request: Request<Incoming>,
-    health: Health,
-    metrics: PrometheusHandle,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (status, body, content_type) = match request.uri().path() {
-        "/livez" => (StatusCode::OK, "ok\n".to_owned(), "text/plain"),
-        "/readyz" => {
-            let (status, body) = health.readiness().await;
-            (status, body, "text/plain")
-        }
-        "/metrics" => (StatusCode::OK, metrics.render(), "text/plain; version=0.0.4"),
-        _ => (StatusCode::NOT_FOUND, "not found\n".to_owned(), "text/plain"),
-    };
-    let response = Response::builder()
-        .status(status)
-        .header("content-type", content_type)
-        .body(Full::new(Bytes::from(body)))
-        .expect("static status and header are valid");
-    Ok(response)
 }

@@ -2,12 +2,13 @@
 //!
 //! Map: [`cli`] flags · [`config`] settings · [`store`] all SQL · [`publisher`] all NATS · [`engine`] the
 //! claim → publish → settle loop · [`leader`] one lock · [`shard`] which rows · [`shutdown`] signals ·
-//! [`telemetry`] logs · [`escape`] control characters in text output · [`metrics`] Prometheus · [`health`] HTTP
-//! probes · [`ops`] operator commands.
+//! [`telemetry`] logs · [`escape`] control characters in text output · [`metrics`] Prometheus · [`health`] what
+//! the probes judge · [`endpoint`] the HTTP endpoint · [`ops`] operator commands.
 //! [`run`] wires them: connect, check, then relay under a leader lock (or not) until the token is cancelled.
 
 pub mod cli;
 pub mod config;
+pub mod endpoint;
 pub mod engine;
 pub mod escape;
 pub mod health;
@@ -136,7 +137,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
     );
     let health = health::Health::default();
     if let Some(addr) = relay.metrics_addr {
-        health::serve(addr, health.clone(), shutdown.clone()).await.map_err(RelayError::Health)?;
+        endpoint::serve(addr, health.clone(), shutdown.clone()).await.map_err(RelayError::Health)?;
         info!(%addr, "serving /metrics, /livez and /readyz");
     }
     metrics::set_shard(shard);
