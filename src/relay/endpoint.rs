@@ -121,7 +121,10 @@ async fn respond(
         return Ok(response);
     }
     Ok(match request.uri().path() {
-        "/livez" => text(StatusCode::OK, "ok\n".to_owned()),
+        "/livez" => {
+            let (status, body) = health.liveness(Instant::now());
+            text(status, body)
+        }
         "/readyz" => {
             let (status, body) = health.readiness().await;
             text(status, body)

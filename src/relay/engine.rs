@@ -20,6 +20,7 @@ use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use super::config::{RelayConfig, ShardKey};
+use super::health::Heartbeat;
 use super::metrics;
 use super::publisher::{Failure, FailureKind, Outcome, RelayPublisher};
 use super::store::{ClaimedBatch, OutboxRow, OutboxStore, RowFailure};
@@ -94,11 +95,19 @@ pub struct Engine {
     /// When a backlog claim last started from the oldest pending row.
     rescanned_at: Instant,
     totals: Totals,
+    /// Beaten once per iteration, so `/livez` can tell a wedged loop from a busy one.
+    heartbeat: Heartbeat,
 }
 
 impl Engine {
     /// An engine for the configured shard. `wake` is notified on LISTEN/NOTIFY (or never, with polling only).
-    pub fn new(store: OutboxStore, publisher: RelayPublisher, relay: RelayConfig, wake: Arc<Notify>) -> Self {
+    pub fn new(
+        store: OutboxStore,
+        publisher: RelayPublisher,
+        relay: RelayConfig,
+        wake: Arc<Notify>,
+        heartbeat: Heartbeat,
+    ) -> Self {
         Self {
             store,
             publisher,
@@ -110,6 +119,7 @@ impl Engine {
             nats_down_since: None,
             rescanned_at: Instant::now(),
             totals: Totals::default(),
+            heartbeat,
         }
     }
 
@@ -130,6 +140,7 @@ impl Engine {
         let mut unsettled: Option<(ClaimedBatch, Settlement)> = None;
         let mut pause = Duration::ZERO;
         loop {
+            self.heartbeat.beat();
             if stop.is_cancelled() {
                 drop(prefetched); // rolled back: another relay, or our restart, takes those rows
                 return self.settle(unsettled.take()).await;

@@ -135,10 +135,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
         notify_channel = relay.notify_channel.as_deref().unwrap_or("-"),
         "relay starting"
     );
-    let health = health::Health::default();
+    let stall_limit = health::stall_limit(&config);
+    let health = health::Health::new(stall_limit);
     if let Some(addr) = relay.metrics_addr {
         endpoint::serve(addr, health.clone(), shutdown.clone()).await.map_err(RelayError::Health)?;
-        info!(%addr, "serving /metrics, /livez and /readyz");
+        let stall_limit = humantime::format_duration(stall_limit);
+        info!(%addr, livez_stall_limit = %stall_limit, "serving /metrics, /livez and /readyz");
     }
     metrics::set_shard(shard);
     metrics::set_leader(false);
@@ -162,7 +164,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
     background.spawn(housekeeping(store.clone(), relay.clone(), shard, shutdown.clone()));
     background.close();
 
-    let mut engine = Engine::new(store, publisher.clone(), relay.clone(), wake);
+    let mut engine = Engine::new(store, publisher.clone(), relay.clone(), wake, health.heartbeat());
     let lock = leader_lock(&config, shard)?;
     // Boxed so it can be dropped (abandoning the batch) when the drain times out.
     let mut work = Box::pin(async {
