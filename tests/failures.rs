@@ -386,10 +386,10 @@ async fn a_frozen_relay_releases_its_claimed_rows_after_give_up_after() {
         &mut env,
         &[
             ("QX_NATS__SERVERS", &frozen_nats.url()),
-            // Left alone, the claim would stay open this long waiting for acks.
-            ("QX_RELAY__ACK_TIMEOUT", "10m"),
-            ("QX_RELAY__GIVE_UP_AFTER", "2s"),
-            ("QX_RELAY__STATEMENT_TIMEOUT", "1s"),
+            // Left alone, the claim would stay open this long waiting for acks: time to freeze the relay.
+            ("QX_RELAY__ACK_TIMEOUT", "5s"),
+            // The shortest give_up_after that ack_timeout allows.
+            ("QX_RELAY__GIVE_UP_AFTER", "10s"),
         ],
     );
     let mut frozen = Relay::spawn(&env, &[]);
@@ -522,8 +522,8 @@ async fn a_hung_postgres_is_an_outage_not_ready_then_exit_69_and_nothing_lost() 
     // Not ready while frozen: the probe's query cannot answer.
     let mut ready_seen_down = false;
     while frozen.elapsed() < GIVE_UP_AFTER {
-        if let Some((503, body)) = common::http_get(port, "/readyz").await {
-            ready_seen_down = body.contains("postgres: down");
+        if let Some(response) = common::http(port, "GET", "/readyz").await.filter(|r| r.status == 503) {
+            ready_seen_down = response.body.contains("postgres: down");
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -7,19 +7,11 @@ mod common;
 use std::time::Duration;
 
 use cluster::{free_port, NatsServer};
-use common::{Relay, TestDb, TestStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::{http, Relay, TestDb, TestStream};
 
 /// `GET path` → (status, body); `None` while nothing listens.
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
-    Some((status, body))
+    http(port, "GET", path).await.map(|response| (response.status, response.body))
 }
 
 /// The value of an unlabelled sample, 0 when absent.
@@ -99,6 +91,55 @@ async fn readiness_follows_nats() {
         get(port, "/readyz").await.is_some_and(|(status, _)| status == 200)
     })
     .await;
+    relay.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn livez_fails_while_the_relay_loop_is_wedged_and_recovers_after() {
+    let db = TestDb::create().await;
+    let port = free_port();
+    let mut env = Relay::env(&db, "wedged");
+    for (key, value) in [
+        ("QX_RELAY__GIVE_UP_AFTER", "2s"),
+        ("QX_RELAY__ACK_TIMEOUT", "1s"),
+        ("QX_RELAY__DRAIN_TIMEOUT", "1s"),
+        ("QX_NATS__CONNECT_TIMEOUT_SECONDS", "1"),
+    ] {
+        env.push((key.into(), value.into()));
+    }
+    // give_up_after + ack_timeout + connect timeout + idle poll (100ms) + drain_timeout + the 10 s margin.
+    let stall_limit = Duration::from_millis(15_100);
+    let relay = Relay::spawn(&env, &["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    wait_until("ready", || async { get(port, "/readyz").await.is_some_and(|(status, _)| status == 200) })
+        .await;
+    assert_eq!(get(port, "/livez").await.map(|r| r.0), Some(200));
+
+    // The claim (SELECT … FOR UPDATE) waits for this lock for as long as it is held: the loop is wedged, while
+    // the process still answers. Nothing in the relay times the claim out.
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE qx_outbox_events IN EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
+    let locked = tokio::time::Instant::now();
+    let (body, failed_after) = loop {
+        let since = locked.elapsed();
+        assert!(since < stall_limit + Duration::from_secs(15), "/livez still 200 after {since:?}");
+        match get(port, "/livez").await {
+            Some((503, body)) => break (body, since),
+            Some((200, _)) => tokio::time::sleep(Duration::from_millis(200)).await,
+            other => panic!("/livez answered {other:?}"),
+        }
+    };
+    eprintln!("/livez failed {failed_after:?} after the loop wedged: {body}");
+    assert!(
+        failed_after + Duration::from_secs(1) >= stall_limit,
+        "failed after only {failed_after:?}: {body}"
+    );
+    assert!(body.contains("limit 15s 100ms"), "{body}");
+    assert!(relay.log().contains("the relay loop has stalled"), "{}", relay.log());
+
+    blocker.rollback().await.unwrap();
+    wait_until("live again", || async { get(port, "/livez").await.is_some_and(|(status, _)| status == 200) })
+        .await;
     relay.stop().await;
     db.drop().await;
 }

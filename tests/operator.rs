@@ -165,6 +165,46 @@ async fn status_and_dead_letters_round_trip() {
 }
 
 #[tokio::test]
+async fn control_characters_from_rows_are_escaped_in_text_output() {
+    let db = TestDb::create().await;
+    let stream = TestStream::create().await;
+    // Both are parked at once (a subject token holds no whitespace), and logged, and listed.
+    let (newline, escape) = ("a\nforged line", "\x1b[31mred alert");
+    let forged = db.insert_raw(newline, &envelope_of_size("x", 10)).await;
+    let coloured = db.insert_raw(escape, &envelope_of_size("x", 10)).await;
+    let env = Relay::env(&db, &stream.prefix);
+    let relay = Relay::spawn(&env, &[]);
+    db.wait_for("last_error LIKE 'parked: %'", 2, DRAIN).await;
+    let log = relay.log();
+    relay.stop().await;
+
+    assert!(!log.contains('\x1b'), "no escape character in the log:\n{log}");
+    assert!(!log.lines().any(|line| line.starts_with("forged line")), "no forged line:\n{log}");
+    for (id, shown) in [(forged, "a\\nforged line"), (coloured, "\\x1b[31mred alert")] {
+        let id = id.to_string();
+        let parked = log.lines().find(|line| line.contains(&id) && line.contains("row parked"));
+        let parked = parked.unwrap_or_else(|| panic!("a log line parks {id}:\n{log}"));
+        assert!(parked.contains(shown), "{shown} in {parked}");
+    }
+
+    let text = ok(&env, &["dead", "list"]);
+    assert_eq!(text.lines().count(), 3, "one line per row, and the total:\n{text}");
+    assert!(!text.contains('\x1b'), "no escape character in the list:\n{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with(&forged.to_string()) && l.contains("a\\nforged line")),
+        "{text}"
+    );
+    // JSON carries the names as they are: serde escapes them.
+    let list = json(&env, &["dead", "list", "--json"]);
+    let mut names: Vec<&str> =
+        list.as_array().unwrap().iter().filter_map(|row| row["event_name"].as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, [escape, newline], "{list}");
+    stream.delete().await;
+    db.drop().await;
+}
+
+#[tokio::test]
 async fn on_publish_delete_removes_published_rows_only() {
     let db = TestDb::create().await;
     let stream = TestStream::unattached().await;

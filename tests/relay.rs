@@ -191,17 +191,19 @@ async fn relay_mid_drain(db: &TestDb, stream: &TestStream, rows: usize) -> Relay
     relay
 }
 
-#[tokio::test]
-async fn sigterm_mid_drain_exits_cleanly_and_a_restart_finishes() {
+/// `signal` mid-drain: the relay finishes its batch and exits 0, naming the signal; every row it marked is in
+/// the stream, and a restart publishes the rest, each event once.
+async fn signal_mid_drain_exits_cleanly_and_a_restart_finishes(signal: &str) {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     let rows = 60_000;
     let mut relay = relay_mid_drain(&db, &stream, rows).await;
-    relay.signal("TERM");
+    relay.signal(signal);
     let status = relay.wait(Duration::from_secs(10)).await; // drain_timeout
     assert_eq!(status.code(), Some(0), "log:\n{}", relay.log());
     assert!(relay.log().contains("relay stopped"), "stop is logged with totals");
+    assert!(relay.log().contains(&format!("SIG{signal}")), "the log names the signal:\n{}", relay.log());
     let left = db.unpublished().await;
-    assert!(left > 0, "SIGTERM came after the drain finished; make the backlog larger");
+    assert!(left > 0, "SIG{signal} came after the drain finished; make the backlog larger");
     // Every row marked so far is in the stream: a clean stop leaves nothing published-but-unmarked behind.
     assert!(stream.count().await >= (rows as i64 - left) as u64);
 
@@ -211,6 +213,16 @@ async fn sigterm_mid_drain_exits_cleanly_and_a_restart_finishes() {
     assert_eq!(stream.count().await, rows as u64, "each event once");
     stream.delete().await;
     db.drop().await;
+}
+
+#[tokio::test]
+async fn sigterm_mid_drain_exits_cleanly_and_a_restart_finishes() {
+    signal_mid_drain_exits_cleanly_and_a_restart_finishes("TERM").await;
+}
+
+#[tokio::test]
+async fn sighup_mid_drain_exits_cleanly_and_a_restart_finishes() {
+    signal_mid_drain_exits_cleanly_and_a_restart_finishes("HUP").await;
 }
 
 #[tokio::test]
@@ -310,6 +322,14 @@ fn bad_settings_exit_78_naming_the_key() {
         ),
         (vec![], vec![], "relay.subject_prefix"),
         (config_env(&[("QX_RELAY__BATCHSIZE", "10")]), vec![], "relay.batchsize"),
+        (config_env(&[("QX_RELAY__GIVE_UP_AFTER", "1ms")]), vec![], "relay.give_up_after"),
+        (config_env(&[("QX_RELAY__ACK_TIMEOUT", "31s")]), vec![], "relay.give_up_after"),
+        (config_env(&[("QX_RELAY__LEADER_TTL", "500000000000y")]), vec![], "relay.leader_ttl"),
+        (
+            config_env(&[("QX_NATS__CONNECT_TIMEOUT_SECONDS", "100000000000000000000000000000.0")]),
+            vec![],
+            "nats.connect_timeout_seconds",
+        ),
     ];
     for (env, args, key) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).chain(["run"]).collect();
@@ -324,6 +344,23 @@ fn bad_settings_exit_78_naming_the_key() {
     let (code, _, _) = run_command(&config_env(&[]), &["--no-such-flag"]);
     assert_eq!(code, Some(64), "usage error");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn durations_too_long_to_add_up_exit_78_before_connecting() {
+    let db = TestDb::create().await;
+    let mut env = Relay::env(&db, "absurd");
+    // Each fits in a Duration; their sum (the republish horizon) does not.
+    env.push(("QX_RELAY__GIVE_UP_AFTER".into(), "500000000000y".into()));
+    env.push(("QX_RELAY__DRAIN_TIMEOUT".into(), "500000000000y".into()));
+    let mut relay = Relay::spawn(&env, &[]);
+    let status = relay.wait(Duration::from_secs(10)).await;
+    let log = relay.log();
+    assert_eq!(status.code(), Some(78), "{log}");
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {log}");
+    assert!(lines[0].contains("relay.drain_timeout: must be at most 1day"), "{log}");
+    db.drop().await;
 }
 
 #[test]
@@ -412,7 +449,7 @@ async fn an_idle_relay_with_metrics_reads_a_sliver_of_a_large_published_table() 
     let relay =
         Relay::spawn(&Relay::env(&db, &stream.prefix), &["--metrics-addr", &format!("127.0.0.1:{port}")]);
     tokio::time::sleep(Duration::from_secs(12)).await;
-    let metrics = common::http_get(port, "/metrics").await.expect("metrics answer").1;
+    let metrics = common::http(port, "GET", "/metrics").await.expect("metrics answer").body;
     relay.stop().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let read = tuples_read(&db).await - before;

@@ -11,13 +11,13 @@ use super::telemetry::LogFormat;
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0   clean stop (SIGTERM/SIGINT, in-flight batch finished)
+  0   clean stop (SIGTERM/SIGINT/SIGHUP, in-flight batch finished)
   64  usage error (bad flags)
   69  a dependency (Postgres, NATS, Redis) unavailable at start or for longer than relay.give_up_after
   70  internal error
   78  configuration error (one line names the key), or a server refusing our TLS settings, certificate or
       credentials at start (one line names the server)
-  130 second SIGTERM/SIGINT: stopped without finishing";
+  130 second SIGTERM/SIGINT/SIGHUP: stopped without finishing";
 
 /// Relays the Qx transactional outbox (`qx_outbox_events`) to NATS JetStream.
 ///

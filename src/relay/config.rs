@@ -565,17 +565,29 @@ impl Config {
                 format!("must be below shard_count ({}), got {}", relay.shard_count, relay.shard_id),
             ));
         }
-        for (key, value) in [
-            ("relay.poll_interval", relay.poll_interval),
-            ("relay.idle_poll_interval", relay.idle_poll_interval),
-            ("relay.drain_timeout", relay.drain_timeout),
-            ("relay.ack_timeout", relay.ack_timeout),
-            ("relay.statement_timeout", relay.statement_timeout),
-            ("relay.retry_backoff", relay.retry_backoff),
-            ("relay.give_up_after", relay.give_up_after),
-        ] {
+        let retention = relay.retention.map(|retention| ("relay.retention", retention, RETENTION_LIMIT));
+        for (key, value, limit) in [
+            ("relay.poll_interval", relay.poll_interval, DURATION_LIMIT),
+            ("relay.idle_poll_interval", relay.idle_poll_interval, DURATION_LIMIT),
+            ("relay.drain_timeout", relay.drain_timeout, DURATION_LIMIT),
+            ("relay.ack_timeout", relay.ack_timeout, DURATION_LIMIT),
+            ("relay.statement_timeout", relay.statement_timeout, DURATION_LIMIT),
+            ("relay.retry_backoff", relay.retry_backoff, DURATION_LIMIT),
+            ("relay.retry_backoff_max", relay.retry_backoff_max, DURATION_LIMIT),
+            ("relay.leader_ttl", relay.leader_ttl, DURATION_LIMIT),
+            ("relay.give_up_after", relay.give_up_after, GIVE_UP_AFTER_LIMIT),
+        ]
+        .into_iter()
+        .chain(retention)
+        {
             if value.is_zero() {
                 return Err(ConfigError::invalid(key, "must be longer than 0s"));
+            }
+            if value > limit {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("must be at most {}, got {}", human(limit), human(value)),
+                ));
             }
         }
         if relay.max_batch_bytes < MIN_BATCH_BYTES {
@@ -596,11 +608,22 @@ impl Config {
         if relay.leader_ttl < Duration::from_secs(1) {
             return Err(ConfigError::invalid("relay.leader_ttl", "must be at least 1s"));
         }
+        // Postgres ends a claim left idle for give_up_after, and a claimed batch sits idle while the batch
+        // before it and then itself wait for their PubAcks: any shorter, and batches go out but their marks
+        // fail, over and over.
+        let shortest_give_up = (relay.ack_timeout * 2).max(Duration::from_secs(1));
+        if relay.give_up_after < shortest_give_up {
+            return Err(ConfigError::invalid(
+                "relay.give_up_after",
+                format!(
+                    "must be at least 1s and at least twice relay.ack_timeout ({}), got {}",
+                    human(relay.ack_timeout),
+                    human(relay.give_up_after)
+                ),
+            ));
+        }
         if relay.leader_key.is_empty() {
             return Err(ConfigError::invalid("relay.leader_key", "must not be empty"));
-        }
-        if relay.retention.is_some_and(|r| r.is_zero()) {
-            return Err(ConfigError::invalid("relay.retention", "must be longer than 0s"));
         }
         let db_url = self.db.to_sqlx()?;
         if !(db_url.starts_with("postgres://") || db_url.starts_with("postgresql://")) {
@@ -672,12 +695,17 @@ impl NatsConfig {
                 ConfigError::invalid("nats.servers", format!("{server:?}: {err}"))
             })?;
         }
+        let most = DURATION_LIMIT.as_secs_f64();
         for (key, value) in [
             ("nats.reconnect_time_wait_seconds", self.reconnect_time_wait_seconds),
             ("nats.connect_timeout_seconds", self.connect_timeout_seconds),
         ] {
-            if !(value.is_finite() && value > 0.0) {
-                return Err(ConfigError::invalid(key, "must be a number of seconds above 0"));
+            // NaN fails both comparisons.
+            if !(value > 0.0 && value <= most) {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("must be a number of seconds above 0 and at most {most}, got {value}"),
+                ));
             }
         }
         if self.user.is_some() != self.password.is_some() {
@@ -865,6 +893,21 @@ const MIN_BATCH_BYTES: u64 = 64 << 10;
 /// relay's ack subscription and drops the rest.
 pub const MAX_IN_FLIGHT_LIMIT: u32 = 65_536;
 
+/// The longest any of the relay's waits and timeouts may be (the NATS ones included), except `give_up_after`
+/// and `retention`: none needs more, and the relay adds them up (the republish horizon, the `/livez` stall
+/// limit), which must not overflow.
+pub const DURATION_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest `relay.give_up_after`: a week outlasts any outage worth waiting out in place.
+pub const GIVE_UP_AFTER_LIMIT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The longest `relay.retention` (humantime's 100 years); to keep published rows for good, leave it unset.
+pub const RETENTION_LIMIT: Duration = Duration::from_secs(100 * 31_557_600);
+
+fn human(duration: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(duration)
+}
+
 fn positive(key: &str, value: i64) -> Result<(), ConfigError> {
     if value < 1 {
         return Err(ConfigError::invalid(key, format!("must be at least 1, got {value}")));
@@ -1009,6 +1052,16 @@ mod tests {
             ("[relay]\nsubject_prefix = \"o\"\nbatch_size = 100001\n", "relay.batch_size"),
             ("[relay]\nsubject_prefix = \"o\"\nmax_in_flight = 100000\n", "relay.max_in_flight"),
             ("[relay]\nsubject_prefix = \"o\"\nshard_id = 3\nshard_count = 3\n", "relay.shard_id"),
+            ("[relay]\nsubject_prefix = \"o\"\ngive_up_after = \"1ms\"\n", "relay.give_up_after"),
+            ("[relay]\nsubject_prefix = \"o\"\nack_timeout = \"40s\"\n", "relay.give_up_after"),
+            ("[relay]\nsubject_prefix = \"o\"\ngive_up_after = \"500000000000y\"\n", "relay.give_up_after"),
+            ("[relay]\nsubject_prefix = \"o\"\ndrain_timeout = \"500000000000y\"\n", "relay.drain_timeout"),
+            ("[relay]\nsubject_prefix = \"o\"\nleader_ttl = \"2d\"\n", "relay.leader_ttl"),
+            ("[relay]\nsubject_prefix = \"o\"\nretention = \"101y\"\n", "relay.retention"),
+            (
+                "[nats]\nconnect_timeout_seconds = 1e30\n[relay]\nsubject_prefix = \"o\"\n",
+                "nats.connect_timeout_seconds",
+            ),
             ("[relay]\ntable = \"t\"\n", "relay.subject_prefix"),
             ("[relay]\nsubject_prefix = \"o.*\"\n", "relay.subject_prefix"),
             ("[relay]\nsubject_prefix = \"o\"\ntable = \"x; drop\"\n", "relay.table"),
@@ -1025,6 +1078,19 @@ mod tests {
                 Ok(())
             });
         }
+    }
+
+    #[test]
+    fn durations_at_their_limits_are_accepted() {
+        Jail::expect_with(|jail| {
+            let toml = "[nats]\nconnect_timeout_seconds = 86400.0\n[relay]\nsubject_prefix = \"o\"\n\
+                        give_up_after = \"7d\"\nack_timeout = \"1day\"\nidle_poll_interval = \"24h\"\n\
+                        retention = \"100y\"\n";
+            let config = load(jail, toml).unwrap();
+            assert_eq!(config.relay.give_up_after, GIVE_UP_AFTER_LIMIT);
+            assert_eq!(config.relay.retention, Some(RETENTION_LIMIT));
+            Ok(())
+        });
     }
 
     #[test]

@@ -3,13 +3,16 @@
 //! Map: [`cli`] flags · [`config`] settings · [`preflight`] start-up checks · [`store`] all SQL · [`nats`] all
 //! NATS · [`engine`] the claim → publish → settle loop · [`leader`] one lock · [`shard`] which rows ·
 //! [`shutdown`] signals · [`notify`] wake-ups · [`housekeeping`] retention and gauges · [`telemetry`] logs ·
-//! [`metrics`] Prometheus · [`health`] HTTP probes · [`ops`] operator commands · [`exit`] exit codes.
+//! [`escape`] control characters in text output · [`metrics`] Prometheus · [`health`] what the probes judge ·
+//! [`endpoint`] the HTTP endpoint · [`ops`] operator commands · [`exit`] exit codes.
 //! This file is the task tree: [`run`] connects, checks, then relays under a leader lock (or not) until the
 //! token is cancelled.
 
 pub mod cli;
 pub mod config;
+pub mod endpoint;
 pub mod engine;
+pub mod escape;
 pub mod exit;
 pub mod health;
 pub mod housekeeping;
@@ -68,10 +71,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
         notify_channel = relay.notify_channel.as_deref().unwrap_or("-"),
         "relay starting"
     );
-    let health = health::Health::default();
+    let stall_limit = health::stall_limit(&config);
+    let health = health::Health::new(stall_limit);
     if let Some(addr) = relay.metrics_addr {
-        health::serve(addr, health.clone(), shutdown.clone()).await.map_err(RelayError::Health)?;
-        info!(%addr, "serving /metrics, /livez and /readyz");
+        endpoint::serve(addr, health.clone(), shutdown.clone()).await.map_err(RelayError::Health)?;
+        let stall_limit = humantime::format_duration(stall_limit);
+        info!(%addr, livez_stall_limit = %stall_limit, "serving /metrics, /livez and /readyz");
     }
     metrics::set_shard(shard);
     metrics::set_leader(false);
@@ -102,7 +107,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
     ));
     background.close();
 
-    let mut engine = Engine::new(store, publisher.clone(), relay.clone(), wake);
+    let mut engine = Engine::new(store, publisher.clone(), relay.clone(), wake, health.heartbeat());
     let lock = leader_lock(&config, shard)?;
     // Boxed so it can be dropped (abandoning the batch) when the drain times out.
     let mut work = Box::pin(async {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::config::{Config, LeaderMode};
+use super::escape::Escaped;
 use super::leader::{Holder, LockError, RedisLock};
 use super::nats::RelayPublisher;
 use super::preflight::{self, PreflightError};
@@ -133,8 +134,11 @@ pub async fn status(config: &Config, json: bool) -> ExitCode {
     }
     for lock in &status.leader_locks {
         match (&lock.token, lock.ttl_left_ms) {
-            (Some(token), Some(ttl)) => println!("lock {}: held by {token}, {ttl} ms left", lock.key),
-            (Some(token), None) => println!("lock {}: held by {token}, no expiry", lock.key),
+            // Whoever can write the key chooses the token.
+            (Some(token), Some(ttl)) => {
+                println!("lock {}: held by {}, {ttl} ms left", lock.key, Escaped(token))
+            }
+            (Some(token), None) => println!("lock {}: held by {}, no expiry", lock.key, Escaped(token)),
             _ => println!("lock {}: free", lock.key),
         }
     }
@@ -155,14 +159,15 @@ pub async fn dead_list(config: &Config, limit: i64, event_name: Option<&str>, js
         println!("{}", serde_json::to_string_pretty(&rows).expect("rows serialize"));
         return ExitCode::Ok;
     }
+    // One line per row, whatever the producer put in event_name (and so in last_error).
     for row in &rows {
         println!(
             "{}  {}  attempts {}  occurred {}  {}",
             row.id,
-            row.event_name,
+            Escaped(&row.event_name),
             row.attempts,
             row.occurred_at.to_rfc3339(),
-            row.last_error.as_deref().unwrap_or("-")
+            Escaped(row.last_error.as_deref().unwrap_or("-"))
         );
     }
     println!("{} parked row(s)", rows.len());

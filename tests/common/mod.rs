@@ -328,17 +328,25 @@ pub fn run_command(env: &[(String, String)], args: &[&str]) -> (Option<i32>, Str
     )
 }
 
-/// `GET path` on a loopback port → (status, body); `None` while nothing answers.
-pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+/// An HTTP/1.1 response as read off the wire.
+pub struct HttpResponse {
+    pub status: u16,
+    /// The status line and the headers.
+    pub head: String,
+    pub body: String,
+}
+
+/// `method path` to 127.0.0.1:`port`, with `Connection: close`; `None` while nothing answers.
+pub async fn http(port: u16, method: &str, path: &str) -> Option<HttpResponse> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await.ok()?;
-    let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
-    Some((status, body))
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some(HttpResponse { status, head: head.to_owned(), body: body.to_owned() })
 }
 
 /// The relay's peak resident memory so far (VmHWM), in bytes.

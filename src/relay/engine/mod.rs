@@ -24,6 +24,7 @@ use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use super::config::{RelayConfig, ShardKey};
+use super::health::Heartbeat;
 use super::metrics;
 use super::nats::RelayPublisher;
 use super::outage::OutageClock;
@@ -94,11 +95,19 @@ pub struct Engine {
     /// When a claim last started from the oldest pending row.
     rescanned_at: Instant,
     totals: Totals,
+    /// Beaten once per iteration, so `/livez` can tell a wedged loop from a busy one.
+    heartbeat: Heartbeat,
 }
 
 impl Engine {
     /// An engine for the configured shard. `wake` is notified on LISTEN/NOTIFY (or never, with polling only).
-    pub fn new(store: OutboxStore, publisher: RelayPublisher, relay: RelayConfig, wake: Arc<Notify>) -> Self {
+    pub fn new(
+        store: OutboxStore,
+        publisher: RelayPublisher,
+        relay: RelayConfig,
+        wake: Arc<Notify>,
+        heartbeat: Heartbeat,
+    ) -> Self {
         let rules = Rules {
             max_attempts: relay.max_attempts,
             retry: Backoff::new(relay.retry_backoff, relay.retry_backoff_max).with_jitter(0.5),
@@ -119,6 +128,7 @@ impl Engine {
             waiting_for_locked: false,
             rescanned_at: Instant::now(),
             totals: Totals::default(),
+            heartbeat,
         }
     }
 
@@ -138,6 +148,7 @@ impl Engine {
         let mut unsettled: Option<Unsettled> = None;
         let mut pause = Duration::ZERO;
         while !stop.is_cancelled() {
+            self.heartbeat.beat();
             // Claim (unless the previous round did already).
             let mut batch = match prefetched.take() {
                 Some(batch) => batch,
