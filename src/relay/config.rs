@@ -596,12 +596,6 @@ impl Config {
                 format!("must be at least {MIN_BATCH_BYTES}, got {}", relay.max_batch_bytes),
             ));
         }
-        if relay.statement_timeout >= relay.give_up_after {
-            return Err(ConfigError::invalid(
-                "relay.statement_timeout",
-                "must be shorter than give_up_after, so an outage is retried before the relay gives up",
-            ));
-        }
         if relay.retry_backoff_max < relay.retry_backoff {
             return Err(ConfigError::invalid("relay.retry_backoff_max", "must not be below retry_backoff"));
         }
@@ -620,6 +614,12 @@ impl Config {
                     human(relay.ack_timeout),
                     human(relay.give_up_after)
                 ),
+            ));
+        }
+        if relay.statement_timeout >= relay.give_up_after {
+            return Err(ConfigError::invalid(
+                "relay.statement_timeout",
+                "must be shorter than give_up_after, so an outage is retried before the relay gives up",
             ));
         }
         if relay.leader_key.is_empty() {
