@@ -20,7 +20,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     telemetry::init(cli.log_format);
-    let config = match Config::load(cli.config.as_deref(), &cli.overrides.to_overrides()) {
+    let config = match Config::load(cli.config.as_deref(), &cli.overrides) {
         Ok(config) => config,
         Err(err) => {
             error!("configuration error: {err}");

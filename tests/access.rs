@@ -154,6 +154,7 @@ fn leader_env(db: &TestDb, stream: &TestStream, url: &str) -> Vec<(String, Strin
             ("QX_CACHE__URL", url),
             // A relay that took a refusal for an outage would exit 69 after this.
             ("QX_RELAY__GIVE_UP_AFTER", "5s"),
+            ("QX_RELAY__ACK_TIMEOUT", "2s"),
         ],
     )
 }

@@ -96,50 +96,25 @@ async fn readiness_follows_nats() {
 }
 
 #[tokio::test]
-async fn livez_fails_while_the_relay_loop_is_wedged_and_recovers_after() {
+async fn a_claim_blocked_by_a_table_lock_does_not_wedge_the_loop() {
     let db = TestDb::create().await;
     let port = free_port();
-    let mut env = Relay::env(&db, "wedged");
-    for (key, value) in [
-        ("QX_RELAY__GIVE_UP_AFTER", "2s"),
-        ("QX_RELAY__ACK_TIMEOUT", "1s"),
-        ("QX_RELAY__DRAIN_TIMEOUT", "1s"),
-        ("QX_NATS__CONNECT_TIMEOUT_SECONDS", "1"),
-    ] {
-        env.push((key.into(), value.into()));
-    }
-    // give_up_after + ack_timeout + connect timeout + idle poll (100ms) + drain_timeout + the 10 s margin.
-    let stall_limit = Duration::from_millis(15_100);
+    let env = Relay::env(&db, "blocked");
     let relay = Relay::spawn(&env, &["--metrics-addr", &format!("127.0.0.1:{port}")]);
     wait_until("ready", || async { get(port, "/readyz").await.is_some_and(|(status, _)| status == 200) })
         .await;
-    assert_eq!(get(port, "/livez").await.map(|r| r.0), Some(200));
 
-    // The claim (SELECT … FOR UPDATE) waits for this lock for as long as it is held: the loop is wedged, while
-    // the process still answers. Nothing in the relay times the claim out.
+    // The claim (SELECT … FOR UPDATE) cannot take its lock while this is held. It gives up after its
+    // lock_timeout and tries again, so the loop keeps stepping and /livez stays 200; before, the claim
+    // waited for as long as the lock was held and nothing timed it out.
     let mut blocker = db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE qx_outbox_events IN EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
-    let locked = tokio::time::Instant::now();
-    let (body, failed_after) = loop {
-        let since = locked.elapsed();
-        assert!(since < stall_limit + Duration::from_secs(15), "/livez still 200 after {since:?}");
-        match get(port, "/livez").await {
-            Some((503, body)) => break (body, since),
-            Some((200, _)) => tokio::time::sleep(Duration::from_millis(200)).await,
-            other => panic!("/livez answered {other:?}"),
-        }
-    };
-    eprintln!("/livez failed {failed_after:?} after the loop wedged: {body}");
-    assert!(
-        failed_after + Duration::from_secs(1) >= stall_limit,
-        "failed after only {failed_after:?}: {body}"
-    );
-    assert!(body.contains("limit 15s 100ms"), "{body}");
-    assert!(relay.log().contains("the relay loop has stalled"), "{}", relay.log());
+    wait_until("the wait logged", || async { relay.log().contains("locked by another relay") }).await;
+    assert_eq!(get(port, "/livez").await.map(|r| r.0), Some(200));
+    assert!(!relay.log().contains("the relay loop has stalled"), "{}", relay.log());
 
     blocker.rollback().await.unwrap();
-    wait_until("live again", || async { get(port, "/livez").await.is_some_and(|(status, _)| status == 200) })
-        .await;
+    wait_until("claiming again", || async { relay.log().contains("free again") }).await;
     relay.stop().await;
     db.drop().await;
 }

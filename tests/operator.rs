@@ -261,7 +261,7 @@ async fn retention_deletes_old_published_rows_only() {
     let mut env = Relay::env(&db, &stream.prefix);
     set(&mut env, &[("QX_RELAY__RETENTION", "1h")]);
     let relay = Relay::spawn(&env, &[]);
-    // Housekeeping runs at start, then every 15 s.
+    // Housekeeping runs at start, then every 5 s.
     db.wait_for("published_at < now() - interval '1 hour'", 0, Duration::from_secs(25)).await;
     db.wait_for("published_at IS NULL AND attempts < 10", 0, DRAIN).await;
     let log = relay.log();

@@ -1,12 +1,11 @@
 //! The command line: subcommands and the flags that override the config.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use uuid::Uuid;
 
-use super::config::{LeaderMode, Overrides};
+use super::config::Overrides;
 use super::telemetry::LogFormat;
 
 const EXIT_CODES: &str = "\
@@ -36,36 +35,7 @@ pub struct Cli {
     pub log_format: LogFormat,
     /// Settings that override the file and env.
     #[command(flatten)]
-    pub overrides: OverrideArgs,
-}
-
-/// Flags that win over the file and the environment.
-#[derive(Debug, Args)]
-pub struct OverrideArgs {
-    /// This relay's shard (`relay.shard_id`).
-    #[arg(long, global = true)]
-    pub shard_id: Option<u32>,
-    /// Number of shards (`relay.shard_count`).
-    #[arg(long, global = true)]
-    pub shard_count: Option<u32>,
-    /// Leader election (`relay.leader`).
-    #[arg(long, global = true, value_enum)]
-    pub leader: Option<LeaderMode>,
-    /// Serve /metrics, /livez and /readyz here (`relay.metrics_addr`).
-    #[arg(long, global = true)]
-    pub metrics_addr: Option<SocketAddr>,
-}
-
-impl OverrideArgs {
-    /// As config overrides.
-    pub fn to_overrides(&self) -> Overrides {
-        Overrides {
-            shard_id: self.shard_id,
-            shard_count: self.shard_count,
-            leader: self.leader,
-            metrics_addr: self.metrics_addr,
-        }
-    }
+    pub overrides: Overrides,
 }
 
 /// Subcommands.

@@ -399,9 +399,9 @@ pub struct RelayConfig {
     #[serde(with = "humantime_serde")]
     pub ack_timeout: Duration,
     /// Longest wait for Postgres in one step (a connection, a statement, a commit); past it Postgres counts as
-    /// unavailable for that step, as when it refuses connections.
-    #[serde(with = "humantime_serde")]
-    pub statement_timeout: Duration,
+    /// unavailable for that step, as when it refuses connections. Unset: see [`RelayConfig::statement_timeout`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub statement_timeout: Option<Duration>,
     /// Failed publishes before a row is parked.
     pub max_attempts: i32,
     /// First retry delay of a failing row; doubles per attempt, with jitter.
@@ -452,7 +452,7 @@ impl Default for RelayConfig {
             idle_poll_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(5),
-            statement_timeout: Duration::from_secs(5),
+            statement_timeout: None,
             max_attempts: 10,
             retry_backoff: Duration::from_secs(1),
             retry_backoff_max: Duration::from_secs(300),
@@ -478,21 +478,36 @@ impl RelayConfig {
         self.subject_prefix.as_deref().expect("validate() requires relay.subject_prefix")
     }
 
+    /// The longest wait for Postgres in one step: as set, else 5s, or half of `give_up_after` when that is
+    /// shorter, so an outage is always tried again before the relay gives up.
+    pub fn statement_timeout(&self) -> Duration {
+        self.statement_timeout.unwrap_or_else(|| DEFAULT_STATEMENT_TIMEOUT.min(self.give_up_after / 2))
+    }
+
     /// Whether the table is split across relays.
     pub fn is_sharded(&self) -> bool {
         self.shard_count > 1
     }
 }
 
-/// Settings given as flags; they win over the file and the environment.
-#[derive(Debug, Default, Clone, Serialize)]
+/// Settings given as flags; they win over the file and the environment. The CLI flattens these flags, and
+/// they are merged as the `[relay]` layer on top.
+#[derive(Debug, Default, Clone, Serialize, clap::Args)]
 pub struct Overrides {
+    /// This relay's shard (`relay.shard_id`).
+    #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shard_id: Option<u32>,
+    /// Number of shards (`relay.shard_count`).
+    #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shard_count: Option<u32>,
+    /// Leader election (`relay.leader`).
+    #[arg(long, global = true, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leader: Option<LeaderMode>,
+    /// Serve /metrics, /livez and /readyz here (`relay.metrics_addr`).
+    #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<SocketAddr>,
 }
@@ -566,12 +581,12 @@ impl Config {
             ));
         }
         let retention = relay.retention.map(|retention| ("relay.retention", retention, RETENTION_LIMIT));
+        let statement_timeout = relay.statement_timeout.map(|timeout| ("relay.statement_timeout", timeout, DURATION_LIMIT));
         for (key, value, limit) in [
             ("relay.poll_interval", relay.poll_interval, DURATION_LIMIT),
             ("relay.idle_poll_interval", relay.idle_poll_interval, DURATION_LIMIT),
             ("relay.drain_timeout", relay.drain_timeout, DURATION_LIMIT),
             ("relay.ack_timeout", relay.ack_timeout, DURATION_LIMIT),
-            ("relay.statement_timeout", relay.statement_timeout, DURATION_LIMIT),
             ("relay.retry_backoff", relay.retry_backoff, DURATION_LIMIT),
             ("relay.retry_backoff_max", relay.retry_backoff_max, DURATION_LIMIT),
             ("relay.leader_ttl", relay.leader_ttl, DURATION_LIMIT),
@@ -579,6 +594,7 @@ impl Config {
         ]
         .into_iter()
         .chain(retention)
+        .chain(statement_timeout)
         {
             if value.is_zero() {
                 return Err(ConfigError::invalid(key, "must be longer than 0s"));
@@ -616,7 +632,7 @@ impl Config {
                 ),
             ));
         }
-        if relay.statement_timeout >= relay.give_up_after {
+        if relay.statement_timeout.is_some_and(|timeout| timeout >= relay.give_up_after) {
             return Err(ConfigError::invalid(
                 "relay.statement_timeout",
                 "must be shorter than give_up_after, so an outage is retried before the relay gives up",
@@ -881,6 +897,9 @@ fn qx_env() -> Env {
 /// The most rows `relay.batch_size` may claim at once: a batch is one transaction whose rows stay locked, and
 /// in the relay's memory, until their marks commit.
 pub const BATCH_SIZE_LIMIT: u32 = 100_000;
+
+/// `relay.statement_timeout` by default, unless `give_up_after` asks for less.
+const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `relay.max_batch_bytes` by default: a batch of ~1 KB rows is never cut, and the claimed, in-flight and
 /// prefetched batches together stay far below the manifests' 128 MiB memory limit.

@@ -1,5 +1,5 @@
 //! The relay's Prometheus metrics: names written once, recorded through the `metrics` facade (a no-op until
-//! [`super::telemetry`] installs the exporter).
+//! [`super::endpoint`] installs the exporter).
 
 use std::time::Duration;
 

@@ -356,13 +356,14 @@ impl OutboxStore {
              FROM UNNEST($1::uuid[], $2::int[], $3::text[]) AS f(id, attempts, last_error) \
              WHERE t.id = f.id"
         );
-        let lock_wait = LOCK_WAIT_MAX.min(relay.statement_timeout / 2);
+        let statement_timeout = relay.statement_timeout();
+        let lock_wait = LOCK_WAIT_MAX.min(statement_timeout / 2);
         Self {
             pool,
             max_attempts: relay.max_attempts,
             max_batch_bytes: i64::try_from(relay.max_batch_bytes).unwrap_or(i64::MAX),
-            statement_timeout: relay.statement_timeout,
-            claim_begin: claim_begin(relay.give_up_after, relay.statement_timeout, lock_wait),
+            statement_timeout,
+            claim_begin: claim_begin(relay.give_up_after, statement_timeout, lock_wait),
             claim_sql,
             claim_after_sql,
             settle_located_sql,
