@@ -13,11 +13,11 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::metrics::Exporter;
 use super::publisher::RelayPublisher;
 use super::store::OutboxStore;
 
@@ -81,7 +81,7 @@ fn up(ok: bool) -> &'static str {
 /// # Errors
 /// When `addr` cannot be bound or a recorder is already installed.
 pub async fn serve(addr: SocketAddr, health: Health, shutdown: CancellationToken) -> std::io::Result<()> {
-    let metrics = PrometheusBuilder::new().install_recorder().map_err(std::io::Error::other)?;
+    let metrics = super::metrics::install(shutdown.clone()).map_err(std::io::Error::other)?;
     let listener = TcpListener::bind(addr).await?;
     tokio::spawn(async move {
         loop {
@@ -111,7 +111,7 @@ pub async fn serve(addr: SocketAddr, health: Health, shutdown: CancellationToken
 async fn respond(
     request: Request<Incoming>,
     health: Health,
-    metrics: PrometheusHandle,
+    metrics: Exporter,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, body, content_type) = match request.uri().path() {
         "/livez" => (StatusCode::OK, "ok\n".to_owned(), "text/plain"),

@@ -57,7 +57,7 @@ const TABLE_POLL: Duration = Duration::from_secs(2);
 const RETENTION_BATCH: (i64, u32) = (1000, 20);
 /// After the drain: closing the NATS connection, then the background tasks, each at most this long.
 const STOP_GRACE: Duration = Duration::from_millis(500);
-/// How often retention and the outbox gauges run.
+/// How often retention and the sampled gauges run.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 
 /// Why the relay stopped with an error.
@@ -140,7 +140,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
         health::serve(addr, health.clone(), shutdown.clone()).await.map_err(RelayError::Health)?;
         info!(%addr, "serving /metrics, /livez and /readyz");
     }
-    metrics::set_shard(shard);
+    metrics::register(shard);
     metrics::set_leader(false);
 
     let connect_timeout = Duration::from_secs_f64(config.nats.connect_timeout_seconds);
@@ -159,7 +159,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
     if let Some(channel) = &relay.notify_channel {
         background.spawn(listen(store.clone(), channel.clone(), wake.clone(), shutdown.clone()));
     }
-    background.spawn(housekeeping(store.clone(), relay.clone(), shard, health.clone(), shutdown.clone()));
+    background.spawn(housekeeping(
+        store.clone(),
+        publisher.clone(),
+        relay.clone(),
+        shard,
+        health.clone(),
+        shutdown.clone(),
+    ));
     background.close();
 
     let mut engine = Engine::new(store, publisher.clone(), relay.clone(), wake);
@@ -378,11 +385,12 @@ async fn listen(store: OutboxStore, channel: String, wake: Arc<Notify>, shutdown
     }
 }
 
-/// Retention (delete old published rows in small batches) and the outbox gauges, off the hot path. Only the
-/// relay publishing the shard samples the gauges (standbys report zero), so a shard is read once per period
-/// however many replicas stand by.
+/// Retention (delete old published rows in small batches) and the outbox and NATS gauges, off the hot path.
+/// Only the relay publishing the shard samples the outbox (standbys report zero), so a shard is read once per
+/// period however many replicas stand by.
 async fn housekeeping(
     store: OutboxStore,
+    publisher: RelayPublisher,
     relay: RelayConfig,
     shard: Shard,
     health: health::Health,
@@ -393,6 +401,7 @@ async fn housekeeping(
             delete_expired(&store, retention, &shutdown).await;
         }
         if relay.metrics_addr.is_some() {
+            metrics::set_nats_up(publisher.is_connected());
             if !health.is_leading() {
                 metrics::set_outbox(&store::Backlog::default());
             } else if let Ok(backlog) = store.backlog(shard).await {
