@@ -175,7 +175,9 @@ async fn every_family_is_exported_before_the_first_event() {
     for family in &families {
         assert!(metrics.contains(&format!("# HELP {family} ")), "{family} has no HELP line:\n{metrics}");
     }
-    for family in ["qx_relay_build_info", "qx_relay_postgres_up"] {
+    for family in
+        ["qx_relay_build_info", "qx_relay_postgres_up", "process_cpu_seconds_total", "process_open_fds"]
+    {
         assert!(families.contains(&family), "{family} exported:\n{metrics}");
     }
     assert_eq!(sample(&metrics, r#"qx_relay_shard_info{shard="0",shard_count="1"}"#), Some(1.0), "{metrics}");

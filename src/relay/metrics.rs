@@ -1,5 +1,8 @@
-//! The relay's Prometheus metrics: each family's name, type and HELP text written once, and the exporter's
-//! settings. Recording goes through the `metrics` facade, a no-op until [`install`] runs.
+//! The relay's Prometheus metrics: each family's name, type and HELP text written once, the exporter's
+//! settings, and what it renders besides the recorded values (the `process_*` families). Recording goes
+//! through the `metrics` facade, a no-op until [`install`] runs.
+
+mod process;
 
 use std::time::Duration;
 
@@ -82,7 +85,7 @@ const REVISION: &str = match option_env!("QX_RELAY_REVISION") {
 const FAILURE_KINDS: [FailureKind; 4] =
     [FailureKind::Poison, FailureKind::Rejected, FailureKind::NoStream, FailureKind::Unavailable];
 
-/// The installed recorder.
+/// The installed recorder; renders the recorded families and the process metrics.
 #[derive(Clone)]
 pub struct Exporter {
     handle: PrometheusHandle,
@@ -91,7 +94,9 @@ pub struct Exporter {
 impl Exporter {
     /// The Prometheus text exposition of every family.
     pub fn render(&self) -> String {
-        self.handle.render()
+        let mut text = self.handle.render();
+        process::render(&mut text);
+        text
     }
 }
 
