@@ -55,7 +55,7 @@ families! {
     gauge SHARD_INFO = "qx_relay_shard_info",
         "Always 1; the shard this relay serves and the shard count are its labels.";
     gauge STORE_UP = "qx_relay_postgres_up",
-        "1 while Postgres answers the relay loop.";
+        "1 while Postgres answers: set on connecting, then by the loop of the relay publishing the shard.";
     gauge NATS_UP = "qx_relay_nats_up",
         "1 while the NATS connection is up.";
     gauge BUILD_INFO = "qx_relay_build_info",

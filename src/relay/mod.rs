@@ -148,6 +148,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
         .await
         .map_err(RelayError::PostgresConnect)?;
     let store = OutboxStore::new(pool, &relay);
+    metrics::set_store_up(true); // standbys too; the relay loop updates it once it leads
     wait_for_table(&store, &relay, &shutdown).await?;
     let publisher = RelayPublisher::connect(&config.nats, &relay).await?;
     info!(servers = config.nats.servers.len(), "connected to Postgres and NATS");
