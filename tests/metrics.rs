@@ -1,9 +1,14 @@
 //! `/metrics`, `/livez` and `/readyz` of a running relay, scraped over real HTTP.
+//!
+//! The exposition is also checked by `promtool check metrics`: the binary `PROMTOOL` names (scripts/test sets
+//! it), else `promtool` on the PATH; without either that one check is skipped, and says so.
 
 #[path = "common/cluster.rs"]
 mod cluster;
 mod common;
 
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cluster::{free_port, NatsServer};
@@ -14,12 +19,31 @@ async fn get(port: u16, path: &str) -> Option<(u16, String)> {
     http(port, "GET", path).await.map(|response| (response.status, response.body))
 }
 
-/// The value of an unlabelled sample, 0 when absent.
-fn sample(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
+/// The value of the sample `series` (name and labels as rendered), `None` when absent.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `promtool check metrics` on `text`: its complaints, or `None` when no promtool is there to ask.
+fn promtool_complaints(text: &str) -> Option<String> {
+    let named = std::env::var_os("PROMTOOL");
+    let program = named.clone().unwrap_or_else(|| "promtool".into());
+    let mut child = match Command::new(&program)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(err) if named.is_none() && err.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(err) => panic!("running {program:?}: {err}"),
+    };
+    child.stdin.take().expect("piped stdin").write_all(text.as_bytes()).expect("write to promtool");
+    let output = child.wait_with_output().expect("wait for promtool");
+    let said =
+        String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    Some(if output.status.success() { String::new() } else { format!("{}: {said}", output.status) })
 }
 
 async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
@@ -44,7 +68,7 @@ async fn metrics_follow_a_drain() {
     while published_seen.last() != Some(&20_000.0) {
         assert!(tokio::time::Instant::now() < deadline, "published stuck at {published_seen:?}");
         if let Some((200, metrics)) = get(port, "/metrics").await {
-            published_seen.push(sample(&metrics, "qx_relay_published_total"));
+            published_seen.push(sample(&metrics, "qx_relay_published_total").expect("published exported"));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -52,12 +76,19 @@ async fn metrics_follow_a_drain() {
     assert!(published_seen.iter().any(|&n| n > 0.0 && n < 20_000.0), "seen mid-drain: {published_seen:?}");
     wait_until("pending to fall to 0", || async {
         let Some((200, metrics)) = get(port, "/metrics").await else { return false };
-        metrics.contains("qx_relay_pending_rows 0") && sample(&metrics, "qx_relay_is_leader") == 1.0
+        metrics.contains("qx_relay_pending_rows 0") && sample(&metrics, "qx_relay_is_leader") == Some(1.0)
     })
     .await;
     let (_, metrics) = get(port, "/metrics").await.unwrap();
-    assert_eq!(sample(&metrics, "qx_relay_published_total"), 20_000.0, "{metrics}");
-    assert!(metrics.contains("qx_relay_batch_duration_seconds"), "{metrics}");
+    assert_eq!(sample(&metrics, "qx_relay_published_total"), Some(20_000.0), "{metrics}");
+    assert_eq!(sample(&metrics, "qx_relay_publish_delay_seconds_count"), Some(20_000.0), "{metrics}");
+    let batches = sample(&metrics, "qx_relay_batch_duration_seconds_count").unwrap_or(0.0);
+    assert!(batches >= 200.0, "20,000 rows in batches of 100 or fewer: {batches} batches\n{metrics}");
+    assert_eq!(
+        sample(&metrics, r#"qx_relay_batch_duration_seconds_bucket{le="+Inf"}"#),
+        Some(batches),
+        "every batch lands in the +Inf bucket"
+    );
     assert!(metrics.contains("qx_relay_oldest_pending_age_seconds 0"), "{metrics}");
     assert_eq!(get(port, "/livez").await.map(|r| r.0), Some(200));
     relay.stop().await;
@@ -84,11 +115,23 @@ async fn readiness_follows_nats() {
         get(port, "/readyz").await.is_some_and(|(status, body)| status == 503 && body.contains("nats: down"))
     })
     .await;
+    wait_until("qx_relay_nats_up 0", || async {
+        get(port, "/metrics")
+            .await
+            .is_some_and(|(_, metrics)| sample(&metrics, "qx_relay_nats_up") == Some(0.0))
+    })
+    .await;
     assert_eq!(get(port, "/livez").await.map(|r| r.0), Some(200), "alive while NATS is down");
 
     nats.restart().await;
     wait_until("ready again", || async {
         get(port, "/readyz").await.is_some_and(|(status, _)| status == 200)
+    })
+    .await;
+    wait_until("qx_relay_nats_up 1", || async {
+        get(port, "/metrics")
+            .await
+            .is_some_and(|(_, metrics)| sample(&metrics, "qx_relay_nats_up") == Some(1.0))
     })
     .await;
     relay.stop().await;
@@ -116,5 +159,68 @@ async fn a_claim_blocked_by_a_table_lock_does_not_wedge_the_loop() {
     blocker.rollback().await.unwrap();
     wait_until("claiming again", || async { relay.log().contains("free again") }).await;
     relay.stop().await;
+    db.drop().await;
+}
+
+/// Before any event: counters at 0 (so `increase()` sees the first one), histograms with buckets (so replicas
+/// add up), HELP on every family, and nothing `promtool check metrics` objects to.
+#[tokio::test]
+async fn every_family_is_exported_before_the_first_event() {
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    let port = free_port();
+    let env = Relay::env(&db, &stream.prefix);
+    let relay = Relay::spawn(&env, &["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    // Connected and sampled once: the NATS gauge comes with the first housekeeping pass.
+    wait_until("qx_relay_nats_up 1", || async {
+        get(port, "/metrics")
+            .await
+            .is_some_and(|(_, metrics)| sample(&metrics, "qx_relay_nats_up") == Some(1.0))
+    })
+    .await;
+    let (_, metrics) = get(port, "/metrics").await.expect("scrape");
+
+    let mut at_zero = vec![
+        "qx_relay_published_total".to_owned(),
+        "qx_relay_duplicates_total".to_owned(),
+        "qx_relay_parked_total".to_owned(),
+        "qx_relay_lock_renewal_failures_total".to_owned(),
+        "qx_relay_batch_duration_seconds_count".to_owned(),
+        "qx_relay_publish_delay_seconds_count".to_owned(),
+    ];
+    for reason in ["poison", "rejected", "no_stream", "unavailable"] {
+        at_zero.push(format!(r#"qx_relay_publish_failures_total{{reason="{reason}"}}"#));
+    }
+    for series in &at_zero {
+        assert_eq!(sample(&metrics, series), Some(0.0), "{series} at 0 before any event:\n{metrics}");
+    }
+    for histogram in ["qx_relay_batch_duration_seconds", "qx_relay_publish_delay_seconds"] {
+        let buckets =
+            metrics.lines().filter(|line| line.starts_with(&format!("{histogram}_bucket{{le="))).count();
+        assert!(buckets > 5, "{histogram} is a histogram with buckets:\n{metrics}");
+    }
+    assert!(!metrics.contains("quantile="), "no summaries left:\n{metrics}");
+    let families: Vec<&str> =
+        metrics.lines().filter_map(|line| line.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+    for family in &families {
+        assert!(metrics.contains(&format!("# HELP {family} ")), "{family} has no HELP line:\n{metrics}");
+    }
+    for family in
+        ["qx_relay_build_info", "qx_relay_postgres_up", "process_cpu_seconds_total", "process_open_fds"]
+    {
+        assert!(families.contains(&family), "{family} exported:\n{metrics}");
+    }
+    assert_eq!(sample(&metrics, r#"qx_relay_shard_info{shard="0",shard_count="1"}"#), Some(1.0), "{metrics}");
+    let version = format!(r#"version="{}""#, env!("CARGO_PKG_VERSION"));
+    assert!(
+        metrics.lines().any(|l| l.starts_with("qx_relay_build_info{") && l.contains(&version)),
+        "{metrics}"
+    );
+
+    match promtool_complaints(&metrics) {
+        Some(complaints) => assert!(complaints.is_empty(), "promtool check metrics: {complaints}\n{metrics}"),
+        None => eprintln!("promtool not found (set PROMTOOL): skipped `promtool check metrics`"),
+    }
+    relay.stop().await;
+    stream.delete().await;
     db.drop().await;
 }

@@ -581,7 +581,8 @@ impl Config {
             ));
         }
         let retention = relay.retention.map(|retention| ("relay.retention", retention, RETENTION_LIMIT));
-        let statement_timeout = relay.statement_timeout.map(|timeout| ("relay.statement_timeout", timeout, DURATION_LIMIT));
+        let statement_timeout =
+            relay.statement_timeout.map(|timeout| ("relay.statement_timeout", timeout, DURATION_LIMIT));
         for (key, value, limit) in [
             ("relay.poll_interval", relay.poll_interval, DURATION_LIMIT),
             ("relay.idle_poll_interval", relay.idle_poll_interval, DURATION_LIMIT),

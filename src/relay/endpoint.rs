@@ -19,13 +19,13 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::health::Health;
+use super::metrics::Exporter;
 
 /// How long a client may take to send a request's headers, on a new or a kept-alive connection; then the
 /// connection is closed. Probes and scrapers send theirs at once.
@@ -46,18 +46,13 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 /// # Errors
 /// When `addr` cannot be bound or a recorder is already installed.
 pub async fn serve(addr: SocketAddr, health: Health, shutdown: CancellationToken) -> std::io::Result<()> {
-    let metrics = PrometheusBuilder::new().install_recorder().map_err(std::io::Error::other)?;
+    let metrics = super::metrics::install(shutdown.clone()).map_err(std::io::Error::other)?;
     let listener = TcpListener::bind(addr).await?;
     tokio::spawn(accept_loop(listener, health, metrics, shutdown));
     Ok(())
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    health: Health,
-    metrics: PrometheusHandle,
-    shutdown: CancellationToken,
-) {
+async fn accept_loop(listener: TcpListener, health: Health, metrics: Exporter, shutdown: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let (mut accept_warned, mut full_warned) = (None, None);
     loop {
@@ -97,7 +92,7 @@ async fn accept_loop(
     }
 }
 
-async fn serve_connection(stream: TcpStream, health: Health, metrics: PrometheusHandle) {
+async fn serve_connection(stream: TcpStream, health: Health, metrics: Exporter) {
     let service = service_fn(move |request| respond(request, health.clone(), metrics.clone()));
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -113,7 +108,7 @@ async fn serve_connection(stream: TcpStream, health: Health, metrics: Prometheus
 async fn respond(
     request: Request<Incoming>,
     health: Health,
-    metrics: PrometheusHandle,
+    metrics: Exporter,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if !matches!(*request.method(), Method::GET | Method::HEAD) {
         let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".to_owned());

@@ -9,6 +9,7 @@ use tracing::{info, warn};
 use super::config::RelayConfig;
 use super::health::Health;
 use super::metrics;
+use super::nats::RelayPublisher;
 use super::shard::Shard;
 use super::store::{Backlog, OutboxStore};
 
@@ -17,11 +18,12 @@ const RETENTION_BATCH: (i64, u32) = (1000, 20);
 /// How often retention and the outbox gauges run.
 const EVERY: Duration = Duration::from_secs(5);
 
-/// Retention (delete old published rows in small batches) and the outbox gauges, off the hot path. Only the
-/// relay publishing the shard samples the gauges (standbys report zero), so a shard is read once per period
-/// however many replicas stand by.
+/// Retention (delete old published rows in small batches) and the outbox and NATS gauges, off the hot path.
+/// Only the relay publishing the shard samples the outbox (standbys report zero), so a shard is read once per
+/// period however many replicas stand by.
 pub async fn run(
     store: OutboxStore,
+    publisher: RelayPublisher,
     relay: RelayConfig,
     shard: Shard,
     health: Health,
@@ -32,6 +34,7 @@ pub async fn run(
             delete_expired(&store, retention, &shutdown).await;
         }
         if relay.metrics_addr.is_some() {
+            metrics::set_nats_up(publisher.is_connected());
             if !health.is_leading() {
                 metrics::set_outbox(&Backlog::default());
             } else if let Ok(backlog) = store.backlog(shard).await {

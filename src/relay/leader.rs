@@ -192,6 +192,7 @@ impl LeaderLock {
                 Ok(true) => continue,
                 Ok(false) => warn!("leader lock taken by another holder; stepping down"),
                 Err(err) => {
+                    super::metrics::lock_renewal_failed();
                     warn!(error = %super::error_chain(&err), "leader lock renewal failed; stepping down")
                 }
             }

@@ -78,7 +78,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
         let stall_limit = humantime::format_duration(stall_limit);
         info!(%addr, livez_stall_limit = %stall_limit, "serving /metrics, /livez and /readyz");
     }
-    metrics::set_shard(shard);
+    metrics::register(shard);
     metrics::set_leader(false);
 
     let connect_timeout = Duration::from_secs_f64(config.nats.connect_timeout_seconds);
@@ -87,6 +87,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
         .await
         .map_err(|err| PostgresError::connecting(&db_url, err))?;
     let store = OutboxStore::new(pool, &relay);
+    metrics::set_store_up(true); // standbys too; the relay loop updates it once it leads
     preflight::table(&store, &relay, Some(&shutdown)).await?;
     let publisher = RelayPublisher::connect(&config.nats, &relay).await?;
     info!(servers = config.nats.servers.len(), "connected to Postgres and NATS");
@@ -100,6 +101,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
     }
     background.spawn(housekeeping::run(
         store.clone(),
+        publisher.clone(),
         relay.clone(),
         shard,
         health.clone(),
