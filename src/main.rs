@@ -2,11 +2,11 @@
 
 use clap::Parser;
 use qx_relay::relay::cli::{Cli, Command, DeadCommand};
-use qx_relay::relay::config::Config;
+use qx_relay::relay::config::{self, Config};
 use qx_relay::relay::store::Requeue;
 use qx_relay::relay::{self, error_chain, ops, shutdown, telemetry, ExitCode};
 use tokio_util::sync::CancellationToken;
-use tracing::error;
+use tracing::{error, warn};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -20,6 +20,10 @@ fn main() -> std::process::ExitCode {
         }
     };
     telemetry::init(cli.log_format);
+    let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
+    for warning in config::unknown_env_keys(names) {
+        warn!("{warning}");
+    }
     let config = match Config::load(cli.config.as_deref(), &cli.overrides) {
         Ok(config) => config,
         Err(err) => {

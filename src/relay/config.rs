@@ -15,10 +15,12 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 
+use super::spelling;
+
 /// The env variable naming the log filter; a process setting, not part of the relay's config.
 pub const ENV_LOG_FILTER: &str = "QX_RELAY__LOG";
 
-/// Keys Qx's own settings share with us; other `QX_NATS__*`, `QX_DB__*`, `QX_CACHE__*` belong to the service.
+/// Keys Qx's own settings share with us: the ones we read from `QX_NATS__*`, `QX_DB__*` and `QX_CACHE__*`.
 const SHARED_ENV_KEYS: &[&str] = &[
     "nats__servers",
     "nats__max_reconnect_attempts",
@@ -38,6 +40,25 @@ const SHARED_ENV_KEYS: &[&str] = &[
     "cache__tls_ca_file",
     "cache__tls_cert_file",
     "cache__tls_key_file",
+];
+
+/// Qx's own settings under those prefixes that the relay does not read (qx-db 1.1.0 `DatabaseSettings`, qx-cache
+/// 1.1.0 `CacheSettings`; qx-events' `NatsSettings` has none beyond ours). A sidecar sees them in its service's
+/// environment: they are no typo.
+const QX_ONLY_ENV_KEYS: &[&str] = &[
+    "db__pool_size",
+    "db__max_overflow",
+    "db__pool_timeout_seconds",
+    "db__pool_recycle_seconds",
+    "db__pool_pre_ping",
+    "db__pool_kind",
+    "db__echo",
+    "db__statement_timeout_ms",
+    "cache__max_connections",
+    "cache__decode_responses",
+    "cache__socket_timeout_seconds",
+    "cache__socket_connect_timeout_seconds",
+    "cache__health_check_interval_seconds",
 ];
 
 /// A setting that cannot be used: which key, and why. Displayed as one line.
@@ -203,6 +224,18 @@ impl DbConfig {
     }
 }
 
+impl DbConfig {
+    /// Where the relay connects, fit to log: `host:port/database` (or the socket directory), no credentials.
+    /// Call it on a validated config.
+    pub fn server(&self) -> String {
+        let options =
+            sqlx::postgres::PgConnectOptions::from_str(&self.sqlx_url()).expect("validate() checks db.url");
+        // Without a database in the URL, Postgres takes the user's name.
+        let database = options.get_database().unwrap_or_else(|| options.get_username());
+        format!("{}/{database}", super::refusal::postgres_address(&options))
+    }
+}
+
 /// asyncpg's TLS parameter in a SQLAlchemy URL (`postgresql+asyncpg://…?ssl=require`).
 const ASYNCPG_SSL: &str = "ssl";
 const ASYNCPG_SSL_VALUES: &str =
@@ -295,6 +328,17 @@ pub enum LeaderMode {
     Postgres,
 }
 
+impl LeaderMode {
+    /// As the setting is written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Redis => "redis",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
 /// What happens to a row once JetStream acknowledged it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -304,6 +348,16 @@ pub enum OnPublish {
     Mark,
     /// Delete the row in the statement that would have marked it.
     Delete,
+}
+
+impl OnPublish {
+    /// As the setting is written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mark => "mark",
+            Self::Delete => "delete",
+        }
+    }
 }
 
 /// The value rows are sharded and ordered by.
@@ -436,7 +490,8 @@ pub struct RelayConfig {
     pub retention: Option<Duration>,
     /// Create a stream capturing `<subject_prefix>.>` when none does (for development).
     pub ensure_stream: bool,
-    /// Serve `/metrics`, `/livez` and `/readyz` on this address; off when unset.
+    /// Serve `/metrics`, `/livez` and `/readyz` on this address (`:9464` for every interface); off when unset.
+    #[serde(deserialize_with = "optional_listen_addr")]
     pub metrics_addr: Option<SocketAddr>,
 }
 
@@ -495,19 +550,19 @@ impl RelayConfig {
 #[derive(Debug, Default, Clone, Serialize, clap::Args)]
 pub struct Overrides {
     /// This relay's shard (`relay.shard_id`).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shard_id: Option<u32>,
     /// Number of shards (`relay.shard_count`).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shard_count: Option<u32>,
     /// Leader election (`relay.leader`).
-    #[arg(long, global = true, value_enum)]
+    #[arg(long, global = true, value_name = "MODE", value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leader: Option<LeaderMode>,
-    /// Serve /metrics, /livez and /readyz here (`relay.metrics_addr`).
-    #[arg(long, global = true)]
+    /// Serve /metrics, /livez and /readyz here; :PORT for every interface (`relay.metrics_addr`).
+    #[arg(long, global = true, value_name = "ADDR", value_parser = parse_listen_addr)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<SocketAddr>,
 }
@@ -895,6 +950,36 @@ fn qx_env() -> Env {
         .split("__")
 }
 
+/// Warnings about the variables among `names` under `QX_NATS__`, `QX_DB__` and `QX_CACHE__` that neither the
+/// relay nor Qx reads: such a typo (`QX_NATS__SERVER`) would leave the default in place without a word. Only
+/// warnings, as a service may keep settings of its own under these prefixes.
+pub fn unknown_env_keys(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for name in names {
+        let lower = name.to_ascii_lowercase();
+        let Some(key) = lower.strip_prefix("qx_") else { continue };
+        let Some((section, field)) =
+            key.split_once("__").filter(|(section, _)| ["nats", "db", "cache"].contains(section))
+        else {
+            continue;
+        };
+        if SHARED_ENV_KEYS.contains(&key) || QX_ONLY_ENV_KEYS.contains(&key) {
+            continue;
+        }
+        let fields = SHARED_ENV_KEYS.iter().chain(QX_ONLY_ENV_KEYS).filter_map(|known| {
+            known.split_once("__").filter(|(known_section, _)| *known_section == section).map(|(_, f)| f)
+        });
+        let mut warning = format!("{name} is not a setting of qx-relay or Qx: ignored");
+        if let Some(field) = spelling::did_you_mean(field, fields) {
+            let variable = format!("QX_{section}__{field}").to_ascii_uppercase();
+            warning.push_str(&format!("; did you mean {variable}?"));
+        }
+        warnings.push(warning);
+    }
+    warnings.sort();
+    warnings
+}
+
 /// The most rows `relay.batch_size` may claim at once: a batch is one transaction whose rows stay locked, and
 /// in the relay's memory, until their marks commit.
 pub const BATCH_SIZE_LIMIT: u32 = 100_000;
@@ -947,31 +1032,84 @@ fn is_sql_name(name: &str, qualified: bool) -> bool {
     (count == 1 || (qualified && count == 2)) && parts.all(ident)
 }
 
-/// One line naming the key (and where it came from) and why it is wrong.
+/// One line naming the key once, where it came from (the env variable as written, or the file), and why it is
+/// wrong, with the key it probably meant.
 fn from_figment(err: &figment::Error) -> ConfigError {
     let mut path = err.path.clone();
     let reason = match &err.kind {
-        figment::error::Kind::UnknownField(field, _) => {
-            path.push(field.clone());
-            "unknown key".to_owned()
+        figment::error::Kind::UnknownField(field, expected) => {
+            // figment's path may already end with the unknown key.
+            if path.last() != Some(field) {
+                path.push(field.clone());
+            }
+            match spelling::did_you_mean(field, expected.iter().copied()) {
+                Some(known) => format!("unknown key; did you mean {known}?"),
+                None => "unknown key".to_owned(),
+            }
         }
         figment::error::Kind::MissingField(field) => {
             path.push(field.to_string());
             "missing".to_owned()
         }
-        kind => kind.to_string(),
+        kind => one_line(&kind.to_string()),
     };
     let mut key = if path.is_empty() { "config".to_owned() } else { path.join(".") };
     if let Some(metadata) = &err.metadata {
         let source = match &metadata.source {
             Some(source) => source.to_string(),
             // Name the variable as the user wrote it, not figment's dotted path.
-            None if metadata.name.contains("environment") => format!("QX_{}", path.join("__").to_uppercase()),
+            None if metadata.name.contains("environment") => env_variable(&path),
             None => metadata.name.to_string(),
         };
         key = format!("{key} (from {source})");
     }
     ConfigError { key, reason }
+}
+
+/// The variable a setting at `path` came from, as written: `QX_RELAY__BATCH_SIZE` for `relay.batch_size`, or
+/// one that nests below it (`QX_RELAY__BATCHSIZE__X` makes `relay.batchsize` a table).
+fn env_variable(path: &[String]) -> String {
+    let key = format!("qx_{}", path.join("__")).to_ascii_lowercase();
+    let nested = format!("{key}__");
+    std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| {
+            let name = name.to_ascii_lowercase();
+            name == key || name.starts_with(&nested)
+        })
+        .min_by_key(String::len)
+        .unwrap_or_else(|| key.to_ascii_uppercase())
+}
+
+/// A parser's message on one line: a TOML syntax error comes with the offending line and a caret under it,
+/// which a log line does without (the message names the line and column).
+fn one_line(message: &str) -> String {
+    let excerpt = |line: &str| {
+        line.starts_with('|') || line.split_once(" |").is_some_and(|(n, _)| n.parse::<u32>().is_ok())
+    };
+    let lines: Vec<&str> =
+        message.lines().map(str::trim).filter(|line| !line.is_empty() && !excerpt(line)).collect();
+    lines.join(": ")
+}
+
+/// A listening address: `host:port`, or `:port` for every interface (IPv4), as Prometheus exporters write it.
+///
+/// # Errors
+/// Anything else, with what was expected.
+pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    let full = match text.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => text.to_owned(),
+    };
+    full.parse()
+        .map_err(|_| format!("{text:?} is not host:port (e.g. 127.0.0.1:9464) or :port (every interface)"))
+}
+
+fn optional_listen_addr<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
+    Option::<String>::deserialize(deserializer)?
+        .map(|text| parse_listen_addr(&text).map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 /// A list, or one string of comma-separated items (`QX_NATS__SERVERS=a:4222,b:4222`).
@@ -1122,6 +1260,117 @@ mod tests {
             assert!(err.to_string().contains("QX_RELAY__MAX_IN_FLIGHT"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn an_unknown_relay_key_is_named_once_with_its_variable_and_a_suggestion() {
+        Jail::expect_with(|jail| {
+            jail.set_env("QX_RELAY__SUBJECT_PREFIX", "orders");
+            jail.set_env("QX_RELAY__BATCHSIZE", "10");
+            let err = Config::load(None, &Overrides::default()).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "relay.batchsize (from QX_RELAY__BATCHSIZE): unknown key; did you mean batch_size?"
+            );
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("QX_RELAY__SUBJECT_PREFIX", "orders");
+            jail.set_env("QX_RELAY__BATCHSIZE__BATCHSIZE", "10");
+            let err = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(
+                err.to_string().starts_with("relay.batchsize (from QX_RELAY__BATCHSIZE__BATCHSIZE): "),
+                "{err}"
+            );
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            let err = load(jail, "[relay]\nsubject_prefix = \"o\"\npoll_intervall = \"1s\"\n").unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "relay.poll_intervall (from relay.toml): unknown key; did you mean poll_interval?"
+            );
+            let err = load(jail, "[relay]\nsubject_prefix = \"o\"\nzzz = 1\n").unwrap_err();
+            assert_eq!(err.to_string(), "relay.zzz (from relay.toml): unknown key");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_toml_syntax_error_fits_on_one_line() {
+        Jail::expect_with(|jail| {
+            let err = load(jail, "[relay]\nsubject_prefix = \"o\"\nbatch_size = \n").unwrap_err();
+            let text = err.to_string();
+            assert!(!text.contains('\n'), "{text}");
+            assert!(text.contains("relay.toml") && text.contains("line 3"), "{text}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn typos_under_qx_sections_are_warned_about_and_qx_settings_are_not() {
+        let names = [
+            "QX_NATS__SERVER",
+            "QX_NATS__SERVERS",
+            "QX_DB__URI",
+            "QX_DB__POOL_SIZE",
+            "QX_DB__POOL_SIZ",
+            "QX_CACHE__MAX_CONNECTIONS",
+            "QX_CACHE__TLS_CA",
+            "QX_NATS__FROBNICATE",
+            "QX_APP__NAME",
+            "QX_RELAY__BATCHSIZE",
+            "PATH",
+        ];
+        let warnings = unknown_env_keys(names.iter().map(|name| (*name).to_owned()));
+        assert_eq!(
+            warnings,
+            [
+                "QX_CACHE__TLS_CA is not a setting of qx-relay or Qx: ignored; did you mean QX_CACHE__TLS_CA_FILE?",
+                "QX_DB__POOL_SIZ is not a setting of qx-relay or Qx: ignored; did you mean QX_DB__POOL_SIZE?",
+                "QX_DB__URI is not a setting of qx-relay or Qx: ignored; did you mean QX_DB__URL?",
+                "QX_NATS__FROBNICATE is not a setting of qx-relay or Qx: ignored",
+                "QX_NATS__SERVER is not a setting of qx-relay or Qx: ignored; did you mean QX_NATS__SERVERS?",
+            ]
+        );
+    }
+
+    #[test]
+    fn metrics_addr_takes_a_bare_port_for_every_interface() {
+        assert_eq!(parse_listen_addr(":9464").unwrap(), "0.0.0.0:9464".parse().unwrap());
+        assert_eq!(parse_listen_addr("127.0.0.1:9464").unwrap(), "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(parse_listen_addr("[::1]:9464").unwrap(), "[::1]:9464".parse().unwrap());
+        for bad in ["9464", ":", "localhost:9464", ":99999"] {
+            assert!(parse_listen_addr(bad).is_err(), "{bad}");
+        }
+        Jail::expect_with(|jail| {
+            jail.set_env("QX_RELAY__SUBJECT_PREFIX", "orders");
+            jail.set_env("QX_RELAY__METRICS_ADDR", ":9464");
+            let config = Config::load(None, &Overrides::default()).unwrap();
+            assert_eq!(config.relay.metrics_addr, Some("0.0.0.0:9464".parse().unwrap()));
+            let overrides =
+                Overrides { metrics_addr: Some("127.0.0.1:1".parse().unwrap()), ..Overrides::default() };
+            let config = Config::load(None, &overrides).unwrap();
+            assert_eq!(config.relay.metrics_addr, Some("127.0.0.1:1".parse().unwrap()), "the flag wins");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn modes_are_spelled_as_in_the_config() {
+        for mode in [LeaderMode::None, LeaderMode::Redis, LeaderMode::Postgres] {
+            assert_eq!(toml::Value::try_from(mode).unwrap().as_str(), Some(mode.as_str()));
+        }
+        for mode in [OnPublish::Mark, OnPublish::Delete] {
+            assert_eq!(toml::Value::try_from(mode).unwrap().as_str(), Some(mode.as_str()));
+        }
+    }
+
+    #[test]
+    fn the_database_is_named_without_credentials() {
+        let db = |url: &str| DbConfig { url: url.into() }.server();
+        assert_eq!(db("postgresql+asyncpg://u:secret@db.internal:5433/orders"), "db.internal:5433/orders");
+        assert_eq!(db("postgres://relay@10.0.0.5/"), "10.0.0.5:5432/relay");
     }
 
     #[test]

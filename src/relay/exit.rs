@@ -47,8 +47,14 @@ pub enum RelayError {
     #[error("leader lock")]
     Lock(#[from] LockError),
     /// The metrics endpoint could not listen.
-    #[error("metrics endpoint")]
-    Health(#[source] std::io::Error),
+    #[error("serving /metrics on {addr}")]
+    Health {
+        /// `relay.metrics_addr`.
+        addr: std::net::SocketAddr,
+        /// Why not, e.g. the address is in use.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<&PreflightError> for ExitCode {
@@ -69,7 +75,7 @@ impl From<&RelayError> for ExitCode {
             RelayError::PostgresConnect(err) if err.is_config_error() => Self::Config,
             RelayError::NatsConnect(err) if err.is_config_error() => Self::Config,
             RelayError::Lock(err) if err.is_config_error() => Self::Config,
-            RelayError::Config(_) | RelayError::Health(_) => Self::Config,
+            RelayError::Config(_) | RelayError::Health { .. } => Self::Config,
             RelayError::Preflight(err) => err.into(),
             RelayError::PostgresConnect(_)
             | RelayError::NatsConnect(_)

@@ -28,6 +28,7 @@ pub mod shard;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod spelling;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,7 +75,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
     let stall_limit = health::stall_limit(&config);
     let health = health::Health::new(stall_limit);
     if let Some(addr) = relay.metrics_addr {
-        endpoint::serve(addr, health.clone(), shutdown.clone()).await.map_err(RelayError::Health)?;
+        endpoint::serve(addr, health.clone(), shutdown.clone())
+            .await
+            .map_err(|source| RelayError::Health { addr, source })?;
         let stall_limit = humantime::format_duration(stall_limit);
         info!(%addr, livez_stall_limit = %stall_limit, "serving /metrics, /livez and /readyz");
     }

@@ -1,6 +1,7 @@
 //! Telling a server that refuses our settings from one that is down. A TLS handshake that fails (a certificate
-//! not trusted or not sent, TLS on one side only) or credentials the server rejects do not get better by
-//! retrying: they are configuration errors (exit 78), reported with the server. Anything else is an outage.
+//! not trusted or not sent, TLS on one side only), credentials the server rejects or a database that does not
+//! exist do not get better by retrying: they are configuration errors (exit 78), reported with the server.
+//! Anything else is an outage.
 //! Reads the errors of the three clients; connects to nothing.
 
 use std::error::Error;
@@ -21,6 +22,8 @@ pub enum Refusal {
     Tls,
     /// The server rejected the credentials, or what they allow.
     Credentials,
+    /// The server has no database of the name we asked for.
+    NoDatabase,
 }
 
 impl fmt::Display for Refusal {
@@ -28,6 +31,7 @@ impl fmt::Display for Refusal {
         f.write_str(match self {
             Self::Tls => "TLS/certificate problem",
             Self::Credentials => "credentials refused",
+            Self::NoDatabase => "no such database",
         })
     }
 }
@@ -64,6 +68,8 @@ pub fn of_postgres(err: &sqlx::Error) -> Option<Refusal> {
         sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("28000" | "28P01")) => {
             Some(if db.message().contains("certificate") { Refusal::Tls } else { Refusal::Credentials })
         }
+        // 3D000 invalid_catalog_name: db.url names a database the server does not have.
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000") => Some(Refusal::NoDatabase),
         err if is_tls(err) => Some(Refusal::Tls),
         _ => None,
     }
@@ -94,6 +100,17 @@ pub fn of_redis(err: &redis::RedisError) -> Option<Refusal> {
     }
     // The URL is validated before any connection, so an invalid client config is its TLS settings.
     (err.kind() == ErrorKind::InvalidClientConfig || is_tls(err)).then_some(Refusal::Tls)
+}
+
+/// The server `options` point at: `host:port`, or the socket path.
+pub fn postgres_address(options: &PgConnectOptions) -> String {
+    match options.get_socket() {
+        Some(socket) => socket.display().to_string(),
+        None if options.get_host().contains(':') => {
+            format!("[{}]:{}", options.get_host(), options.get_port())
+        }
+        None => format!("{}:{}", options.get_host(), options.get_port()),
+    }
 }
 
 /// Postgres could not be used, naming the server.
@@ -132,14 +149,7 @@ impl PostgresError {
 
     /// `source`, from the server `options` point at.
     pub fn new(options: &PgConnectOptions, source: sqlx::Error) -> Self {
-        let server = match options.get_socket() {
-            Some(socket) => socket.display().to_string(),
-            None if options.get_host().contains(':') => {
-                format!("[{}]:{}", options.get_host(), options.get_port())
-            }
-            None => format!("{}:{}", options.get_host(), options.get_port()),
-        };
-        Self::with_server(server, source)
+        Self::with_server(postgres_address(options), source)
     }
 
     fn with_server(server: String, source: sqlx::Error) -> Self {

@@ -5,13 +5,14 @@
 //! concurrent relays (Python or Rust) never claim the same row and a crash simply releases the locks.
 
 use std::collections::HashMap;
+use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
-use sqlx::postgres::{PgArguments, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::query::QueryAs;
-use sqlx::{Postgres, Transaction};
+use sqlx::{Connection, PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::config::{OnPublish, RelayConfig, ShardKey};
@@ -44,6 +45,9 @@ fn claim_begin(give_up_after: Duration, statement_timeout: Duration, lock_wait: 
 
 /// How long an ordered claim waits for a row another relay has locked before trying again later.
 const LOCK_WAIT_MAX: Duration = Duration::from_secs(1);
+
+/// After the pool timed out connecting, how long the one attempt that looks for the cause may take.
+const CAUSE_WAIT: Duration = Duration::from_secs(1);
 
 /// `last_error` is `VARCHAR(2048)`: longer text would fail the whole update.
 const LAST_ERROR_MAX_CHARS: usize = 2048;
@@ -282,11 +286,28 @@ impl OutboxStore {
     /// # Errors
     /// When Postgres cannot be reached within `connect_timeout`.
     pub async fn connect(url: &str, shards: u32, connect_timeout: Duration) -> Result<PgPool, sqlx::Error> {
-        PgPoolOptions::new()
-            .max_connections(3 * shards + 2)
-            .acquire_timeout(connect_timeout)
-            .connect(url)
-            .await
+        let options = PgConnectOptions::from_str(url)?;
+        let pool = || PgPoolOptions::new().max_connections(3 * shards + 2).acquire_timeout(connect_timeout);
+        match pool().connect_with(options.clone()).await {
+            // The pool retries a refused connection until its timeout and then says only that it timed out:
+            // one more attempt of our own tells why (refused, no route, reset, ...).
+            Err(sqlx::Error::PoolTimedOut) => {
+                let attempt = PgConnection::connect_with(&options);
+                match tokio::time::timeout(connect_timeout.min(CAUSE_WAIT), attempt).await {
+                    Ok(Err(cause)) => Err(cause),
+                    // It answers now: it was starting up.
+                    Ok(Ok(connection)) => {
+                        drop(connection);
+                        pool().connect_with(options).await
+                    }
+                    Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {}", humantime::format_duration(connect_timeout)),
+                    ))),
+                }
+            }
+            result => result,
+        }
     }
 
     /// The store for `relay`'s table, shard key and publish mode.
