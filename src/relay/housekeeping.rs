@@ -1,12 +1,15 @@
 //! Off the hot path, every few seconds: retention (old published rows deleted in small batches) and the
-//! outbox gauges.
+//! outbox sample (the gauges, and the pending count of the progress line).
 
 use std::time::Duration;
 
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::config::RelayConfig;
+use super::engine::PROGRESS_EVERY;
 use super::health::Health;
 use super::metrics;
 use super::nats::RelayPublisher;
@@ -18,27 +21,42 @@ const RETENTION_BATCH: (i64, u32) = (1000, 20);
 /// How often retention and the outbox gauges run.
 const EVERY: Duration = Duration::from_secs(5);
 
-/// Retention (delete old published rows in small batches) and the outbox and NATS gauges, off the hot path.
-/// Only the relay publishing the shard samples the outbox (standbys report zero), so a shard is read once per
-/// period however many replicas stand by.
+/// Retention (delete old published rows in small batches), the NATS gauge and the outbox sample, off the hot
+/// path. Only the relay publishing the shard samples the outbox (standbys report zero), so a shard is read
+/// once per period however many replicas stand by. The sample goes to the gauges and to `sample` for the
+/// engine's progress line; without metrics it is taken only as often as that line is written.
 pub async fn run(
     store: OutboxStore,
     publisher: RelayPublisher,
     relay: RelayConfig,
     shard: Shard,
     health: Health,
+    sample: watch::Sender<Option<Backlog>>,
     shutdown: CancellationToken,
 ) {
+    let gauges = relay.metrics_addr.is_some();
+    let sample_every = if gauges { EVERY } else { PROGRESS_EVERY };
+    let mut sampled_at: Option<Instant> = None;
     loop {
         if let Some(retention) = relay.retention {
             delete_expired(&store, retention, &shutdown).await;
         }
-        if relay.metrics_addr.is_some() {
+        if gauges {
             metrics::set_nats_up(publisher.is_connected());
-            if !health.is_leading() {
+        }
+        if !health.is_leading() {
+            sampled_at = None;
+            sample.send_replace(None);
+            if gauges {
                 metrics::set_outbox(&Backlog::default());
-            } else if let Ok(backlog) = store.backlog(shard).await {
-                metrics::set_outbox(&backlog);
+            }
+        } else if sampled_at.is_none_or(|at| at.elapsed() >= sample_every) {
+            if let Ok(backlog) = store.backlog(shard).await {
+                sampled_at = Some(Instant::now());
+                if gauges {
+                    metrics::set_outbox(&backlog);
+                }
+                sample.send_replace(Some(backlog));
             }
         }
         tokio::select! {

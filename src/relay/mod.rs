@@ -4,7 +4,8 @@
 //! NATS · [`engine`] the claim → publish → settle loop · [`leader`] one lock · [`shard`] which rows ·
 //! [`shutdown`] signals · [`notify`] wake-ups · [`housekeeping`] retention and gauges · [`telemetry`] logs ·
 //! [`escape`] control characters in text output · [`metrics`] Prometheus · [`health`] what the probes judge ·
-//! [`endpoint`] the HTTP endpoint · [`ops`] operator commands · [`exit`] exit codes.
+//! [`endpoint`] the HTTP endpoint · [`ops`] operator commands · [`exit`] exit codes · [`spelling`]
+//! did-you-mean.
 //! This file is the task tree: [`run`] connects, checks, then relays under a leader lock (or not) until the
 //! token is cancelled.
 
@@ -26,14 +27,14 @@ pub mod preflight;
 pub mod refusal;
 pub mod shard;
 pub mod shutdown;
+pub mod spelling;
 pub mod store;
 pub mod telemetry;
-pub mod spelling;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -59,16 +60,20 @@ const STOP_GRACE: Duration = Duration::from_millis(500);
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, RelayError> {
     let relay = config.relay.clone();
     let shard = Shard::of(&relay);
+    // Where it connects, without credentials, and the settings as they are written in the config.
+    let (nats_servers, _) = config.nats.servers_and_url_auth()?;
     info!(
         version = env!("CARGO_PKG_VERSION"),
+        db = %config.db.server(),
+        nats = %nats_servers.join(","),
         subject_prefix = relay.subject_prefix(),
         table = %relay.table,
         shard = %shard,
         shard_key = %relay.shard_key,
-        leader = ?relay.leader,
+        leader = relay.leader.as_str(),
         batch_size = relay.batch_size,
         max_in_flight = relay.max_in_flight,
-        on_publish = ?relay.on_publish,
+        on_publish = relay.on_publish.as_str(),
         notify_channel = relay.notify_channel.as_deref().unwrap_or("-"),
         "relay starting"
     );
@@ -93,7 +98,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
     metrics::set_store_up(true); // standbys too; the relay loop updates it once it leads
     preflight::table(&store, &relay, Some(&shutdown)).await?;
     let publisher = RelayPublisher::connect(&config.nats, &relay).await?;
-    info!(servers = config.nats.servers.len(), "connected to Postgres and NATS");
+    info!(nats = %publisher.server(), "connected to Postgres and NATS");
     check_stream(&publisher, &relay).await?;
     health.set_dependencies(store.clone(), publisher.clone());
 
@@ -102,17 +107,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
     if let Some(channel) = &relay.notify_channel {
         background.spawn(notify::listen(store.clone(), channel.clone(), wake.clone(), shutdown.clone()));
     }
+    let (sample, backlog) = watch::channel(None);
     background.spawn(housekeeping::run(
         store.clone(),
         publisher.clone(),
         relay.clone(),
         shard,
         health.clone(),
+        sample,
         shutdown.clone(),
     ));
     background.close();
 
-    let mut engine = Engine::new(store, publisher.clone(), relay.clone(), wake, health.heartbeat());
+    let mut engine = Engine::new(store, publisher.clone(), relay.clone(), wake, backlog, health.heartbeat());
     let lock = leader_lock(&config, shard)?;
     // Boxed so it can be dropped (abandoning the batch) when the drain times out.
     let mut work = Box::pin(async {

@@ -11,13 +11,14 @@
 //! see one key's events out of order while other keys keep flowing.
 
 mod holds;
+mod progress;
 mod verdict;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -28,9 +29,11 @@ use super::health::Heartbeat;
 use super::metrics;
 use super::nats::RelayPublisher;
 use super::outage::OutageClock;
-use super::store::{ClaimedBatch, OutboxRow, OutboxStore, StoreError};
+use super::store::{Backlog, ClaimedBatch, OutboxRow, OutboxStore, StoreError};
 use crate::backoff::Backoff;
 use holds::Holds;
+use progress::Progress;
+pub use progress::PROGRESS_EVERY;
 use verdict::{Notice, Rules, Settlement};
 
 /// During a backlog, claims continue after the batch in flight; this often one starts from the oldest row.
@@ -95,17 +98,23 @@ pub struct Engine {
     /// When a claim last started from the oldest pending row.
     rescanned_at: Instant,
     totals: Totals,
+    /// Rows published since the last progress line.
+    progress: Progress,
+    /// The last outbox sample (housekeeping's), for the progress line: the hot path runs no count.
+    backlog: watch::Receiver<Option<Backlog>>,
     /// Beaten once per iteration, so `/livez` can tell a wedged loop from a busy one.
     heartbeat: Heartbeat,
 }
 
 impl Engine {
-    /// An engine for the configured shard. `wake` is notified on LISTEN/NOTIFY (or never, with polling only).
+    /// An engine for the configured shard. `wake` is notified on LISTEN/NOTIFY (or never, with polling only);
+    /// `backlog` holds the latest outbox sample, if any.
     pub fn new(
         store: OutboxStore,
         publisher: RelayPublisher,
         relay: RelayConfig,
         wake: Arc<Notify>,
+        backlog: watch::Receiver<Option<Backlog>>,
         heartbeat: Heartbeat,
     ) -> Self {
         let rules = Rules {
@@ -128,6 +137,8 @@ impl Engine {
             waiting_for_locked: false,
             rescanned_at: Instant::now(),
             totals: Totals::default(),
+            progress: Progress::default(),
+            backlog,
             heartbeat,
         }
     }
@@ -167,6 +178,8 @@ impl Engine {
                 }
             };
             if batch.rows.is_empty() {
+                // The last rows of a flow are reported once their period is over.
+                self.note_progress(0, Instant::now());
                 self.watch_idle_nats()?;
                 pause = self.relay.idle_poll_interval;
                 continue;
@@ -413,12 +426,31 @@ impl Engine {
             metrics::row_parked();
         }
         metrics::batch_finished(started.elapsed());
+        self.note_progress(settlement.published.len() as u64, started);
         debug!(claimed = rows.len(), published = settlement.published.len(), failed = settlement.failures.len(),
                elapsed = ?started.elapsed(), "batch published");
         if settlement.unavailable > 0 {
             warn!(rows = settlement.unavailable, reason = %settlement.unavailable_reason,
                   "NATS did not confirm publishes; pausing until it is back (no attempts counted)");
         }
+    }
+
+    /// Counts rows published by a batch that began at `started`, and says how the relay is doing once a
+    /// progress period is over (and rows were published in it).
+    fn note_progress(&mut self, published: u64, started: Instant) {
+        let Some(period) = self.progress.count(published, started, Instant::now()) else { return };
+        let backlog = self.backlog.borrow().clone();
+        let tenths = |value: f64| (value * 10.0).round() / 10.0;
+        info!(
+            published = period.published,
+            seconds = period.elapsed.as_secs(),
+            per_second = tenths(period.per_second()),
+            pending = backlog.as_ref().map(|backlog| backlog.pending),
+            oldest_pending_seconds =
+                backlog.as_ref().and_then(|backlog| backlog.oldest_pending_seconds).map(tenths),
+            parked = backlog.as_ref().map(|backlog| backlog.parked),
+            "relaying"
+        );
     }
 
     /// Sleeps `delay`, waking early on NOTIFY; false when `stop` fired.

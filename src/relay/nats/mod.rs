@@ -4,6 +4,7 @@
 //! Subjects and headers come from the library's [`crate::wire`], so the relay and Rust producers share one
 //! wire format.
 
+mod events;
 mod outcome;
 mod pipeline;
 
@@ -21,6 +22,7 @@ pub use outcome::{Failure, FailureKind, Outcome};
 
 use super::config::{NatsConfig, RelayConfig, UrlAuth, MAX_IN_FLIGHT_LIMIT};
 use super::refusal::{self, Refusal};
+use events::ConnectionLog;
 use pipeline::AckInbox;
 
 /// Why NATS could not be reached at start.
@@ -86,6 +88,8 @@ pub struct RelayPublisher {
     /// Bytes of bodies awaiting PubAcks at once (past the first): the client holds each until it is written.
     max_in_flight_bytes: usize,
     ack_timeout: Duration,
+    /// What happened to the connection, and which server it is on.
+    connection: Arc<ConnectionLog>,
 }
 
 impl RelayPublisher {
@@ -96,10 +100,22 @@ impl RelayPublisher {
     /// the credentials file cannot be read.
     pub async fn connect(nats: &NatsConfig, relay: &RelayConfig) -> Result<Self, ConnectError> {
         let (servers, url_auth) = nats.servers_and_url_auth().expect("validate() checks nats.servers");
-        let options = connect_options(nats, url_auth).await?;
+        let connection = ConnectionLog::new();
+        let (on_event, on_reconnect) = (connection.clone(), connection.clone());
+        let options = connect_options(nats, url_auth)
+            .await?
+            .event_callback(move |event| {
+                on_event.event(event);
+                async {}
+            })
+            .reconnect_to_server_callback(move |pool, _info| {
+                let next = on_reconnect.next_server(&pool);
+                async move { next }
+            });
         let client =
             options.connect(servers.clone()).await.map_err(|source| ConnectError::new(&servers, source))?;
-        Ok(Self::new(client, relay))
+        connection.connected(&client).await;
+        Ok(Self { connection, ..Self::new(client, relay) })
     }
 
     /// Wraps a connected client.
@@ -113,7 +129,13 @@ impl RelayPublisher {
             max_in_flight: relay.max_in_flight as usize,
             max_in_flight_bytes: usize::try_from(relay.max_batch_bytes).unwrap_or(usize::MAX),
             ack_timeout: relay.ack_timeout,
+            connection: Arc::default(),
         }
+    }
+
+    /// The server connected to, `host:port`.
+    pub fn server(&self) -> String {
+        self.connection.server()
     }
 
     /// Whether the client is connected right now.
