@@ -68,13 +68,14 @@ async fn dispatch(command: Command, config: Config) -> ExitCode {
         Command::Dead { command: DeadCommand::List { limit, event_name, json } } => {
             ops::dead_list(&config, limit, event_name.as_deref(), json).await
         }
-        Command::Dead { command: DeadCommand::Requeue { ids, event_name, all, json } } => {
+        Command::Dead { command: DeadCommand::Show { id, json } } => ops::dead_show(&config, id, json).await,
+        Command::Dead { command: DeadCommand::Requeue { ids, event_name, all, dry_run, json } } => {
             let which = match (all, event_name) {
                 (true, _) => Requeue::All,
                 (false, Some(name)) => Requeue::EventName(name),
                 (false, None) => Requeue::Ids(ids),
             };
-            ops::dead_requeue(&config, &which, json).await
+            ops::dead_requeue(&config, &which, dry_run, json).await
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand};
 use uuid::Uuid;
 
 use super::config::Overrides;
@@ -11,6 +11,7 @@ use super::telemetry::LogFormat;
 const EXIT_CODES: &str = "\
 Exit codes:
   0   clean stop (SIGTERM/SIGINT/SIGHUP, in-flight batch finished)
+  1   dead show: no row with that id
   64  usage error (bad flags)
   69  a dependency (Postgres, NATS, Redis) unavailable at start or for longer than relay.give_up_after
   70  internal error
@@ -28,10 +29,17 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     /// Settings file (TOML); defaults and env apply without it.
-    #[arg(long, global = true, env = "QX_RELAY_CONFIG")]
+    #[arg(long, global = true, value_name = "PATH", env = "QX_RELAY_CONFIG")]
     pub config: Option<PathBuf>,
     /// Log format.
-    #[arg(long, global = true, value_enum, default_value_t, env = "QX_RELAY_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FORMAT",
+        value_enum,
+        default_value_t,
+        env = "QX_RELAY_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     /// Settings that override the file and env.
     #[command(flatten)]
@@ -53,9 +61,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Rows parked after failing for good.
+    /// Rows parked after failing for good (list, show, requeue).
     Dead {
-        /// list or requeue.
+        /// list, show or requeue.
         #[command(subcommand)]
         command: DeadCommand,
     },
@@ -77,16 +85,28 @@ pub enum DeadCommand {
         json: bool,
     },
     /// Give parked rows a fresh start (attempts = 0, last_error = NULL). Never deletes anything.
+    #[command(group(ArgGroup::new("which").required(true).args(["ids", "event_name", "all"])))]
     Requeue {
         /// These row ids.
-        #[arg(long = "id", num_args = 1.., conflicts_with_all = ["event_name", "all"], required_unless_present_any = ["event_name", "all"])]
+        #[arg(long = "id", value_name = "ID", num_args = 1..)]
         ids: Vec<Uuid>,
         /// Every parked row of this event name.
-        #[arg(long, conflicts_with = "all")]
+        #[arg(long)]
         event_name: Option<String>,
         /// Every parked row.
         #[arg(long)]
         all: bool,
+        /// Print the rows that would be requeued, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one row, parked or not, with its payload.
+    Show {
+        /// The row id.
+        id: Uuid,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,

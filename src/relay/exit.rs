@@ -13,6 +13,8 @@ use super::refusal::PostgresError;
 pub enum ExitCode {
     /// Clean stop.
     Ok = 0,
+    /// `dead show`: no row with that id.
+    NotFound = 1,
     /// Bad flags.
     Usage = 64,
     /// Postgres, NATS or Redis unavailable at start or for longer than `give_up_after`.

@@ -10,8 +10,10 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ClientTlsConfig, ConnectionAddr, TlsCertificates};
+use sqlx::postgres::{PgConnectOptions, PgPool};
 use sqlx::{Connection, PgConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{timeout, Instant};
@@ -20,6 +22,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::config::CacheConfig;
+use super::identity::Identity;
 use super::outage::OutageClock;
 use super::refusal::{self, Refusal};
 use crate::backoff::Backoff;
@@ -32,16 +35,27 @@ const STANDBY_POLL_MAX: Duration = Duration::from_millis(500);
 /// Retries while the backend fails: quickly at first, never slower than a standby polls.
 const BACKEND_RETRY: Backoff = Backoff::new(Duration::from_millis(100), STANDBY_POLL_MAX).with_jitter(0.5);
 
+// The scripts take the lock key, then its holder record, then the token, the TTL in ms and the record. The
+// record is written with pcall: a Redis that refuses new keys (maxmemory) must not make a leader step down.
 /// Renew only if the key still holds our token.
 const RENEW_SCRIPT: &str = r"
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end";
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.pcall('set', KEYS[2], ARGV[3], 'PX', ARGV[2])
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0";
 /// After a refused `SET NX`: `{1, 0}` and a fresh lease when the key holds our own token, else `{0, PTTL}`.
 const RECLAIM_SCRIPT: &str = r"
-if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) return {1, 0} end
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('pexpire', KEYS[1], ARGV[2])
+  redis.pcall('set', KEYS[2], ARGV[3], 'PX', ARGV[2])
+  return {1, 0}
+end
 return {0, redis.call('pttl', KEYS[1])}";
 /// Delete only if the key still holds our token.
 const RELEASE_SCRIPT: &str = r"
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[2]) return redis.call('del', KEYS[1]) end
+return 0";
 
 /// Why the lock's backend could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -105,15 +119,49 @@ impl LockError {
     }
 }
 
-/// The lock's holder as Redis shows it, for `qx-relay status`.
+/// A lock and who holds it, for `qx-relay status`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Holder {
-    /// The lock key.
+    /// The Redis key, or the advisory lock's name.
     pub key: String,
-    /// The holder's token, if the key is set.
+    /// `redis` or `postgres`.
+    pub backend: &'static str,
+    /// Whether someone holds it.
+    pub held: bool,
+    /// Redis: the holder's token, if the key is set.
     pub token: Option<String>,
-    /// Lease left, in milliseconds.
+    /// Redis: lease left, in milliseconds.
     pub ttl_left_ms: Option<i64>,
+    /// The holding relay's host and pid, when it recorded them (a Python relay does not).
+    #[serde(flatten)]
+    pub identity: Option<Identity>,
+    /// Redis: since when the holding relay has held the lock, when it recorded it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+    /// Postgres: the holding session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<Session>,
+}
+
+/// The Postgres session holding an advisory lock.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Session {
+    /// The server process of the session (`pg_terminate_backend` ends it, and the lock).
+    pub backend_pid: i32,
+    /// Its `application_name`.
+    pub application_name: Option<String>,
+    /// The client's address; none over a Unix socket, or when our role may not see it.
+    pub client_addr: Option<String>,
+}
+
+/// What a relay writes next to the Redis lock key (`<key>:holder`, same TTL), so that `status` can name a
+/// holder a person can act on. The key itself keeps Qx's plain token, which Python relays compare.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct HolderRecord {
+    token: String,
+    #[serde(flatten)]
+    identity: Identity,
+    since: DateTime<Utc>,
 }
 
 /// A leader lock on one key.
@@ -262,7 +310,13 @@ pub struct RedisLock {
     url: String,
     connection: Option<MultiplexedConnection>,
     key: String,
+    /// `<key>:holder`: who we are, while we hold the key.
+    holder_key: String,
     token: String,
+    /// Who we are, for the holder record.
+    identity: Identity,
+    /// The [`HolderRecord`] of our current lease, as JSON.
+    record: String,
     ttl: Duration,
     /// Until when the lease is certainly ours: when the last `SET` or renewal that succeeded was *sent*, plus
     /// the TTL (Redis started the lease after that).
@@ -279,8 +333,11 @@ impl RedisLock {
             client: redis_client(cache)?,
             url: cache.redacted_url(),
             connection: None,
+            holder_key: format!("{key}:holder"),
             key,
             token: Uuid::new_v4().to_string(),
+            identity: Identity::current(),
+            record: String::new(),
             ttl,
             lease_until: None,
         })
@@ -299,7 +356,29 @@ impl RedisLock {
         let limit = self.ttl / 3;
         let token: Option<String> = self.query(redis::cmd("GET").arg(&self.key).to_owned(), limit).await?;
         let ttl: i64 = self.query(redis::cmd("PTTL").arg(&self.key).to_owned(), limit).await?;
-        Ok(Holder { key: self.key.clone(), token, ttl_left_ms: (ttl >= 0).then_some(ttl) })
+        let record: Option<String> =
+            self.query(redis::cmd("GET").arg(&self.holder_key).to_owned(), limit).await?;
+        // Only the record of the current token: a stale one names a relay that no longer holds the key.
+        let record = record
+            .and_then(|record| serde_json::from_str::<HolderRecord>(&record).ok())
+            .filter(|record| token.as_deref() == Some(record.token.as_str()));
+        Ok(Holder {
+            key: self.key.clone(),
+            backend: "redis",
+            held: token.is_some(),
+            token,
+            ttl_left_ms: (ttl >= 0).then_some(ttl),
+            since: record.as_ref().map(|record| record.since),
+            identity: record.map(|record| record.identity),
+            session: None,
+        })
+    }
+
+    /// A fresh record of who holds the lock, from now.
+    fn new_record(&mut self) {
+        let record =
+            HolderRecord { token: self.token.clone(), identity: self.identity.clone(), since: Utc::now() };
+        self.record = serde_json::to_string(&record).expect("a holder record serializes");
     }
 
     async fn try_acquire(&mut self) -> Result<Acquired, LockError> {
@@ -312,15 +391,26 @@ impl RedisLock {
             .to_owned();
         let sent = Instant::now();
         let set: Option<String> = self.query(set_cmd, self.ttl / 3).await?;
+        self.new_record();
         if set.is_some() {
             self.lease_until = Some(sent + self.ttl);
             info!(key = %self.key, token = %self.token, "leader lock acquired");
+            // Best effort, like the record's renewals: status then names us a renewal later.
+            let record = redis::cmd("SET")
+                .arg(&self.holder_key)
+                .arg(&self.record)
+                .arg("PX")
+                .arg(self.ttl_ms())
+                .to_owned();
+            if let Err(err) = self.query::<()>(record, self.ttl / 3).await {
+                debug!(error = %super::error_chain(&err), "leader lock holder record not written");
+            }
             return Ok(Acquired::Yes);
         }
         // The key may hold our own token: a SET whose reply timed out but which Redis still ran (it runs what a
         // frozen server had queued), or a lease we stepped down from for want of a reply. Only we write our
         // token, so nobody else held the key since: take it back now rather than standing by for our own lease.
-        let reclaim = self.script(RECLAIM_SCRIPT).arg(self.ttl_ms()).to_owned();
+        let reclaim = self.script(RECLAIM_SCRIPT).arg(self.ttl_ms()).arg(&self.record).to_owned();
         let sent = Instant::now();
         let (ours, left): (i64, i64) = self.query(reclaim, self.ttl / 3).await?;
         if ours == 1 {
@@ -339,7 +429,7 @@ impl RedisLock {
         if limit.is_zero() {
             return Err(LockError::TimedOut);
         }
-        let renew = self.script(RENEW_SCRIPT).arg(self.ttl_ms()).to_owned();
+        let renew = self.script(RENEW_SCRIPT).arg(self.ttl_ms()).arg(&self.record).to_owned();
         let renewed = self.query::<i64>(renew, limit).await? == 1;
         self.lease_until = renewed.then_some(sent + self.ttl);
         Ok(renewed)
@@ -355,9 +445,10 @@ impl RedisLock {
         u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// `EVAL script 1 key token`; sent as text each time, which at one call per renewal costs nothing.
+    /// `EVAL script 2 key holder_key token`; sent as text each time, which at one call per renewal costs
+    /// nothing.
     fn script(&self, script: &str) -> redis::Cmd {
-        redis::cmd("EVAL").arg(script).arg(1).arg(&self.key).arg(&self.token).to_owned()
+        redis::cmd("EVAL").arg(script).arg(2).arg(&self.key).arg(&self.holder_key).arg(&self.token).to_owned()
     }
 
     /// Runs `cmd` within `limit`, connecting first if needed; drops the connection on any failure so the next
@@ -462,7 +553,12 @@ impl AdvisoryLock {
 
     async fn try_acquire(&mut self) -> Result<Acquired, LockError> {
         if self.connection.is_none() {
-            let connect = PgConnection::connect(&self.url);
+            // Named after this process, so `status` (through pg_stat_activity) can say who holds the lock.
+            let options = self
+                .url
+                .parse::<PgConnectOptions>()?
+                .application_name(&Identity::current().application_name());
+            let connect = PgConnection::connect_with(&options);
             self.connection =
                 Some(timeout(self.check_every * 2, connect).await.map_err(|_| LockError::TimedOut)??);
         }
@@ -505,6 +601,42 @@ impl AdvisoryLock {
         }
         Ok(())
     }
+}
+
+/// Who holds the advisory lock `name` in the database of `pool`: the session from `pg_locks`, named by
+/// `pg_stat_activity` (`application_name` is visible to every role; the client address only to the same role
+/// or `pg_read_all_stats`).
+///
+/// # Errors
+/// Any database error.
+pub async fn advisory_holder(pool: &PgPool, name: &str) -> Result<Holder, sqlx::Error> {
+    // A bigint advisory key shows in pg_locks as its high half (classid) and low half (objid), objsubid 1.
+    let session: Option<(i32, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT a.pid, a.application_name, host(a.client_addr) \
+         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND ((l.classid::bigint << 32) | l.objid::bigint) = $1",
+    )
+    .bind(advisory_key(name))
+    .fetch_optional(pool)
+    .await?;
+    let identity =
+        session.as_ref().and_then(|(_, app, _)| app.as_deref().and_then(Identity::from_application_name));
+    Ok(Holder {
+        key: name.to_owned(),
+        backend: "postgres",
+        held: session.is_some(),
+        token: None,
+        ttl_left_ms: None,
+        identity,
+        since: None,
+        session: session.map(|(backend_pid, application_name, client_addr)| Session {
+            backend_pid,
+            application_name,
+            client_addr,
+        }),
+    })
 }
 
 /// How long a standby waits after finding the key held with `pttl` ms left: just past the holder's lease, but

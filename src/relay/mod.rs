@@ -4,8 +4,8 @@
 //! NATS · [`engine`] the claim → publish → settle loop · [`leader`] one lock · [`shard`] which rows ·
 //! [`shutdown`] signals · [`notify`] wake-ups · [`housekeeping`] retention and gauges · [`telemetry`] logs ·
 //! [`escape`] control characters in text output · [`metrics`] Prometheus · [`health`] what the probes judge ·
-//! [`endpoint`] the HTTP endpoint · [`ops`] operator commands · [`exit`] exit codes · [`spelling`]
-//! did-you-mean.
+//! [`endpoint`] the HTTP endpoint · [`ops`] operator commands · [`exit`] exit codes · [`identity`] who holds a
+//! lock · [`spelling`] did-you-mean.
 //! This file is the task tree: [`run`] connects, checks, then relays under a leader lock (or not) until the
 //! token is cancelled.
 
@@ -17,6 +17,7 @@ pub mod escape;
 pub mod exit;
 pub mod health;
 pub mod housekeeping;
+pub mod identity;
 pub mod leader;
 pub mod metrics;
 pub mod nats;
@@ -226,14 +227,11 @@ fn leader_lock(config: &Config, shard: Shard) -> Result<Option<LeaderLock>, Rela
             let key = shard.lock_key(&relay.leader_key);
             Some(LeaderLock::Redis(Box::new(RedisLock::new(&config.cache, key, relay.leader_ttl)?)))
         }
-        LeaderMode::Postgres => {
-            let name = shard.lock_key(&format!("qx-relay:{}", relay.table));
-            Some(LeaderLock::Postgres(AdvisoryLock::new(
-                config.db.sqlx_url(),
-                &name,
-                Duration::from_millis(500),
-            )))
-        }
+        LeaderMode::Postgres => Some(LeaderLock::Postgres(AdvisoryLock::new(
+            config.db.sqlx_url(),
+            &shard.advisory_lock_name(&relay.table),
+            Duration::from_millis(500),
+        ))),
     })
 }
 

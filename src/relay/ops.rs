@@ -1,5 +1,5 @@
-//! Operator commands: `check`, `config`, `status` and `dead list/requeue`. They print to stdout; nothing here
-//! deletes an unpublished row.
+//! Operator commands: `check`, `config`, `status` and `dead list/show/requeue`. They print to stdout (warnings
+//! to stderr); nothing here deletes an unpublished row.
 
 use std::time::Duration;
 
@@ -7,12 +7,12 @@ use serde::Serialize;
 
 use super::config::{Config, LeaderMode};
 use super::escape::Escaped;
-use super::leader::{Holder, LockError, RedisLock};
+use super::leader::{self, Holder, LockError, RedisLock};
 use super::nats::RelayPublisher;
 use super::preflight::{self, PreflightError};
 use super::refusal::PostgresError;
 use super::shard::Shard;
-use super::store::{OutboxStats, OutboxStore, ParkedRow, Requeue, StoreError};
+use super::store::{OutboxStats, OutboxStore, ParkedRow, Requeue, StoreError, StoredRow, PARKED, PUBLISHED};
 use super::{error_chain, ExitCode};
 
 /// Runs every check, printing one line each; the exit code of the worst failure.
@@ -107,16 +107,26 @@ pub async fn status(config: &Config, json: bool) -> ExitCode {
             Err(err) => return unavailable("postgres", &err),
         }
     }
-    let leader_locks = if config.relay.leader == LeaderMode::Redis {
-        match lock_holders(config).await {
+    let leader_locks = match config.relay.leader {
+        LeaderMode::None => Vec::new(),
+        LeaderMode::Redis => match lock_holders(config).await {
             Ok(holders) => holders,
             Err(err) => {
                 eprintln!("redis: {}", error_chain(&err));
                 return exit_code(err.is_config_error());
             }
+        },
+        LeaderMode::Postgres => {
+            let mut holders = Vec::new();
+            for shard in Shard::all_of(config.relay.shard_count) {
+                let name = shard.advisory_lock_name(&config.relay.table);
+                match leader::advisory_holder(store.pool(), &name).await {
+                    Ok(holder) => holders.push(holder),
+                    Err(err) => return unavailable("postgres", &StoreError::Database(err)),
+                }
+            }
+            holders
         }
-    } else {
-        Vec::new()
     };
     let status = Status { table: config.relay.table.clone(), shards, leader_locks };
     if json {
@@ -133,16 +143,45 @@ pub async fn status(config: &Config, json: bool) -> ExitCode {
         );
     }
     for lock in &status.leader_locks {
-        match (&lock.token, lock.ttl_left_ms) {
-            // Whoever can write the key chooses the token.
-            (Some(token), Some(ttl)) => {
-                println!("lock {}: held by {}, {ttl} ms left", lock.key, Escaped(token))
-            }
-            (Some(token), None) => println!("lock {}: held by {}, no expiry", lock.key, Escaped(token)),
-            _ => println!("lock {}: free", lock.key),
-        }
+        println!("{}", lock_line(lock));
     }
     ExitCode::Ok
+}
+
+/// One lock of `status`: who holds it, as far as a person needs to find that process.
+fn lock_line(lock: &Holder) -> String {
+    let key = Escaped(&lock.key);
+    if !lock.held {
+        return format!("lock {key}: free");
+    }
+    // Whoever can write the key chooses the token and the record, and whoever can connect its application_name.
+    let who = lock.identity.as_ref().map(|identity| Escaped(&identity.to_string()).to_string());
+    let mut line = format!("lock {key}: held by");
+    match (&lock.token, &who) {
+        (Some(token), Some(who)) => line.push_str(&format!(" {} on {who}", Escaped(token))),
+        (Some(token), None) => line.push_str(&format!(" {}", Escaped(token))),
+        (None, Some(who)) => line.push_str(&format!(" {who}")),
+        (None, None) => {
+            let name = lock.session.as_ref().and_then(|session| session.application_name.as_deref());
+            line.push_str(&format!(" a session named \"{}\"", Escaped(name.unwrap_or_default())));
+        }
+    }
+    if let Some(since) = lock.since {
+        line.push_str(&format!(" since {}", since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)));
+    }
+    if let Some(session) = &lock.session {
+        line.push_str(&format!(" (Postgres backend pid {}", session.backend_pid));
+        if let Some(addr) = &session.client_addr {
+            line.push_str(&format!(", client {addr}"));
+        }
+        line.push(')');
+    }
+    match (lock.backend, lock.ttl_left_ms) {
+        ("redis", Some(ttl)) => line.push_str(&format!(", {ttl} ms left")),
+        ("redis", None) => line.push_str(", no expiry"),
+        _ => {}
+    }
+    line
 }
 
 /// `qx-relay dead list`.
@@ -159,33 +198,122 @@ pub async fn dead_list(config: &Config, limit: i64, event_name: Option<&str>, js
         println!("{}", serde_json::to_string_pretty(&rows).expect("rows serialize"));
         return ExitCode::Ok;
     }
-    // One line per row, whatever the producer put in event_name (and so in last_error).
     for row in &rows {
-        println!(
-            "{}  {}  attempts {}  occurred {}  {}",
-            row.id,
-            Escaped(&row.event_name),
-            row.attempts,
-            row.occurred_at.to_rfc3339(),
-            Escaped(row.last_error.as_deref().unwrap_or("-"))
-        );
+        println!("{}", parked_line(row));
     }
     println!("{} parked row(s)", rows.len());
     ExitCode::Ok
 }
 
-/// `qx-relay dead requeue`.
-pub async fn dead_requeue(config: &Config, which: &Requeue, json: bool) -> ExitCode {
+/// `qx-relay dead requeue`, or with `dry_run` the rows it would requeue. Ids that are not parked are warned
+/// about, with what they are instead.
+pub async fn dead_requeue(config: &Config, which: &Requeue, dry_run: bool, json: bool) -> ExitCode {
     let store = match connect(config).await {
         Ok(store) => store,
         Err(code) => return code,
     };
+    if let Requeue::Ids(ids) = which {
+        match store.rows(ids).await {
+            Ok(rows) => warn_not_parked(ids, &rows, &config.relay.table),
+            Err(err) => return unavailable("postgres", &err),
+        }
+    }
+    if dry_run {
+        let rows = match store.requeue_candidates(which).await {
+            Ok(rows) => rows,
+            Err(err) => return unavailable("postgres", &err),
+        };
+        if json {
+            let report = serde_json::json!({ "dry_run": true, "would_requeue": rows.len(), "rows": rows });
+            println!("{}", serde_json::to_string_pretty(&report).expect("rows serialize"));
+        } else {
+            rows.iter().for_each(|row| println!("{}", parked_line(row)));
+            println!("would requeue {} row(s) (dry run: nothing changed)", rows.len());
+        }
+        return ExitCode::Ok;
+    }
     match store.requeue(which).await {
         Ok(count) if json => println!("{}", serde_json::json!({ "requeued": count })),
         Ok(count) => println!("requeued {count} row(s)"),
         Err(err) => return unavailable("postgres", &err),
     }
     ExitCode::Ok
+}
+
+/// A warning on stderr for each of `ids` that is not a parked row of `rows`: requeue leaves it as it is.
+fn warn_not_parked(ids: &[uuid::Uuid], rows: &[StoredRow], table: &str) {
+    for id in ids {
+        let why = match rows.iter().find(|row| row.id == *id) {
+            Some(row) if row.state == PARKED => continue,
+            Some(row) if row.state == PUBLISHED => "already published".to_owned(),
+            Some(row) => format!("not parked ({}, {} attempt(s))", row.state, row.attempts),
+            None => format!("no such row in {table}"),
+        };
+        eprintln!("warning: {id} not requeued: {why}");
+    }
+}
+
+/// `qx-relay dead show`: one row, every column and the payload; control characters escaped in text.
+pub async fn dead_show(config: &Config, id: uuid::Uuid, json: bool) -> ExitCode {
+    let store = match connect(config).await {
+        Ok(store) => store,
+        Err(code) => return code,
+    };
+    let row = match store.rows(&[id]).await {
+        Ok(rows) => rows.into_iter().next(),
+        Err(err) => return unavailable("postgres", &err),
+    };
+    let Some(row) = row else {
+        eprintln!("no row {id} in {}", config.relay.table);
+        return ExitCode::NotFound;
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&shown_json(&row)).expect("a row serializes"));
+    } else {
+        print!("{}", shown_text(&row));
+    }
+    ExitCode::Ok
+}
+
+/// The row as JSON, the payload as the JSON it holds (as the message body would be read).
+fn shown_json(row: &StoredRow) -> serde_json::Value {
+    let mut value = serde_json::to_value(row).expect("a row serializes");
+    if let Ok(payload) = serde_json::from_str::<serde_json::Value>(&row.payload) {
+        value["payload"] = payload;
+    }
+    value
+}
+
+/// The row as `name  value` lines, the payload last.
+fn shown_text(row: &StoredRow) -> String {
+    let time = |at: Option<chrono::DateTime<chrono::Utc>>| at.map_or("-".to_owned(), |at| at.to_rfc3339());
+    let uuid = |id: Option<uuid::Uuid>| id.map_or("-".to_owned(), |id| id.to_string());
+    let fields = [
+        ("id", row.id.to_string()),
+        ("state", row.state.clone()),
+        ("event_name", row.event_name.clone()),
+        ("event_version", row.event_version.to_string()),
+        ("occurred_at", row.occurred_at.to_rfc3339()),
+        ("published_at", time(row.published_at)),
+        ("attempts", row.attempts.to_string()),
+        ("last_error", row.last_error.clone().unwrap_or_else(|| "-".to_owned())),
+        ("correlation_id", uuid(row.correlation_id)),
+        ("tenant_id", uuid(row.tenant_id)),
+        ("payload", row.payload.clone()),
+    ];
+    fields.iter().map(|(name, value)| format!("{name:<15}{}\n", Escaped(value))).collect()
+}
+
+/// A parked row on one line, whatever the producer put in event_name (and so in last_error).
+fn parked_line(row: &ParkedRow) -> String {
+    format!(
+        "{}  {}  attempts {}  occurred {}  {}",
+        row.id,
+        Escaped(&row.event_name),
+        row.attempts,
+        row.occurred_at.to_rfc3339(),
+        Escaped(row.last_error.as_deref().unwrap_or("-"))
+    )
 }
 
 /// The store, or the exit code after reporting why Postgres could not be used.

@@ -41,6 +41,11 @@ impl Shard {
             format!("{base}:{}", self.id)
         }
     }
+
+    /// The name of this shard's Postgres advisory lock (hashed to its key) on `table`.
+    pub fn advisory_lock_name(&self, table: &str) -> String {
+        self.lock_key(&format!("qx-relay:{table}"))
+    }
 }
 
 impl std::fmt::Display for Shard {

@@ -250,6 +250,38 @@ pub struct ParkedRow {
     pub occurred_at: DateTime<Utc>,
 }
 
+/// [`StoredRow::state`] of a row at `max_attempts`, not published.
+pub const PARKED: &str = "parked";
+/// [`StoredRow::state`] of a published row.
+pub const PUBLISHED: &str = "published";
+
+/// A row with every column the relay knows, for `qx-relay dead show`.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct StoredRow {
+    /// Row id.
+    pub id: Uuid,
+    /// Event name.
+    pub event_name: String,
+    /// Event version.
+    pub event_version: i32,
+    /// When the producer raised it.
+    pub occurred_at: DateTime<Utc>,
+    /// The correlation id column.
+    pub correlation_id: Option<Uuid>,
+    /// The tenant id column.
+    pub tenant_id: Option<Uuid>,
+    /// When it was published, if it was.
+    pub published_at: Option<DateTime<Utc>>,
+    /// Failed attempts.
+    pub attempts: i32,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// `published`, `parked` or `pending`.
+    pub state: String,
+    /// The envelope, as Postgres prints it (the message body).
+    pub payload: String,
+}
+
 /// Which parked rows to requeue.
 #[derive(Debug, Clone)]
 pub enum Requeue {
@@ -640,24 +672,62 @@ impl OutboxStore {
     /// # Errors
     /// Any database error or a timeout.
     pub async fn requeue(&self, which: &Requeue) -> Result<u64, StoreError> {
-        let base = format!(
-            "UPDATE {} SET attempts = 0, last_error = NULL WHERE published_at IS NULL AND attempts >= $1",
+        let sql = format!(
+            "UPDATE {} SET attempts = 0, last_error = NULL WHERE {}",
+            self.table,
+            Self::parked_where(which)
+        );
+        let query = sqlx::query(&sql).bind(self.max_attempts);
+        let query = match which {
+            Requeue::Ids(ids) => query.bind(ids),
+            Requeue::EventName(name) => query.bind(name),
+            Requeue::All => query,
+        };
+        Ok(self.bounded(query.execute(&self.pool)).await?.rows_affected())
+    }
+
+    /// The parked rows [`OutboxStore::requeue`] would requeue, oldest first, changing nothing.
+    ///
+    /// # Errors
+    /// Any database error or a timeout.
+    pub async fn requeue_candidates(&self, which: &Requeue) -> Result<Vec<ParkedRow>, StoreError> {
+        let sql = format!(
+            "SELECT id, event_name, attempts, last_error, occurred_at FROM {} WHERE {} ORDER BY occurred_at, id",
+            self.table,
+            Self::parked_where(which)
+        );
+        let query = sqlx::query_as(&sql).bind(self.max_attempts);
+        let query = match which {
+            Requeue::Ids(ids) => query.bind(ids),
+            Requeue::EventName(name) => query.bind(name),
+            Requeue::All => query,
+        };
+        self.bounded(query.fetch_all(&self.pool)).await
+    }
+
+    /// Parked rows matching `which`, with `$1` the parked threshold and `$2` the ids or the event name.
+    fn parked_where(which: &Requeue) -> &'static str {
+        match which {
+            Requeue::Ids(_) => "published_at IS NULL AND attempts >= $1 AND id = ANY($2)",
+            Requeue::EventName(_) => "published_at IS NULL AND attempts >= $1 AND event_name = $2",
+            Requeue::All => "published_at IS NULL AND attempts >= $1",
+        }
+    }
+
+    /// The rows with these ids, every column (the payload as text), whatever their state.
+    ///
+    /// # Errors
+    /// Any database error or a timeout.
+    pub async fn rows(&self, ids: &[Uuid]) -> Result<Vec<StoredRow>, StoreError> {
+        let sql = format!(
+            "SELECT id, event_name, event_version, occurred_at, correlation_id, tenant_id, published_at, attempts, \
+                    last_error, payload::text AS payload, \
+                    CASE WHEN published_at IS NOT NULL THEN '{PUBLISHED}' \
+                         WHEN attempts >= $1 THEN '{PARKED}' ELSE 'pending' END AS state \
+             FROM {} WHERE id = ANY($2) ORDER BY occurred_at, id",
             self.table
         );
-        let done = match which {
-            Requeue::Ids(ids) => {
-                let sql = format!("{base} AND id = ANY($2)");
-                self.bounded(sqlx::query(&sql).bind(self.max_attempts).bind(ids).execute(&self.pool)).await?
-            }
-            Requeue::EventName(name) => {
-                let sql = format!("{base} AND event_name = $2");
-                self.bounded(sqlx::query(&sql).bind(self.max_attempts).bind(name).execute(&self.pool)).await?
-            }
-            Requeue::All => {
-                self.bounded(sqlx::query(&base).bind(self.max_attempts).execute(&self.pool)).await?
-            }
-        };
-        Ok(done.rows_affected())
+        self.bounded(sqlx::query_as(&sql).bind(self.max_attempts).bind(ids).fetch_all(&self.pool)).await
     }
 }
 
