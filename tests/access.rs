@@ -78,16 +78,21 @@ async fn nats_credentials_in_the_server_url_are_used_and_never_logged() {
     for (server, userinfo) in [(&by_password, format!("relay:{PASSWORD}")), (&by_token, TOKEN.to_owned())] {
         db.insert_events(20, "order.placed").await;
         let url = format!("nats://{userinfo}@127.0.0.1:{}", server.port);
-        // Every crate at every level: async-nats logs the server it connects to at debug.
-        let log =
-            drain(&db, &with(base.clone(), &[("QX_NATS__SERVERS", &url), ("QX_RELAY__LOG", "trace")])).await;
+        // Every level, async-nats' too (a bare level is the relay's own): it logs the server it connects to at debug.
+        let log = drain(
+            &db,
+            &with(base.clone(), &[("QX_NATS__SERVERS", &url), ("QX_RELAY__LOG", "trace,async_nats=trace")]),
+        )
+        .await;
         assert!(log.contains("attempting connection"), "the client's debug line naming the server:\n{log}");
         assert!(!log.contains(PASSWORD) && !log.contains(TOKEN), "a secret was logged:\n{log}");
     }
 
     // Credentials the server refuses are a configuration error, named with the server and not logged.
     let url = format!("nats://relay:{WRONG}@127.0.0.1:{}", by_password.port);
-    let (code, log) = exit_of(&with(base, &[("QX_NATS__SERVERS", &url), ("QX_RELAY__LOG", "trace")])).await;
+    let (code, log) =
+        exit_of(&with(base, &[("QX_NATS__SERVERS", &url), ("QX_RELAY__LOG", "trace,async_nats=trace")]))
+            .await;
     assert!(!log.contains(WRONG), "the wrong password was logged:\n{log}");
     let server = format!("NATS at 127.0.0.1:{}", by_password.port);
     assert_refused("a wrong password", (code, log), &["credentials refused", &server]);
