@@ -343,3 +343,92 @@ async fn a_busy_metrics_port_is_named_and_a_bare_port_listens_everywhere() {
     stream.delete().await;
     db.drop().await;
 }
+
+/// A nats-server of this test's own, which it may stop and start again on the same port.
+struct PrivateNats {
+    port: u16,
+    store: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateNats {
+    async fn start() -> Self {
+        let store = std::env::temp_dir().join(format!("qxr-nats-{}", Uuid::new_v4().simple()));
+        let mut server = Self { port: free_port(), store, child: None };
+        server.restart().await;
+        server
+    }
+
+    async fn restart(&mut self) {
+        let child = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(&self.store)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "nats-server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+/// Waits until the relay's log has a line holding every one of `parts`; the line.
+async fn log_line(relay: &Relay, parts: &[&str]) -> String {
+    let deadline = tokio::time::Instant::now() + DRAIN;
+    loop {
+        let log = relay.log();
+        if let Some(line) = log.lines().find(|line| parts.iter().all(|part| line.contains(part))) {
+            return line.to_owned();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no line with {parts:?}:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_lost_nats_connection_names_the_server_why_it_cannot_come_back_and_when_it_does() {
+    let mut nats = PrivateNats::start().await;
+    let db = TestDb::create().await;
+    let server = format!("127.0.0.1:{}", nats.port);
+    let env = with(
+        Relay::env(&db, "orders"),
+        &[
+            ("QX_NATS__SERVERS", &format!("nats://{server}")),
+            ("QX_NATS__RECONNECT_TIME_WAIT_SECONDS", "0.2"),
+            ("QX_RELAY__ENSURE_STREAM", "true"),
+        ],
+    );
+    let relay = Relay::spawn(&env, &[]);
+    log_line(&relay, &["connected to Postgres and NATS", &format!("nats={server}")]).await;
+
+    nats.kill();
+    log_line(&relay, &[" WARN ", "NATS connection lost; reconnecting", &format!("server={server}")]).await;
+    let failed = log_line(&relay, &[" WARN ", "NATS reconnect failed", &format!("server={server}")]).await;
+    assert!(failed.contains("error="), "the client's reason: {failed}");
+    nats.restart().await;
+    log_line(&relay, &[" INFO ", "NATS connection back", &format!("server={server}")]).await;
+
+    // And it relays again.
+    db.insert_events(10, "order.placed").await;
+    db.wait_for("published_at IS NULL", 0, DRAIN).await;
+    relay.stop().await;
+    db.drop().await;
+}
