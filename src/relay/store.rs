@@ -153,6 +153,8 @@ pub struct ClaimedBatch {
     locations: HashMap<Uuid, String>,
     /// In claim order: `(occurred_at, id)`.
     pub rows: Vec<OutboxRow>,
+    /// The claim took as many rows as it asked for: more are likely pending.
+    pub filled: bool,
     /// The byte budget cut the batch: later rows are locked by this claim but not in `rows`; they are pending
     /// again once the batch settles.
     pub cut_by_bytes: bool,
@@ -160,28 +162,36 @@ pub struct ClaimedBatch {
 
 impl ClaimedBatch {
     /// Runs a claim query in `tx` and reads its rows straight into the batch: room for `limit` rows is taken
-    /// once, at the first row, instead of growing a list of rows and copying it into another.
+    /// once, at the first row, instead of growing a list of rows and copying it into another. Rows are kept
+    /// while the bytes before them are under `budget` (so the first row always fits); the rest are read and
+    /// dropped one by one, so memory is bounded by bytes, not rows, whatever the rows weigh.
     async fn read(
         mut tx: Transaction<'static, Postgres>,
         query: QueryAs<'_, Postgres, ClaimedRow, PgArguments>,
         limit: u32,
+        budget: usize,
     ) -> Result<Self, sqlx::Error> {
-        let (mut rows, mut locations, mut locked) = (Vec::new(), HashMap::new(), 0);
+        let (mut rows, mut locations) = (Vec::new(), HashMap::new());
+        let (mut bytes, mut locked) = (0, 0);
         let mut claimed = query.fetch(&mut *tx);
-        while let Some(ClaimedRow { row, location, locked: locked_by_claim }) = claimed.try_next().await? {
-            if rows.is_empty() {
-                locked = usize::try_from(locked_by_claim).unwrap_or(0);
-                rows.reserve_exact(locked.min(limit as usize));
-                locations.reserve(locked.min(limit as usize));
+        while let Some(ClaimedRow { row, location }) = claimed.try_next().await? {
+            locked += 1;
+            if bytes >= budget {
+                continue;
             }
+            if rows.is_empty() {
+                rows.reserve_exact(limit as usize);
+                locations.reserve(limit as usize);
+            }
+            bytes += row.payload.len();
             if let Some(location) = location {
                 locations.insert(row.id, location);
             }
             rows.push(row);
         }
         drop(claimed);
-        let cut_by_bytes = locked > rows.len();
-        Ok(Self { tx, locations, rows, cut_by_bytes })
+        let (filled, cut_by_bytes) = (locked >= limit as usize, locked > rows.len());
+        Ok(Self { tx, locations, rows, filled, cut_by_bytes })
     }
 
     /// Frees the rows' payloads once published: settling needs only the ids and locations, and the next
@@ -191,7 +201,7 @@ impl ClaimedBatch {
     }
 }
 
-/// A claimed row, where its locked version is, and how many rows the claim locked.
+/// A claimed row and where its locked version is.
 #[derive(sqlx::FromRow)]
 struct ClaimedRow {
     #[sqlx(flatten)]
@@ -199,8 +209,6 @@ struct ClaimedRow {
     /// `ctid` as text (the driver has no `tid` type); `None` for a row of a partition or child table, where
     /// a `ctid` alone does not name one row.
     location: Option<String>,
-    /// Rows the claim locked, including those the byte budget left out.
-    locked: i64,
 }
 
 /// How a row that was not published is written back.
@@ -300,7 +308,7 @@ pub enum Requeue {
 pub struct OutboxStore {
     pool: PgPool,
     max_attempts: i32,
-    max_batch_bytes: i64,
+    max_batch_bytes: usize,
     statement_timeout: Duration,
     claim_begin: String,
     claim_sql: String,
@@ -359,35 +367,23 @@ impl OutboxStore {
             _ => "FOR UPDATE",
         };
         // `ORDER BY published_at, occurred_at` walks qx-db's (published_at, occurred_at) index instead of
-        // sorting every pending row; `id` breaks ties with an incremental sort. The outer query keeps rows
-        // while the bytes before them are under `max_batch_bytes` (so the first row always fits), which
-        // bounds the relay's memory by bytes whatever the rows weigh; `locked` tells the relay rows were left
-        // out.
+        // sorting every pending row; `id` breaks ties with an incremental sort.
         let claim_sql = |after: &str| {
             format!(
-                "WITH claimed AS ( \
-                   SELECT id, event_name, event_version, payload::text AS payload, correlation_id, tenant_id, \
-                          occurred_at, attempts, {order_key_column} AS order_key, \
-                          CASE WHEN tableoid = '{table}'::regclass THEN ctid::text END AS location \
-                   FROM {table} \
-                   WHERE published_at IS NULL AND attempts < $1 AND {key_sql} <> ALL($3) \
-                         AND event_name <> ALL($4) {after} {shard_clause} \
-                   ORDER BY published_at, occurred_at, id \
-                   LIMIT $2 \
-                   {lock}) \
-                 SELECT id, event_name, event_version, payload, correlation_id, tenant_id, occurred_at, attempts, \
-                        order_key, location, locked \
-                 FROM (SELECT *, count(*) OVER () AS locked, \
-                              sum(octet_length(payload)) OVER (ORDER BY occurred_at, id ROWS UNBOUNDED PRECEDING) \
-                                - octet_length(payload) AS bytes_before \
-                       FROM claimed) AS budget \
-                 WHERE bytes_before < $5 \
-                 ORDER BY occurred_at, id"
+                "SELECT id, event_name, event_version, payload::text AS payload, correlation_id, tenant_id, \
+                        occurred_at, attempts, {order_key_column} AS order_key, \
+                        CASE WHEN tableoid = '{table}'::regclass THEN ctid::text END AS location \
+                 FROM {table} \
+                 WHERE published_at IS NULL AND attempts < $1 AND {key_sql} <> ALL($3) AND event_name <> ALL($4) \
+                       {after} {shard_clause} \
+                 ORDER BY published_at, occurred_at, id \
+                 LIMIT $2 \
+                 {lock}"
             )
         };
-        // `occurred_at >= $6` is an index condition: the scan starts after the batches in flight instead of
+        // `occurred_at >= $5` is an index condition: the scan starts after the batches in flight instead of
         // fetching and lock-checking their rows (and stepping over the dead entries of settled ones) again.
-        let claim_after_sql = claim_sql("AND occurred_at >= $6 AND (occurred_at, id) > ($6, $7)");
+        let claim_after_sql = claim_sql("AND occurred_at >= $5 AND (occurred_at, id) > ($5, $6)");
         let claim_sql = claim_sql("");
         // By `ctid` (a fifth of the cost of deleting by id, a tenth less for marking), in the table itself
         // only; by id for rows of partitions or child tables, and for rows whose claim has ended.
@@ -414,7 +410,7 @@ impl OutboxStore {
         Self {
             pool,
             max_attempts: relay.max_attempts,
-            max_batch_bytes: i64::try_from(relay.max_batch_bytes).unwrap_or(i64::MAX),
+            max_batch_bytes: usize::try_from(relay.max_batch_bytes).unwrap_or(usize::MAX),
             statement_timeout,
             claim_begin: claim_begin(relay.give_up_after, statement_timeout, lock_wait),
             claim_sql,
@@ -462,9 +458,8 @@ impl OutboxStore {
                 .bind(self.max_attempts)
                 .bind(i64::from(limit))
                 .bind(held)
-                .bind(skipped_names)
-                .bind(self.max_batch_bytes);
-            ClaimedBatch::read(tx, query, limit).await
+                .bind(skipped_names);
+            ClaimedBatch::read(tx, query, limit, self.max_batch_bytes).await
         })
         .await
     }
@@ -489,10 +484,9 @@ impl OutboxStore {
                 .bind(i64::from(limit))
                 .bind(held)
                 .bind(skipped_names)
-                .bind(self.max_batch_bytes)
                 .bind(after.0)
                 .bind(after.1);
-            ClaimedBatch::read(tx, query, limit).await
+            ClaimedBatch::read(tx, query, limit, self.max_batch_bytes).await
         })
         .await
     }

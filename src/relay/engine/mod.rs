@@ -97,6 +97,9 @@ pub struct Engine {
     waiting_for_locked: bool,
     /// When a claim last started from the oldest pending row.
     rescanned_at: Instant,
+    /// Rows to ask for per claim: `batch_size`, or fewer when rows are large, so a claim seldom returns
+    /// more rows than the byte budget keeps.
+    claim_limit: u32,
     totals: Totals,
     /// Rows published since the last progress line.
     progress: Progress,
@@ -130,6 +133,7 @@ impl Engine {
             rules,
             wake,
             holds: Holds::default(),
+            claim_limit: relay.batch_size,
             store_outage: OutageClock::new(relay.give_up_after),
             nats_outage: OutageClock::new(relay.give_up_after),
             relay,
@@ -186,16 +190,15 @@ impl Engine {
             }
             // Publish it, claiming the next and settling the previous meanwhile.
             let started = Instant::now();
-            let claimed = batch.rows.len();
-            let backlog =
-                (claimed == self.relay.batch_size as usize || batch.cut_by_bytes) && !stop.is_cancelled();
+            self.fit_claim_limit(&batch);
+            let backlog = (batch.filled || batch.cut_by_bytes) && !stop.is_cancelled();
             let prefetch = if backlog { self.prefetch_plan(&batch) } else { Prefetch::No };
             self.drop_held_rows(&mut batch);
             let (held, skipped_names) = self.left_out();
             let (outcomes, next, settled) = tokio::join!(
                 self.publisher.publish_batch(&batch.rows),
                 async {
-                    let limit = self.relay.batch_size;
+                    let limit = self.claim_limit;
                     match prefetch {
                         Prefetch::No => Ok(None),
                         Prefetch::Rescan => self.store.claim(limit, &held, &skipped_names).await.map(Some),
@@ -258,6 +261,15 @@ impl Engine {
         }
     }
 
+    /// Sizes the next claims to what the byte budget holds of rows like these: many small rows fit a batch,
+    /// few large ones do.
+    fn fit_claim_limit(&mut self, batch: &ClaimedBatch) {
+        let bytes: usize = batch.rows.iter().map(|row| row.payload.len()).sum();
+        let average = (bytes / batch.rows.len().max(1)).max(1) as u64;
+        let fits = u32::try_from(self.relay.max_batch_bytes / average).unwrap_or(u32::MAX);
+        self.claim_limit = fits.clamp(1, self.relay.batch_size);
+    }
+
     /// Keys on hold and event names without a stream: what claims leave out now.
     fn left_out(&mut self) -> (Vec<String>, Vec<String>) {
         let now = Instant::now();
@@ -283,7 +295,7 @@ impl Engine {
         }
         let (held, skipped_names) = self.left_out();
         self.rescanned_at = started;
-        match self.store.claim(self.relay.batch_size, &held, &skipped_names).await {
+        match self.store.claim(self.claim_limit, &held, &skipped_names).await {
             Ok(batch) => {
                 self.store_recovered();
                 if std::mem::take(&mut self.waiting_for_locked) {
