@@ -8,17 +8,13 @@
 //! Everything runs on private servers (nats-server, redis-server, a Postgres cluster from initdb) on free
 //! loopback ports, in temporary directories, so the shared services are never touched. Prints one line per
 //! cycle and a summary (`cycles`, `events`, `lost`, `duplicates`, …); exits 1 when anything was lost,
-//! duplicated or left unmarked, or a relay died in a way it should not.
-
-#[path = "../tests/common/cluster.rs"]
-mod cluster;
-#[path = "../tests/common/support.rs"]
-mod support;
+//! duplicated or left unmarked, or a relay died in a way it should not. The relays are the `qx-relay` built
+//! next to this example (`scripts/chaos` builds both).
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Child, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,17 +22,15 @@ use std::time::Duration;
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::{self, stream};
 use clap::Parser;
-use cluster::{NatsServer, PgCluster, RedisServer};
+use qx_relay_testkit::outbox::{envelope, insert_rows};
+use qx_relay_testkit::{NatsServer, PgCluster, RedisServer, Relay, RelayEnv, TestDb, TestStream};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde_json::json;
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{Connection, PgConnection};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-const OUTBOX_DDL: &str = include_str!("../tests/fixtures/qx_outbox_events.sql");
-const PREFIX: &str = "chaos";
-const STREAM: &str = "CHAOS";
 const EVENT_NAMES: [&str; 3] = ["order.placed", "order.paid", "identity.user.registered"];
 /// Longer than any run, so every republished event is recognised as a duplicate.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
@@ -64,22 +58,18 @@ struct Args {
     /// Give up (and fail) after this many seconds; default 60 + 15 per cycle.
     #[arg(long)]
     max_seconds: Option<u64>,
-    /// The qx-relay binary.
-    #[arg(long, default_value = "target/debug/qx-relay")]
-    relay_bin: PathBuf,
 }
 
-/// One relay process, restarted whenever it stops.
-struct RelayProcess {
-    child: Option<Child>,
+/// One relay, restarted whenever it stops; every run of it logs to `log`.
+struct Slot {
+    relay: Option<Relay>,
     log: PathBuf,
 }
 
 /// The relays and how they ended.
 struct Relays {
-    bin: PathBuf,
-    env: Vec<(String, String)>,
-    procs: Vec<RelayProcess>,
+    env: RelayEnv,
+    procs: Vec<Slot>,
     /// Exit codes (or "signal") of relays that stopped on their own, by code.
     exits: HashMap<String, u32>,
     /// Exits that point at a bug: not 0, not 69 (a dependency down for too long or at start).
@@ -88,28 +78,17 @@ struct Relays {
 
 impl Relays {
     fn start(&mut self, index: usize) {
-        let log =
-            fs::OpenOptions::new().create(true).append(true).open(&self.procs[index].log).expect("relay log");
-        let child = support::relay_command(&self.bin, &self.env)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|err| panic!("start {}: {err}", self.bin.display()));
-        self.procs[index].child = Some(child);
+        let slot = &mut self.procs[index];
+        slot.relay = Some(Relay::spawn_with_log(&self.env, &slot.log));
     }
 
-    /// Restarts relays that exited by themselves, noting why they exited. Relays stopped on purpose (no child)
+    /// Restarts relays that exited by themselves, noting why they exited. Relays stopped on purpose (no relay)
     /// stay down.
     fn supervise(&mut self) {
         for index in 0..self.procs.len() {
-            let exited = match self.procs[index].child.as_mut().map(Child::try_wait) {
-                Some(Ok(Some(status))) => Some(status.code()),
-                Some(Err(_)) => Some(None),
-                Some(Ok(None)) | None => None,
-            };
-            if let Some(code) = exited {
-                self.procs[index].child = None;
-                self.record_exit(index, code);
+            if let Some(status) = self.procs[index].relay.as_ref().and_then(Relay::exited) {
+                self.procs[index].relay = None;
+                self.record_exit(index, status.code());
                 self.start(index);
             }
         }
@@ -127,39 +106,18 @@ impl Relays {
     }
 
     fn kill9(&mut self, index: usize) {
-        if let Some(mut child) = self.procs[index].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(relay) = self.procs[index].relay.take() {
+            relay.kill9();
         }
     }
 
     /// SIGTERM and wait: a clean stop must exit 0 within the drain timeout.
     async fn stop(&mut self, index: usize) {
-        let Some(mut child) = self.procs[index].child.take() else { return };
-        cluster::signal(child.id(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                if status.code() != Some(0) {
-                    self.record_exit(index, status.code());
-                }
-                return;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                self.bad_exits.push(format!("relay {index} ignored SIGTERM for 20 s"));
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Relays {
-    fn drop(&mut self) {
-        for index in 0..self.procs.len() {
-            self.kill9(index);
+        let Some(relay) = self.procs[index].relay.take() else { return };
+        match relay.terminate(Duration::from_secs(20)).await {
+            Some(status) if status.code() != Some(0) => self.record_exit(index, status.code()),
+            Some(_) => {}
+            None => self.bad_exits.push(format!("relay {index} ignored SIGTERM for 20 s")),
         }
     }
 }
@@ -218,26 +176,15 @@ enum Stage {
 
 /// One transaction, as qx-db's UnitOfWork writes it: the rows of `events` (row id, event_id, name).
 async fn insert(pool: &PgPool, events: &[(Uuid, Uuid, &str)]) -> Result<(), Stage> {
+    let rows: Vec<_> = events
+        .iter()
+        .map(|(id, event_id, name)| {
+            let payload = json!({ "order_id": Uuid::new_v4(), "amount_cents": 1000 });
+            json!({ "id": id, "event_name": name, "payload": envelope(*event_id, name, payload) })
+        })
+        .collect();
     let mut tx = pool.begin().await.map_err(|_| Stage::Before)?;
-    for (id, event_id, name) in events {
-        let payload = serde_json::json!({
-            "payload": {"order_id": Uuid::new_v4(), "amount_cents": 1000},
-            "actor_id": null, "event_id": event_id, "tenant_id": null, "event_name": name,
-            "occurred_at": chrono::Utc::now().to_rfc3339(), "causation_id": null, "event_version": 1,
-            "correlation_id": null,
-        });
-        sqlx::query(
-            "INSERT INTO qx_outbox_events (id, event_name, event_version, payload, occurred_at, correlation_id, \
-                                           causation_id, tenant_id, published_at, attempts, last_error) \
-             VALUES ($1, $2, 1, $3, clock_timestamp(), NULL, NULL, NULL, NULL, 0, NULL)",
-        )
-        .bind(id)
-        .bind(name)
-        .bind(payload)
-        .execute(&mut *tx)
-        .await
-        .map_err(|_| Stage::Before)?;
-    }
+    insert_rows(&mut *tx, &rows).await.map_err(|_| Stage::Before)?;
     tx.commit().await.map_err(|_| Stage::Commit)
 }
 
@@ -280,7 +227,7 @@ impl World {
                     self.relays.stop(index).await;
                 }
                 self.sleep(down).await; // the other relays keep running (and are supervised)
-                if self.relays.procs[index].child.is_none() {
+                if self.relays.procs[index].relay.is_none() {
                     self.relays.start(index);
                 }
                 format!("{action} relay {index}, down {down:.1?}")
@@ -321,8 +268,8 @@ impl World {
 }
 
 /// Every message in the stream: its `Nats-Msg-Id`s, in stream order.
-async fn stream_ids(jetstream: &jetstream::Context) -> Vec<String> {
-    let messages = support::stream_messages(jetstream, STREAM).await;
+async fn stream_ids(stream: &TestStream) -> Vec<String> {
+    let messages = stream.messages().await;
     let id = |m: &jetstream::Message| m.headers.as_ref()?.get(NATS_MESSAGE_ID).map(ToString::to_string);
     messages.iter().map(|m| id(m).unwrap_or_default()).collect()
 }
@@ -354,38 +301,19 @@ async fn main() -> ExitCode {
     let nats = NatsServer::start().await;
     let postgres = PgCluster::start().await;
     let redis = if leader { Some(RedisServer::start().await) } else { None };
-    let mut admin = PgConnection::connect(&postgres.url("postgres")).await.expect("connect Postgres");
-    sqlx::query("CREATE DATABASE chaos").execute(&mut admin).await.expect("create database");
-    admin.close().await.ok();
-    let db_url = postgres.url("chaos");
-    let pool =
-        PgPoolOptions::new().max_connections(2).connect(&db_url).await.expect("connect chaos database");
-    sqlx::raw_sql(OUTBOX_DDL).execute(&pool).await.expect("create outbox table");
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(nats.url())
-        .await
-        .expect("connect NATS");
-    let jetstream = jetstream::new(client);
-    jetstream
-        .create_stream(stream::Config {
-            name: STREAM.into(),
-            subjects: vec![format!("{PREFIX}.>")],
-            duplicate_window: DUPLICATE_WINDOW,
-            ..Default::default()
-        })
-        .await
-        .expect("create stream");
+    let db = TestDb::create_on(&postgres).await;
+    let stream = TestStream::unattached_on(&nats).await;
+    stream.attach_with(stream::Config { duplicate_window: DUPLICATE_WINDOW, ..stream.config() }).await;
 
     let work = std::env::temp_dir().join(format!("qxr-chaos-{}", Uuid::new_v4().simple()));
     fs::create_dir_all(&work).expect("create work dir");
-    let mut env: Vec<(String, String)> = [
-        ("QX_DB__URL", db_url.as_str()),
+    let mut env = RelayEnv::default().with(&[
+        ("QX_DB__URL", &db.url),
         ("QX_NATS__SERVERS", &nats.url()),
         ("QX_NATS__MAX_RECONNECT_ATTEMPTS", "0"),
         ("QX_NATS__RECONNECT_TIME_WAIT_SECONDS", "0.2"),
         ("QX_NATS__CONNECT_TIMEOUT_SECONDS", "2"),
-        ("QX_RELAY__SUBJECT_PREFIX", PREFIX),
+        ("QX_RELAY__SUBJECT_PREFIX", &stream.prefix),
         ("QX_RELAY__BATCH_SIZE", "200"),
         ("QX_RELAY__POLL_INTERVAL", "50ms"),
         ("QX_RELAY__IDLE_POLL_INTERVAL", "100ms"),
@@ -394,20 +322,18 @@ async fn main() -> ExitCode {
         ("QX_RELAY__GIVE_UP_AFTER", "20s"),
         ("QX_RELAY__LOG", "info"),
         ("NO_COLOR", "1"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    ]);
     if let Some(redis) = &redis {
-        env.push(("QX_RELAY__LEADER".into(), "redis".into()));
-        env.push(("QX_CACHE__URL".into(), redis.url()));
-        env.push(("QX_RELAY__LEADER_TTL".into(), "3s".into()));
+        env = env.with(&[
+            ("QX_RELAY__LEADER", "redis"),
+            ("QX_CACHE__URL", &redis.url()),
+            ("QX_RELAY__LEADER_TTL", "3s"),
+        ]);
     }
     let procs = (0..args.relays.max(1))
-        .map(|i| RelayProcess { child: None, log: work.join(format!("relay-{i}.log")) })
+        .map(|i| Slot { relay: None, log: work.join(format!("relay-{i}.log")) })
         .collect();
-    let relays =
-        Relays { bin: args.relay_bin.clone(), env, procs, exits: HashMap::new(), bad_exits: Vec::new() };
+    let relays = Relays { env, procs, exits: HashMap::new(), bad_exits: Vec::new() };
     let mut world = World { nats, postgres, redis, relays };
     for index in 0..world.relays.procs.len() {
         world.relays.start(index);
@@ -415,7 +341,7 @@ async fn main() -> ExitCode {
 
     let produced = Arc::new(Produced::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let producer = tokio::spawn(produce(db_url.clone(), args.rate, produced.clone(), stop.clone(), seed ^ 1));
+    let producer = tokio::spawn(produce(db.url.clone(), args.rate, produced.clone(), stop.clone(), seed ^ 1));
 
     let mut timed_out = false;
     world.sleep(Duration::from_secs(1)).await;
@@ -441,10 +367,10 @@ async fn main() -> ExitCode {
     };
     let drain_until =
         (Instant::now() + FINAL_DRAIN).min(deadline.max(Instant::now() + Duration::from_secs(20)));
-    let mut left = unmarked(pool.clone()).await;
+    let mut left = unmarked(db.pool.clone()).await;
     while left != Some(0) && Instant::now() < drain_until {
         world.sleep(Duration::from_millis(200)).await;
-        left = unmarked(pool.clone()).await;
+        left = unmarked(db.pool.clone()).await;
     }
     for index in 0..world.relays.procs.len() {
         world.relays.stop(index).await;
@@ -454,10 +380,10 @@ async fn main() -> ExitCode {
     let rows: Vec<(String, bool, i32)> = sqlx::query_as(
         "SELECT payload->>'event_id', published_at IS NOT NULL, attempts FROM qx_outbox_events",
     )
-    .fetch_all(&pool)
+    .fetch_all(&db.pool)
     .await
     .expect("read the outbox");
-    let ids = stream_ids(&jetstream).await;
+    let ids = stream_ids(&stream).await;
     let in_table: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
     let in_stream: HashSet<&str> = ids.iter().map(String::as_str).collect();
     let committed = produced.committed.lock().expect("lock").clone();

@@ -1,56 +1,43 @@
-//! Credentials and TLS against private servers (tests/common/cluster.rs) and a CA made for the test
-//! (tests/common/pki.rs): credentials written in a NATS server URL are used and never logged, at any level;
+//! Credentials and TLS against private servers and a CA made for the test: credentials written in a NATS server URL are used and never logged, at any level;
 //! Redis over TLS holds the leader lock; Postgres honours asyncpg's `ssl=` and, given a root certificate,
 //! verifies the chain under `sslmode=require` as libpq does. A server that refuses our TLS settings, our
 //! certificate or our credentials stops the relay at start with exit 78 and one error line naming it.
 
-#[path = "common/cluster.rs"]
-mod cluster;
-mod common;
-#[path = "common/pki.rs"]
-mod pki;
-
-use std::path::Path;
 use std::time::Duration;
 
-use cluster::{NatsServer, PgCluster, RedisServer};
-use common::{run_command, Relay, TestDb, TestStream};
-use pki::{text, Pki};
+use qx_relay_testkit::pki::Pki;
+use qx_relay_testkit::{
+    run_command, NatsServer, PgCluster, RedisServer, Relay, RelayEnv, TestDb, TestStream,
+};
 use uuid::Uuid;
 
 const DRAIN: Duration = Duration::from_secs(30);
 /// A relay refused at start exits within its connect timeout; give_up_after bounds one that retries instead.
 const EXIT: Duration = Duration::from_secs(30);
 
-/// `env` with `pairs` set, replacing earlier values of the same variables.
-fn with(mut env: Vec<(String, String)>, pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    env.retain(|(key, _)| !pairs.iter().any(|(k, _)| k == key));
-    env.extend(pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-    env
-}
-
 /// Runs the relay until every row of `db` is published, stops it with SIGTERM; its log.
-async fn drain(db: &TestDb, env: &[(String, String)]) -> String {
-    let mut relay = Relay::spawn(env, &[]);
-    let deadline = tokio::time::Instant::now() + DRAIN;
-    while db.unpublished().await > 0 {
-        if let Some(status) = relay.child.try_wait().expect("poll relay") {
-            panic!("relay exited ({status}) before publishing every row; log:\n{}", relay.log());
-        }
-        assert!(tokio::time::Instant::now() < deadline, "rows left unpublished; log:\n{}", relay.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    relay.signal("TERM");
-    let status = relay.wait(Duration::from_secs(15)).await;
-    assert_eq!(status.code(), Some(0), "relay exit; log:\n{}", relay.log());
+async fn drain(db: &TestDb, env: &RelayEnv) -> String {
+    let relay = Relay::spawn(env, &[]);
+    relay.stop_when_drained(db, DRAIN).await;
     relay.log()
 }
 
 /// Runs the relay until it exits by itself: its exit code and log.
-async fn exit_of(env: &[(String, String)]) -> (Option<i32>, String) {
-    let mut relay = Relay::spawn(env, &[]);
+async fn exit_of(env: &RelayEnv) -> (Option<i32>, String) {
+    let relay = Relay::spawn(env, &[]);
     let status = relay.wait(EXIT).await;
     (status.code(), relay.log())
+}
+
+/// `env` trusting `ca` of `pki` in settings `section` (`QX_NATS`, `QX_CACHE`), with the client certificate
+/// when `client_certificate`.
+fn with_tls(env: RelayEnv, pki: &Pki, section: &str, ca: &str, client_certificate: bool) -> RelayEnv {
+    let env = env.set(&format!("{section}__TLS_CA_FILE"), pki.text(ca));
+    if !client_certificate {
+        return env;
+    }
+    env.set(&format!("{section}__TLS_CERT_FILE"), pki.text("client"))
+        .set(&format!("{section}__TLS_KEY_FILE"), pki.text("client-key"))
 }
 
 /// The relay stopped with exit 78, and its last error line holds each of `parts`.
@@ -74,14 +61,14 @@ async fn nats_credentials_in_the_server_url_are_used_and_never_logged() {
     let by_password = NatsServer::start_with(&["--user", "relay", "--pass", PASSWORD]).await;
     let by_token = NatsServer::start_with(&["--auth", TOKEN]).await;
     let db = TestDb::create().await;
-    let base = with(Relay::env(&db, "orders"), &[("QX_RELAY__ENSURE_STREAM", "true")]);
+    let base = RelayEnv::new(&db, "orders").set("QX_RELAY__ENSURE_STREAM", "true");
     for (server, userinfo) in [(&by_password, format!("relay:{PASSWORD}")), (&by_token, TOKEN.to_owned())] {
         db.insert_events(20, "order.placed").await;
         let url = format!("nats://{userinfo}@127.0.0.1:{}", server.port);
         // Every level, async-nats' too (a bare level is the relay's own): it logs the server it connects to at debug.
         let log = drain(
             &db,
-            &with(base.clone(), &[("QX_NATS__SERVERS", &url), ("QX_RELAY__LOG", "trace,async_nats=trace")]),
+            &base.clone().with(&[("QX_NATS__SERVERS", &url), ("QX_RELAY__LOG", "trace,async_nats=trace")]),
         )
         .await;
         assert!(log.contains("attempting connection"), "the client's debug line naming the server:\n{log}");
@@ -91,18 +78,16 @@ async fn nats_credentials_in_the_server_url_are_used_and_never_logged() {
     // Credentials the server refuses are a configuration error, named with the server and not logged.
     let url = format!("nats://relay:{WRONG}@127.0.0.1:{}", by_password.port);
     let (code, log) =
-        exit_of(&with(base, &[("QX_NATS__SERVERS", &url), ("QX_RELAY__LOG", "trace,async_nats=trace")]))
-            .await;
+        exit_of(&base.with(&[("QX_NATS__SERVERS", &url), ("QX_RELAY__LOG", "trace,async_nats=trace")])).await;
     assert!(!log.contains(WRONG), "the wrong password was logged:\n{log}");
     let server = format!("NATS at 127.0.0.1:{}", by_password.port);
     assert_refused("a wrong password", (code, log), &["credentials refused", &server]);
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn nats_tls_problems_stop_the_relay_with_one_line_naming_the_server() {
     let pki = Pki::create("relay");
-    let (cert, key, ca) = (text(&pki.server_cert()), text(&pki.server_key()), text(&pki.ca()));
+    let (cert, key, ca) = (pki.text("server"), pki.text("server-key"), pki.text("ca"));
     let secured = NatsServer::start_with(&[
         "--tls",
         "--tlscert",
@@ -117,57 +102,44 @@ async fn nats_tls_problems_stop_the_relay_with_one_line_naming_the_server() {
     let plaintext = NatsServer::start().await;
     let db = TestDb::create().await;
     db.insert_events(10, "order.placed").await;
-    let base = with(Relay::env(&db, "orders"), &[("QX_RELAY__ENSURE_STREAM", "true")]);
+    let base = RelayEnv::new(&db, "orders").set("QX_RELAY__ENSURE_STREAM", "true");
     let url = format!("nats://127.0.0.1:{}", secured.port);
-    let tls = |ca: &Path, client_certificate: bool| {
-        let (client_cert, client_key) = (text(&pki.client_cert()), text(&pki.client_key()));
-        let mut env = with(base.clone(), &[("QX_NATS__SERVERS", &url), ("QX_NATS__TLS_CA_FILE", &text(ca))]);
-        if client_certificate {
-            env = with(
-                env,
-                &[("QX_NATS__TLS_CERT_FILE", &client_cert), ("QX_NATS__TLS_KEY_FILE", &client_key)],
-            );
-        }
-        env
+    let tls = |ca: &str, client_certificate: bool| {
+        with_tls(base.clone().set("QX_NATS__SERVERS", &url), &pki, "QX_NATS", ca, client_certificate)
     };
-    drain(&db, &tls(&pki.ca(), true)).await;
+    drain(&db, &tls("ca", true)).await;
 
     let server = format!("NATS at 127.0.0.1:{}", secured.port);
     let expected = ["TLS/certificate problem", server.as_str()];
-    assert_refused("an untrusted server certificate", exit_of(&tls(&pki.other_ca(), true)).await, &expected);
-    assert_refused("no client certificate", exit_of(&tls(&pki.ca(), false)).await, &expected);
+    assert_refused("an untrusted server certificate", exit_of(&tls("other-ca", true)).await, &expected);
+    assert_refused("no client certificate", exit_of(&tls("ca", false)).await, &expected);
     let plain_url = format!("nats://127.0.0.1:{}", plaintext.port);
-    let required = with(base, &[("QX_NATS__SERVERS", &plain_url), ("QX_NATS__TLS_REQUIRED", "true")]);
+    let required = base.with(&[("QX_NATS__SERVERS", &plain_url), ("QX_NATS__TLS_REQUIRED", "true")]);
     let server = format!("NATS at 127.0.0.1:{}", plaintext.port);
     assert_refused(
         "TLS required of a plaintext server",
         exit_of(&required).await,
         &["TLS/certificate problem", &server],
     );
-    db.drop().await;
 }
 
 /// Settings for a relay holding a leader lock of this test's own in the Redis at `url`.
-fn leader_env(db: &TestDb, stream: &TestStream, url: &str) -> Vec<(String, String)> {
+fn leader_env(db: &TestDb, stream: &TestStream, url: &str) -> RelayEnv {
     let key = format!("test:{}:leader", Uuid::new_v4().simple());
-    let env = Relay::env(db, &stream.prefix);
-    with(
-        env,
-        &[
-            ("QX_RELAY__LEADER", "redis"),
-            ("QX_RELAY__LEADER_KEY", &key),
-            ("QX_CACHE__URL", url),
-            // A relay that took a refusal for an outage would exit 69 after this.
-            ("QX_RELAY__GIVE_UP_AFTER", "5s"),
-            ("QX_RELAY__ACK_TIMEOUT", "2s"),
-        ],
-    )
+    RelayEnv::new(db, &stream.prefix).with(&[
+        ("QX_RELAY__LEADER", "redis"),
+        ("QX_RELAY__LEADER_KEY", &key),
+        ("QX_CACHE__URL", url),
+        // A relay that took a refusal for an outage would exit 69 after this.
+        ("QX_RELAY__GIVE_UP_AFTER", "5s"),
+        ("QX_RELAY__ACK_TIMEOUT", "2s"),
+    ])
 }
 
 #[tokio::test]
 async fn a_redis_leader_lock_over_tls_and_its_tls_problems() {
     let pki = Pki::create("relay");
-    let (cert, key, ca) = (text(&pki.server_cert()), text(&pki.server_key()), text(&pki.ca()));
+    let (cert, key, ca) = (pki.text("server"), pki.text("server-key"), pki.text("ca"));
     let secured = RedisServer::start_with(|port| {
         let port = port.to_string();
         ["--port", "0", "--tls-port", &port, "--tls-cert-file", &cert, "--tls-key-file", &key]
@@ -181,32 +153,22 @@ async fn a_redis_leader_lock_over_tls_and_its_tls_problems() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     db.insert_events(10, "order.placed").await;
     let url = format!("rediss://127.0.0.1:{}/0", secured.port);
-    let tls = |ca: &Path, client_certificate: bool| {
-        let (client_cert, client_key) = (text(&pki.client_cert()), text(&pki.client_key()));
-        let mut env = with(leader_env(&db, &stream, &url), &[("QX_CACHE__TLS_CA_FILE", &text(ca))]);
-        if client_certificate {
-            env = with(
-                env,
-                &[("QX_CACHE__TLS_CERT_FILE", &client_cert), ("QX_CACHE__TLS_KEY_FILE", &client_key)],
-            );
-        }
-        env
+    let tls = |ca: &str, client_certificate: bool| {
+        with_tls(leader_env(&db, &stream, &url), &pki, "QX_CACHE", ca, client_certificate)
     };
-    let log = drain(&db, &tls(&pki.ca(), true)).await;
+    let log = drain(&db, &tls("ca", true)).await;
     assert!(log.contains("leader lock acquired"), "published as the leader:\n{log}");
 
     let expected = ["TLS/certificate problem", url.as_str()];
-    assert_refused("an untrusted server certificate", exit_of(&tls(&pki.other_ca(), true)).await, &expected);
-    assert_refused("no client certificate", exit_of(&tls(&pki.ca(), false)).await, &expected);
+    assert_refused("an untrusted server certificate", exit_of(&tls("other-ca", true)).await, &expected);
+    assert_refused("no client certificate", exit_of(&tls("ca", false)).await, &expected);
     let plain_url = format!("rediss://127.0.0.1:{}/0", plaintext.port);
-    let required = with(leader_env(&db, &stream, &plain_url), &[("QX_CACHE__TLS_CA_FILE", &ca)]);
+    let required = leader_env(&db, &stream, &plain_url).set("QX_CACHE__TLS_CA_FILE", &ca);
     assert_refused(
         "TLS to a plaintext server",
         exit_of(&required).await,
         &["TLS/certificate problem", &plain_url],
     );
-    stream.delete().await;
-    db.drop().await;
 }
 
 #[tokio::test]
@@ -237,26 +199,24 @@ async fn redis_credentials_it_refuses_are_a_configuration_error() {
 
     let log = drain(&db, &leader_env(&db, &stream, &url(PASSWORD))).await;
     assert!(log.contains("leader lock acquired"), "published as the leader:\n{log}");
-    stream.delete().await;
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn postgres_tls_as_asyncpg_and_libpq_mean_it() {
     let pki = Pki::create("certuser");
     let cluster = PgCluster::start_with_tls(
-        &pki.server_cert(),
-        &pki.server_key(),
-        &pki.ca(),
+        &pki.path("server"),
+        &pki.path("server-key"),
+        &pki.path("ca"),
         &["hostssl all certuser 127.0.0.1/32 cert"],
     )
     .await;
-    let db = TestDb::create_at(&cluster.url("postgres")).await;
-    sqlx::query("CREATE ROLE certuser LOGIN SUPERUSER").execute(&db.pool).await.expect("create role");
+    let db = TestDb::create_on(&cluster).await;
+    db.execute("CREATE ROLE certuser LOGIN SUPERUSER").await;
     let stream = TestStream::create().await;
     let server = format!("127.0.0.1:{}", cluster.port);
-    let env = |url: String| with(Relay::env(&db, &stream.prefix), &[("QX_DB__URL", &url)]);
-    let (ca, other_ca) = (text(&pki.ca()), text(&pki.other_ca()));
+    let env = |url: String| RelayEnv::new(&db, &stream.prefix).set("QX_DB__URL", url);
+    let (ca, other_ca) = (pki.text("ca"), pki.text("other-ca"));
     let asyncpg = |query: &str| env(format!("postgresql+asyncpg://postgres@{server}/{}?{query}", db.name));
     let libpq = |user: &str, query: &str| env(format!("postgres://{user}@{server}/{}?{query}", db.name));
 
@@ -276,19 +236,18 @@ async fn postgres_tls_as_asyncpg_and_libpq_mean_it() {
     assert_refused("no client certificate", exit_of(&no_client_cert).await, &expected);
 
     db.insert_events(10, "order.placed").await;
-    let (client_cert, client_key) = (text(&pki.client_cert()), text(&pki.client_key()));
+    let (client_cert, client_key) = (pki.text("client"), pki.text("client-key"));
     let query = format!("sslmode=verify-full&sslrootcert={ca}&sslcert={client_cert}&sslkey={client_key}");
     drain(&db, &libpq("certuser", &query)).await;
-    stream.delete().await;
 }
 
 #[tokio::test]
 async fn postgres_without_tls_or_the_role_stops_the_relay_with_78() {
     // initdb leaves TLS off.
     let cluster = PgCluster::start().await;
-    let db = TestDb::create_at(&cluster.url("postgres")).await;
+    let db = TestDb::create_on(&cluster).await;
     let server = format!("127.0.0.1:{}", cluster.port);
-    let env = |url: String| with(Relay::env(&db, "orders"), &[("QX_DB__URL", &url)]);
+    let env = |url: String| RelayEnv::new(&db, "orders").set("QX_DB__URL", url);
 
     let required = env(format!("postgres://postgres@{server}/{}?sslmode=require", db.name));
     let expected = ["TLS/certificate problem", "Postgres at", server.as_str()];

@@ -2,8 +2,6 @@
 //! into typed events with the right headers; retries, terms and `max_deliver` behave as JetStream promises;
 //! cancel loses nothing; dead letters match qx-worker's and replay with `qx dlq replay`.
 
-mod common;
-
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -15,21 +13,23 @@ use async_nats::jetstream::{self, consumer, publish::PublishAck};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use common::{FixtureRow, TestDb, TestStream, DEAD_LETTERS_DDL, FIXTURE_ROWS};
 use futures::{FutureExt, StreamExt};
-use qx_relay::consumer::{Received, UndecodablePolicy};
+use qx_relay::consumer::{ConsumerError, Received, UndecodablePolicy};
 use qx_relay::dead_letter::PgDeadLetters;
 use qx_relay::registry::DecodeError;
 use qx_relay::wire::{
     HEADER_CORRELATION_ID, HEADER_EVENT_ID, HEADER_EVENT_NAME, HEADER_EVENT_VERSION, HEADER_TENANT_ID,
 };
 use qx_relay::{
-    ConsumerConfig, Envelope, EventConsumer, EventHeaders, EventRegistry, HandlerError, Publisher, QxEvent,
-    RunConfig,
+    ConsumerConfig, Envelope, EventConsumer, EventHeaders, EventMessage, EventRegistry, HandlerError,
+    Publisher, QxEvent, RunConfig,
 };
+use qx_relay_testkit::outbox::{fixture_rows, FixtureRow, DEAD_LETTERS_DDL};
+use qx_relay_testkit::{env_var, eventually, TestDb, TestStream};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -38,6 +38,16 @@ const ACK_WAIT: Duration = Duration::from_secs(1);
 /// How long any expected event may take to arrive.
 const PATIENCE: Duration = Duration::from_secs(10);
 
+/// `QxEvent` for a payload type: its event name and version.
+macro_rules! qx_event {
+    ($type:ty, $name:literal, $version:literal) => {
+        impl QxEvent for $type {
+            const NAME: &'static str = $name;
+            const VERSION: i32 = $version;
+        }
+    };
+}
+
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct OrderPlaced {
     order_id: Uuid,
@@ -45,10 +55,7 @@ struct OrderPlaced {
     currency: String,
     customer_email: String,
 }
-impl QxEvent for OrderPlaced {
-    const NAME: &'static str = "order.placed";
-    const VERSION: i32 = 1;
-}
+qx_event!(OrderPlaced, "order.placed", 1);
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct OrderPlacedV2 {
@@ -56,10 +63,7 @@ struct OrderPlacedV2 {
     lines: Vec<OrderLine>,
     note: Option<String>,
 }
-impl QxEvent for OrderPlacedV2 {
-    const NAME: &'static str = "order.placed";
-    const VERSION: i32 = 2;
-}
+qx_event!(OrderPlacedV2, "order.placed", 2);
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct OrderLine {
@@ -75,20 +79,13 @@ struct UserRegistered {
     display_name: String,
     tags: Vec<String>,
 }
-impl QxEvent for UserRegistered {
-    const NAME: &'static str = "identity.user.registered";
-    const VERSION: i32 = 1;
-}
+qx_event!(UserRegistered, "identity.user.registered", 1);
 
 fn registry() -> EventRegistry {
     let mut registry = EventRegistry::new();
     registry.register::<OrderPlaced>().unwrap().register::<OrderPlacedV2>().unwrap();
     registry.register::<UserRegistered>().unwrap();
     registry
-}
-
-fn fixture_rows() -> Vec<FixtureRow> {
-    FIXTURE_ROWS.lines().map(|line| serde_json::from_str(line).expect("fixture row")).collect()
 }
 
 /// The headers the relay sets for a row: name, version and ids from the columns, event id from the envelope.
@@ -140,13 +137,46 @@ async fn consumer_info(stream: &TestStream, durable: &str) -> consumer::Info {
     stream.consumer_info(durable).await.expect("consumer info")
 }
 
-/// Polls `check` until it holds; panics naming `what` after [`PATIENCE`].
-async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "waited {PATIENCE:?} for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// A consumer running a handler in a task of its own, until stopped.
+struct Running {
+    cancel: CancellationToken,
+    task: JoinHandle<Result<(), ConsumerError>>,
+}
+
+impl Running {
+    fn start<H, F>(consumer: EventConsumer, options: RunConfig, handler: H) -> Self
+    where
+        H: Fn(EventMessage) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn({
+            let cancel = cancel.clone();
+            async move { consumer.run(options, cancel, handler).await }
+        });
+        Self { cancel, task }
     }
+
+    /// Cancels the run, which must end without an error.
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+
+    /// Waits past ack_wait, when a redelivery would have come, fails with `what` if the handler saw anything
+    /// more, and stops.
+    async fn stop_after_quiet<T>(self, rx: &mut mpsc::UnboundedReceiver<T>, what: &str) {
+        tokio::time::sleep(ACK_WAIT * 2).await;
+        assert!(rx.try_recv().is_err(), "{what}");
+        self.stop().await;
+    }
+}
+
+/// A stream of the test's own and a publisher into it.
+async fn stream_and_publisher() -> (TestStream, Publisher) {
+    let stream = TestStream::create().await;
+    let publisher = Publisher::new(stream.jetstream.clone(), &stream.prefix);
+    (stream, publisher)
 }
 
 /// Receives one value, or fails naming `what`.
@@ -155,7 +185,7 @@ async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
 }
 
 /// The typed event must be the envelope's `payload` in the type's serde form, and no other type.
-fn assert_typed<T: QxEvent + std::fmt::Debug>(received: &qx_relay::EventMessage) {
+fn assert_typed<T: QxEvent + std::fmt::Debug>(received: &EventMessage) {
     let event = received.event();
     let typed = event.downcast_ref::<T>().unwrap_or_else(|| panic!("not a {}", std::any::type_name::<T>()));
     let payload = serde_json::Value::Object(event.envelope().payload.clone());
@@ -164,8 +194,7 @@ fn assert_typed<T: QxEvent + std::fmt::Debug>(received: &qx_relay::EventMessage)
 
 #[tokio::test]
 async fn every_fixture_row_decodes_into_its_type_with_the_relay_headers() {
-    let stream = TestStream::create().await;
-    let publisher = Publisher::new(stream.jetstream.clone(), &stream.prefix);
+    let (stream, publisher) = stream_and_publisher().await;
     let rows = fixture_rows();
     for row in &rows {
         publish_row(&publisher, row).await;
@@ -206,55 +235,62 @@ async fn every_fixture_row_decodes_into_its_type_with_the_relay_headers() {
         message.delivery().ack().await.unwrap();
     }
     drop(messages);
-    eventually("all acks", || async { consumer_info(&stream, "fixtures").await.num_ack_pending == 0 }).await;
+    eventually("all acks", PATIENCE, || async {
+        consumer_info(&stream, "fixtures").await.num_ack_pending == 0
+    })
+    .await;
     assert_eq!(consumer_info(&stream, "fixtures").await.num_pending, 0);
-    stream.delete().await;
 }
 
 #[tokio::test]
 async fn a_retryable_failure_is_redelivered_with_a_rising_count_then_acked() {
-    let stream = TestStream::create().await;
-    let publisher = Publisher::new(stream.jetstream.clone(), &stream.prefix);
+    let (stream, publisher) = stream_and_publisher().await;
     let event_id = publish_order(&publisher).await;
     let consumer =
         EventConsumer::bind(&stream.jetstream, config(&stream, "retry"), registry()).await.unwrap();
 
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let cancel = CancellationToken::new();
-    let run = tokio::spawn({
-        let cancel = cancel.clone();
+    let run = Running::start(consumer, fast_retries(), move |message| {
+        let delivered = message.delivery().delivered();
+        tx.send((message.event().envelope().event_id, delivered)).unwrap();
         async move {
-            consumer
-                .run(fast_retries(), cancel, move |message| {
-                    let delivered = message.delivery().delivered();
-                    tx.send((message.event().envelope().event_id, delivered)).unwrap();
-                    async move {
-                        if delivered < 3 {
-                            return Err(HandlerError::retry("downstream unavailable"));
-                        }
-                        Ok(())
-                    }
-                })
-                .await
+            if delivered < 3 {
+                return Err(HandlerError::retry("downstream unavailable"));
+            }
+            Ok(())
         }
     });
     for expected in 1..=3 {
         assert_eq!(recv(&mut rx, "delivery").await, (event_id, expected));
     }
     // Acked on the third delivery: nothing comes back after ack_wait.
-    tokio::time::sleep(ACK_WAIT * 2).await;
-    assert!(rx.try_recv().is_err(), "redelivered after a successful handler");
-    cancel.cancel();
-    run.await.unwrap().unwrap();
+    run.stop_after_quiet(&mut rx, "redelivered after a successful handler").await;
     let info = consumer_info(&stream, "retry").await;
     assert_eq!((info.num_ack_pending, info.num_pending, info.delivered.consumer_sequence), (0, 0, 3));
-    stream.delete().await;
+}
+
+#[tokio::test]
+async fn max_deliver_bounds_the_retries() {
+    let (stream, publisher) = stream_and_publisher().await;
+    publish_order(&publisher).await;
+    let config = ConsumerConfig { max_deliver: 3, ..config(&stream, "bounded") };
+    let consumer = EventConsumer::bind(&stream.jetstream, config, registry()).await.unwrap();
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let run = Running::start(consumer, fast_retries(), move |message| {
+        tx.send(message.delivery().delivered()).unwrap();
+        async { Err(HandlerError::retry("always failing")) }
+    });
+    for expected in 1..=3 {
+        assert_eq!(recv(&mut rx, "delivery").await, expected);
+    }
+    // Retries come every 50-200 ms; without max_deliver more would arrive in this time.
+    run.stop_after_quiet(&mut rx, "delivered more than max_deliver times").await;
 }
 
 #[tokio::test]
 async fn undecodable_messages_are_terminated_and_never_reach_the_handler() {
-    let stream = TestStream::create().await;
-    let publisher = Publisher::new(stream.jetstream.clone(), &stream.prefix);
+    let (stream, publisher) = stream_and_publisher().await;
     let row = &fixture_rows()[0];
     let headers = relay_headers(row);
     let mut unknown = headers.clone();
@@ -269,7 +305,7 @@ async fn undecodable_messages_are_terminated_and_never_reach_the_handler() {
     }
     let good = publish_order(&publisher).await;
 
-    let client = async_nats::connect(common::env("NATS_URL")).await.unwrap();
+    let client = async_nats::connect(env_var("NATS_URL")).await.unwrap();
     let advisory = format!("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{}.bad", stream.name);
     let mut terminated = client.subscribe(advisory).await.unwrap();
     client.flush().await.unwrap();
@@ -295,71 +331,26 @@ async fn undecodable_messages_are_terminated_and_never_reach_the_handler() {
 
     let consumer = EventConsumer::bind(&stream.jetstream, config(&stream, "bad"), registry()).await.unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let cancel = CancellationToken::new();
-    let run = tokio::spawn({
-        let cancel = cancel.clone();
-        async move {
-            let options = RunConfig { on_undecodable: UndecodablePolicy::Term, ..fast_retries() };
-            consumer
-                .run(options, cancel, move |message| {
-                    tx.send(message.event().envelope().event_id).unwrap();
-                    async { Ok(()) }
-                })
-                .await
-        }
+    let options = RunConfig { on_undecodable: UndecodablePolicy::Term, ..fast_retries() };
+    let run = Running::start(consumer, options, move |message| {
+        tx.send(message.event().envelope().event_id).unwrap();
+        async { Ok(()) }
     });
     assert_eq!(recv(&mut rx, "the good event").await, good);
     for _ in 0..3 {
         tokio::time::timeout(PATIENCE, terminated.next()).await.expect("a MSG_TERMINATED advisory");
     }
     // Past ack_wait: a message that was neither acked nor termed would be delivered again by now.
-    tokio::time::sleep(ACK_WAIT * 2).await;
-    assert!(rx.try_recv().is_err(), "the handler saw an undecodable message");
-    cancel.cancel();
-    run.await.unwrap().unwrap();
+    run.stop_after_quiet(&mut rx, "the handler saw an undecodable message").await;
     let info = consumer_info(&stream, "bad").await;
     assert_eq!((info.num_ack_pending, info.num_redelivered, info.delivered.consumer_sequence), (0, 0, 4));
-    stream.delete().await;
-}
-
-#[tokio::test]
-async fn max_deliver_bounds_the_retries() {
-    let stream = TestStream::create().await;
-    let publisher = Publisher::new(stream.jetstream.clone(), &stream.prefix);
-    publish_order(&publisher).await;
-    let config = ConsumerConfig { max_deliver: 3, ..config(&stream, "bounded") };
-    let consumer = EventConsumer::bind(&stream.jetstream, config, registry()).await.unwrap();
-
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let cancel = CancellationToken::new();
-    let run = tokio::spawn({
-        let cancel = cancel.clone();
-        async move {
-            consumer
-                .run(fast_retries(), cancel, move |message| {
-                    tx.send(message.delivery().delivered()).unwrap();
-                    async { Err(HandlerError::retry("always failing")) }
-                })
-                .await
-        }
-    });
-    for expected in 1..=3 {
-        assert_eq!(recv(&mut rx, "delivery").await, expected);
-    }
-    // Retries come every 50-200 ms; without max_deliver more would arrive in this time.
-    tokio::time::sleep(ACK_WAIT * 2).await;
-    assert!(rx.try_recv().is_err(), "delivered more than max_deliver times");
-    cancel.cancel();
-    run.await.unwrap().unwrap();
-    stream.delete().await;
 }
 
 #[tokio::test]
 async fn cancel_finishes_in_flight_handlers_and_loses_nothing() {
     const EVENTS: usize = 30;
     const MAX_IN_FLIGHT: usize = 4;
-    let stream = TestStream::create().await;
-    let publisher = Publisher::new(stream.jetstream.clone(), &stream.prefix);
+    let (stream, publisher) = stream_and_publisher().await;
     let mut published = HashSet::new();
     for _ in 0..EVENTS {
         published.insert(publish_order(&publisher).await);
@@ -369,7 +360,6 @@ async fn cancel_finishes_in_flight_handlers_and_loses_nothing() {
     let first_handled = Arc::new(Mutex::new(HashSet::new()));
     let (running, most_running, started) =
         (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let cancel = CancellationToken::new();
     let consumer = EventConsumer::bind(
         &stream.jetstream,
         ConsumerConfig { batch_size: 10, ..config(&stream, "workers") },
@@ -377,32 +367,30 @@ async fn cancel_finishes_in_flight_handlers_and_loses_nothing() {
     )
     .await
     .unwrap();
-    let run = tokio::spawn({
+    let options = RunConfig { max_in_flight: MAX_IN_FLIGHT, ..fast_retries() };
+    let run = Running::start(consumer, options, {
         let (handled, running, most_running, started) =
             (first_handled.clone(), running.clone(), most_running.clone(), started.clone());
-        let options = RunConfig { max_in_flight: MAX_IN_FLIGHT, ..fast_retries() };
-        let cancel = cancel.clone();
-        async move {
-            consumer
-                .run(options, cancel, move |message| {
-                    let (handled, running, most_running) =
-                        (handled.clone(), running.clone(), most_running.clone());
-                    started.fetch_add(1, Ordering::SeqCst);
-                    async move {
-                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                        most_running.fetch_max(now, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(150)).await;
-                        handled.lock().unwrap().insert(message.event().envelope().event_id);
-                        running.fetch_sub(1, Ordering::SeqCst);
-                        Ok(())
-                    }
-                })
-                .await
+        move |message| {
+            let (handled, running, most_running) = (handled.clone(), running.clone(), most_running.clone());
+            started.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most_running.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                handled.lock().unwrap().insert(message.event().envelope().event_id);
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            }
         }
     });
-    eventually("a few handlers to start", || async { started.load(Ordering::SeqCst) >= 10 }).await;
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(2), run).await.expect("run stops promptly").unwrap().unwrap();
+    eventually("a few handlers to start", PATIENCE, || async { started.load(Ordering::SeqCst) >= 10 }).await;
+    run.cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(2), run.task)
+        .await
+        .expect("run stops promptly")
+        .unwrap()
+        .unwrap();
     let first_handled = first_handled.lock().unwrap().clone();
     assert_eq!(first_handled.len(), started.load(Ordering::SeqCst), "every started handler finished");
     assert!(first_handled.len() < EVENTS, "cancelled before the end");
@@ -412,17 +400,9 @@ async fn cancel_finishes_in_flight_handlers_and_loses_nothing() {
     let consumer =
         EventConsumer::bind(&stream.jetstream, config(&stream, "workers"), registry()).await.unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let cancel = CancellationToken::new();
-    let run = tokio::spawn({
-        let cancel = cancel.clone();
-        async move {
-            consumer
-                .run(RunConfig::default(), cancel, move |message| {
-                    tx.send(message.event().envelope().event_id).unwrap();
-                    async { Ok(()) }
-                })
-                .await
-        }
+    let run = Running::start(consumer, RunConfig::default(), move |message| {
+        tx.send(message.event().envelope().event_id).unwrap();
+        async { Ok(()) }
     });
     let mut second_handled = HashSet::new();
     while first_handled.len() + second_handled.len() < EVENTS {
@@ -432,10 +412,11 @@ async fn cancel_finishes_in_flight_handlers_and_loses_nothing() {
     }
     let all: HashSet<_> = first_handled.union(&second_handled).copied().collect();
     assert_eq!(all, published);
-    eventually("all acks", || async { consumer_info(&stream, "workers").await.num_ack_pending == 0 }).await;
-    cancel.cancel();
-    run.await.unwrap().unwrap();
-    stream.delete().await;
+    eventually("all acks", PATIENCE, || async {
+        consumer_info(&stream, "workers").await.num_ack_pending == 0
+    })
+    .await;
+    run.stop().await;
 }
 
 /// Outbox rows and, in `body`, the bytes the Python relay publishes for each: it decodes the JSONB and
@@ -537,13 +518,12 @@ async fn messages_as_python_producers_publish_them_expose_tenant_and_correlation
     }
     assert_eq!(seen.len(), messages.len() * 2);
     drop(received);
-    stream.delete().await;
 }
 
 /// A database of its own with qx-worker's `qx_dead_letters` table.
 async fn dead_letter_db() -> TestDb {
     let db = TestDb::create().await;
-    sqlx::raw_sql(DEAD_LETTERS_DDL).execute(&db.pool).await.expect("create dead-letter table");
+    db.execute(DEAD_LETTERS_DDL).await;
     db
 }
 
@@ -552,7 +532,7 @@ async fn dead_letter_count(db: &TestDb) -> i64 {
 }
 
 async fn wait_for_dead_letters(db: &TestDb, expected: i64) {
-    eventually("dead letters", || async { dead_letter_count(db).await == expected }).await;
+    eventually("dead letters", PATIENCE, || async { dead_letter_count(db).await == expected }).await;
 }
 
 /// The row qx-worker 1.1.0's `DeadLetterStore.persist` writes for `message` on its `delivered`th delivery,
@@ -610,8 +590,7 @@ async fn dead_letter_rows(db: &TestDb) -> Vec<DeadLetterRow> {
 #[tokio::test]
 async fn a_message_failing_on_its_last_delivery_is_dead_lettered_as_qx_worker_does() {
     const MAX_DELIVER: i64 = 2;
-    let (stream, db) = (TestStream::create().await, dead_letter_db().await);
-    let publisher = Publisher::new(stream.jetstream.clone(), &stream.prefix);
+    let ((stream, publisher), db) = (stream_and_publisher().await, dead_letter_db().await);
     // As the Python relay publishes a row, as qx-relay does (with Nats-Msg-Id), a body that is not JSON
     // without any header, and an event whose handler fails for good.
     let python = &python_relay_messages()[0];
@@ -621,7 +600,7 @@ async fn a_message_failing_on_its_last_delivery_is_dead_lettered_as_qx_worker_do
     ack.await.unwrap();
     let cancelled = publish_order(&publisher).await;
 
-    let client = async_nats::connect(common::env("NATS_URL")).await.unwrap();
+    let client = async_nats::connect(env_var("NATS_URL")).await.unwrap();
     let mut notifications = client.subscribe("qx_dlq.>").await.unwrap();
     let advisory = format!("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{}.dlq", stream.name);
     let mut terminated = client.subscribe(advisory).await.unwrap();
@@ -633,23 +612,15 @@ async fn a_message_failing_on_its_last_delivery_is_dead_lettered_as_qx_worker_do
         .unwrap()
         .with_dead_letters(PgDeadLetters::new(db.pool.clone()));
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let cancel = CancellationToken::new();
-    let run = tokio::spawn({
-        let cancel = cancel.clone();
-        let options = RunConfig { on_undecodable: UndecodablePolicy::Retry, ..fast_retries() };
+    let options = RunConfig { on_undecodable: UndecodablePolicy::Retry, ..fast_retries() };
+    let run = Running::start(consumer, options, move |message| {
+        let event_id = message.event().envelope().event_id;
+        tx.send(event_id).unwrap();
         async move {
-            consumer
-                .run(options, cancel, move |message| {
-                    let event_id = message.event().envelope().event_id;
-                    tx.send(event_id).unwrap();
-                    async move {
-                        if event_id == cancelled {
-                            return Err(HandlerError::permanent("order was cancelled"));
-                        }
-                        Err(HandlerError::retry(std::io::Error::other("inventory service unavailable")))
-                    }
-                })
-                .await
+            if event_id == cancelled {
+                return Err(HandlerError::permanent("order was cancelled"));
+            }
+            Err(HandlerError::retry(std::io::Error::other("inventory service unavailable")))
         }
     });
     wait_for_dead_letters(&db, 3).await;
@@ -715,8 +686,7 @@ async fn a_message_failing_on_its_last_delivery_is_dead_lettered_as_qx_worker_do
     // Nothing comes back past ack_wait: every dead letter was acked, and so was the permanent failure
     // (qx-worker acks it; no row, no termination).
     tokio::time::sleep(ACK_WAIT * 2).await;
-    cancel.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await;
     let mut deliveries = Vec::new();
     while let Ok(event_id) = rx.try_recv() {
         deliveries.push(event_id);
@@ -728,8 +698,6 @@ async fn a_message_failing_on_its_last_delivery_is_dead_lettered_as_qx_worker_do
     assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
     assert_eq!(info.ack_floor.stream_sequence, 4, "all four acked");
     assert_eq!(dead_letter_count(&db).await, 3);
-    stream.delete().await;
-    db.drop().await;
 }
 
 /// `qx dlq replay ID` of qx-cli 1.1: the row's `payload` as Postgres prints it, to its `subject`, with its
@@ -754,8 +722,7 @@ async fn qx_dlq_replay(db: &TestDb, jetstream: &jetstream::Context, id: Uuid) ->
 
 #[tokio::test]
 async fn a_replayed_dead_letter_reaches_the_consumer_even_inside_the_duplicate_window() {
-    let (stream, db) = (TestStream::create().await, dead_letter_db().await);
-    let publisher = Publisher::new(stream.jetstream.clone(), &stream.prefix);
+    let ((stream, publisher), db) = (stream_and_publisher().await, dead_letter_db().await);
     // Published as qx-relay publishes: Nats-Msg-Id = the event id.
     let event_id = publish_order(&publisher).await;
 
@@ -766,24 +733,16 @@ async fn a_replayed_dead_letter_reaches_the_consumer_even_inside_the_duplicate_w
         .with_dead_letters(PgDeadLetters::new(db.pool.clone()));
     let healthy = Arc::new(AtomicBool::new(false));
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let cancel = CancellationToken::new();
-    let run = tokio::spawn({
-        let (cancel, healthy) = (cancel.clone(), healthy.clone());
+    let handler_healthy = healthy.clone();
+    let run = Running::start(consumer, fast_retries(), move |message| {
+        let ok = handler_healthy.load(Ordering::SeqCst);
+        tx.send((message.event().envelope().event_id, message.delivery().delivered(), ok)).unwrap();
         async move {
-            consumer
-                .run(fast_retries(), cancel, move |message| {
-                    let ok = healthy.load(Ordering::SeqCst);
-                    tx.send((message.event().envelope().event_id, message.delivery().delivered(), ok))
-                        .unwrap();
-                    async move {
-                        if ok {
-                            Ok(())
-                        } else {
-                            Err(HandlerError::retry("payment service down"))
-                        }
-                    }
-                })
-                .await
+            if ok {
+                Ok(())
+            } else {
+                Err(HandlerError::retry("payment service down"))
+            }
         }
     });
     for delivered in 1..=2 {
@@ -797,7 +756,7 @@ async fn a_replayed_dead_letter_reaches_the_consumer_even_inside_the_duplicate_w
     let ack = qx_dlq_replay(&db, &stream.jetstream, id).await;
     assert!(!ack.duplicate, "the replay was dropped as a duplicate");
     assert_eq!(recv(&mut rx, "the replayed event").await, (event_id, 1, true));
-    eventually("the replay acked", || async {
+    eventually("the replay acked", PATIENCE, || async {
         let info = consumer_info(&stream, "replay").await;
         info.num_ack_pending == 0 && info.ack_floor.stream_sequence == 2
     })
@@ -816,10 +775,7 @@ async fn a_replayed_dead_letter_reaches_the_consumer_even_inside_the_duplicate_w
     assert!(!qx_dlq_replay(&db, &stream.jetstream, id).await.duplicate);
     assert_eq!(recv(&mut rx, "the second replay").await, (event_id, 1, true));
 
-    cancel.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await;
     assert_eq!(stream.count().await, 3);
     assert_eq!(dead_letter_count(&db).await, 1, "the replays succeeded: no new dead letter");
-    stream.delete().await;
-    db.drop().await;
 }

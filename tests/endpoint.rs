@@ -1,30 +1,23 @@
 //! The HTTP endpoint of a running relay against clients that misbehave: slow ones that never finish their
 //! headers, more connections than it serves, a process out of file descriptors, methods other than GET and HEAD.
 
-#[path = "common/cluster.rs"]
-mod cluster;
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use cluster::free_port;
-use common::{http, Relay, TestDb};
 use futures::future::join_all;
 use qx_relay::relay::endpoint::MAX_CONNECTIONS;
+use qx_relay_testkit::proc::cpu_seconds;
+use qx_relay_testkit::{http, Relay, RelayEnv, TestDb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// A relay serving its endpoint on a free port, once connected to Postgres and NATS (`/readyz`).
 async fn relay_with_endpoint(db: &TestDb) -> (Relay, u16) {
-    let port = free_port();
-    let relay = Relay::spawn(&Relay::env(db, "endpoint"), &["--metrics-addr", &format!("127.0.0.1:{port}")]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http(port, "GET", "/readyz").await.is_none_or(|response| response.status != 200) {
-        assert!(Instant::now() < deadline, "the endpoint did not answer:\n{}", relay.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (relay, port) = Relay::spawn_serving(&RelayEnv::new(db, "endpoint"));
+    let ready =
+        || async { http(port, "GET", "/readyz").await.is_some_and(|response| response.status == 200) };
+    relay.eventually("the endpoint to answer", Duration::from_secs(30), ready).await;
     (relay, port)
 }
 
@@ -50,16 +43,9 @@ async fn closed_at(mut stream: TcpStream, deadline: Instant) -> Option<Instant> 
     }
 }
 
-/// The relay's CPU time so far (user + system), from /proc.
+/// The relay's CPU time so far (user + system).
 fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read the relay's stat");
-    // The fields after the command name, which is in parentheses and may hold spaces; utime and stime are
-    // fields 14 and 15 of the line.
-    let fields: Vec<&str> = stat.rsplit_once(')').expect("stat line").1.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    let output = Command::new("getconf").arg("CLK_TCK").output().expect("run getconf");
-    let per_second: u64 = String::from_utf8_lossy(&output.stdout).trim().parse().expect("CLK_TCK");
-    Duration::from_millis(ticks * 1000 / per_second)
+    Duration::from_secs_f64(cpu_seconds(pid).expect("the relay's CPU time"))
 }
 
 /// The soft limit on open files of `pid`.
@@ -113,7 +99,6 @@ async fn slow_clients_are_closed_while_metrics_keep_answering() {
     );
     assert!(closed.len() * 10 >= slow_count * 9, "only {} of {slow_count} slow clients closed", closed.len());
     relay.stop().await;
-    db.drop().await;
 }
 
 #[tokio::test]
@@ -139,7 +124,6 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
     let served_closed = join_all(served.into_iter().map(|stream| closed_at(stream, soon))).await;
     assert!(served_closed.iter().all(Option::is_none), "the first {MAX_CONNECTIONS} are still served");
     relay.stop().await;
-    db.drop().await;
 }
 
 #[tokio::test]
@@ -177,7 +161,6 @@ async fn out_of_file_descriptors_the_accept_loop_pauses_instead_of_spinning() {
     assert_eq!(status, Some(200), "answers again once descriptors are free:\n{}", relay.log());
     assert!(asked.elapsed() < Duration::from_secs(2), "answered after {:?}", asked.elapsed());
     relay.stop().await;
-    db.drop().await;
 }
 
 #[tokio::test]
@@ -195,5 +178,4 @@ async fn only_get_and_head_are_served() {
     assert_eq!(get.status, 200);
     assert!(!get.body.is_empty(), "GET /metrics has a body");
     relay.stop().await;
-    db.drop().await;
 }

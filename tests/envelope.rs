@@ -1,23 +1,12 @@
 //! The envelope against real qx-db rows: no services, so plain `cargo test` runs it.
 
 use qx_relay::Envelope;
-use serde::Deserialize;
+use qx_relay_testkit::outbox::fixture_rows;
 use serde_json::Value;
-use uuid::Uuid;
-
-/// Real rows written by qx-db 1.1.0, every column; `payload` is the column's text as Postgres returns it.
-const FIXTURE_ROWS: &str = include_str!("fixtures/qx-outbox-rows.jsonl");
-
-#[derive(Deserialize)]
-struct Row {
-    id: Uuid,
-    payload: String,
-}
 
 #[test]
 fn every_fixture_envelope_serializes_back_to_the_json_qx_db_wrote() {
-    let rows: Vec<Row> =
-        FIXTURE_ROWS.lines().map(|line| serde_json::from_str(line).expect("fixture row")).collect();
+    let rows = fixture_rows();
     assert!(!rows.is_empty(), "no fixture rows");
     for row in rows {
         let envelope =

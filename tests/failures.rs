@@ -1,40 +1,25 @@
 //! Failures the relay must ride out: poison rows parked at once while the rest flow, a row the stream keeps
 //! rejecting retried on a backoff curve, a full stream, a missing stream (waited for, or created), NATS or
 //! Postgres killed and restarted mid-drain, and a relay frozen while it holds a batch. The last three run
-//! private servers (tests/common/cluster.rs).
-
-#[path = "common/cluster.rs"]
-mod cluster;
-mod common;
+//! private servers.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use async_nats::header::NATS_MESSAGE_ID;
-use async_nats::jetstream::{self, stream};
-use cluster::{NatsServer, PgCluster};
-use common::{Relay, TestDb, TestStream, OUTBOX_DDL};
-use sqlx::postgres::PgPool;
-use sqlx::{Connection, PgConnection};
+use async_nats::jetstream::stream;
+use qx_relay_testkit::outbox::{envelope, envelope_of_size};
+use qx_relay_testkit::proc::ProcStats;
+use qx_relay_testkit::{
+    env_var, http, poll, run_command, NatsServer, PgCluster, Relay, RelayEnv, TestDb, TestStream,
+};
+use serde_json::json;
 use tokio::time::Instant;
 use uuid::Uuid;
 
 const DRAIN: Duration = Duration::from_secs(40);
 /// The relay's default `max_attempts`.
 const MAX_ATTEMPTS: i32 = 10;
-
-fn set(env: &mut Vec<(String, String)>, pairs: &[(&str, &str)]) {
-    env.extend(pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-}
-
-/// An envelope for `event_name` whose `payload` holds `size` bytes of filler.
-fn envelope_of_size(event_name: &str, size: usize) -> String {
-    format!(
-        r#"{{"payload": {{"blob": "{}"}}, "event_id": "{}", "event_name": "{event_name}", "event_version": 1}}"#,
-        "x".repeat(size),
-        Uuid::new_v4()
-    )
-}
 
 /// A row's `(published_at, attempts, last_error)`.
 async fn row_state(db: &TestDb, id: Uuid) -> (Option<chrono::DateTime<chrono::Utc>>, i32, Option<String>) {
@@ -43,6 +28,13 @@ async fn row_state(db: &TestDb, id: Uuid) -> (Option<chrono::DateTime<chrono::Ut
         .fetch_one(&db.pool)
         .await
         .expect("read row")
+}
+
+/// Once the relay drains `db`, the stream holds its `rows`, and none of them burned an attempt.
+async fn assert_drained_unparked(relay: &Relay, db: &TestDb, stream: &TestStream, rows: i64) {
+    relay.stop_when_drained(db, DRAIN).await;
+    assert_eq!(stream.count().await, rows as u64);
+    assert_eq!(db.count("attempts = 0").await, rows, "none parked");
 }
 
 /// Messages in the stream, and how many distinct `Nats-Msg-Id`s they carry.
@@ -58,7 +50,7 @@ async fn messages_and_distinct_ids(stream: &TestStream) -> (usize, usize) {
 #[tokio::test]
 async fn poison_rows_are_parked_at_once_while_the_rest_flow() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
-    let client = async_nats::connect(common::env("NATS_URL")).await.expect("connect NATS_URL");
+    let client = async_nats::connect(env_var("NATS_URL")).await.expect("connect NATS_URL");
     let max_payload = client.server_info().max_payload;
     let oversize = envelope_of_size("order.placed", max_payload + max_payload / 10);
     assert!(oversize.len() > max_payload, "the body must exceed the server's max_payload ({max_payload})");
@@ -71,7 +63,7 @@ async fn poison_rows_are_parked_at_once_while_the_rest_flow() {
     let literal = db.insert_raw("order.bad*name", &envelope_of_size("order.bad*name", 10)).await;
     db.insert_events(498, "order.placed").await;
 
-    let relay = Relay::spawn(&Relay::env(&db, &stream.prefix), &[]);
+    let relay = Relay::spawn(&RelayEnv::new(&db, &stream.prefix), &[]);
     // Parked at the first attempt, not after max_attempts retries, so this does not wait on a backoff.
     db.wait_for("published_at IS NOT NULL", 998, DRAIN).await;
     db.wait_for(&format!("attempts >= {MAX_ATTEMPTS}"), 3, Duration::from_secs(5)).await;
@@ -98,42 +90,25 @@ async fn poison_rows_are_parked_at_once_while_the_rest_flow() {
         0,
         "good rows burned no attempts"
     );
-    stream.delete().await;
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn a_row_the_stream_rejects_backs_off_while_others_flow() {
-    let db = TestDb::create().await;
-    let stream = TestStream::unattached().await;
+    let (db, stream) = (TestDb::create().await, TestStream::unattached().await);
     // The stream takes the ordinary rows (a few hundred bytes) but not one of 8 kB: JetStream answers that
     // publish with an error, which is the message's fault, so it costs an attempt and a backoff.
-    stream
-        .jetstream
-        .create_stream(stream::Config {
-            name: stream.name.clone(),
-            subjects: vec![format!("{}.>", stream.prefix)],
-            max_message_size: 4096,
-            duplicate_window: Duration::from_secs(300),
-            ..Default::default()
-        })
-        .await
-        .expect("create stream");
+    stream.attach_with(stream::Config { max_message_size: 4096, ..stream.config() }).await;
     db.insert_events(300, "order.placed").await;
     let big = db.insert_raw("order.placed", &envelope_of_size("order.placed", 8000)).await;
     db.insert_events(300, "order.placed").await;
 
     let max_attempts = 8;
     let (base, cap) = (Duration::from_millis(200), Duration::from_secs(2));
-    let mut env = Relay::env(&db, &stream.prefix);
-    set(
-        &mut env,
-        &[
-            ("QX_RELAY__RETRY_BACKOFF", "200ms"),
-            ("QX_RELAY__RETRY_BACKOFF_MAX", "2s"),
-            ("QX_RELAY__MAX_ATTEMPTS", &max_attempts.to_string()),
-        ],
-    );
+    let env = RelayEnv::new(&db, &stream.prefix).with(&[
+        ("QX_RELAY__RETRY_BACKOFF", "200ms"),
+        ("QX_RELAY__RETRY_BACKOFF_MAX", "2s"),
+        ("QX_RELAY__MAX_ATTEMPTS", &max_attempts.to_string()),
+    ]);
     let relay = Relay::spawn(&env, &[]);
 
     // Record when each attempt lands in the table.
@@ -196,27 +171,17 @@ async fn a_row_the_stream_rejects_backs_off_while_others_flow() {
     let (first, last) = (gaps.first().expect("gaps"), gaps.last().expect("gaps"));
     assert!(last.0 >= 5 && last.1 > first.1 * 2, "the delay grows: {gaps:?}");
     assert_eq!(stream.count().await, 900);
-    stream.delete().await;
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn a_full_stream_burns_no_attempts_and_drains_once_it_has_room() {
-    let db = TestDb::create().await;
-    let stream = TestStream::unattached().await;
-    let config = stream::Config {
-        name: stream.name.clone(),
-        subjects: vec![format!("{}.>", stream.prefix)],
-        max_messages: 100,
-        discard: stream::DiscardPolicy::New,
-        duplicate_window: Duration::from_secs(300),
-        ..Default::default()
-    };
-    stream.jetstream.create_stream(config.clone()).await.expect("create stream");
+    let (db, stream) = (TestDb::create().await, TestStream::unattached().await);
+    let config = stream::Config { max_messages: 100, discard: stream::DiscardPolicy::New, ..stream.config() };
+    stream.attach_with(config.clone()).await;
     db.insert_events(300, "order.placed").await;
-    let mut env = Relay::env(&db, &stream.prefix);
     // Were a full stream blamed on the rows, two refusals would park them.
-    set(&mut env, &[("QX_RELAY__MAX_ATTEMPTS", "2"), ("QX_RELAY__RETRY_BACKOFF", "50ms")]);
+    let env = RelayEnv::new(&db, &stream.prefix)
+        .with(&[("QX_RELAY__MAX_ATTEMPTS", "2"), ("QX_RELAY__RETRY_BACKOFF", "50ms")]);
     let relay = Relay::spawn(&env, &[]);
     db.wait_for("published_at IS NOT NULL", 100, DRAIN).await;
     tokio::time::sleep(Duration::from_secs(2)).await; // a few refused rounds
@@ -224,21 +189,15 @@ async fn a_full_stream_burns_no_attempts_and_drains_once_it_has_room() {
     assert!(relay.log().contains("maximum messages exceeded"), "the log says why:\n{}", relay.log());
 
     stream.jetstream.update_stream(stream::Config { max_messages: -1, ..config }).await.expect("make room");
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    relay.stop().await;
-    assert_eq!(stream.count().await, 300);
-    assert_eq!(db.count("attempts = 0").await, 300, "none parked");
-    stream.delete().await;
-    db.drop().await;
+    assert_drained_unparked(&relay, &db, &stream, 300).await;
 }
 
 #[tokio::test]
 async fn missing_stream_is_logged_once_per_subject_and_burns_no_attempts() {
-    let db = TestDb::create().await;
-    let stream = TestStream::unattached().await;
+    let (db, stream) = (TestDb::create().await, TestStream::unattached().await);
     db.insert_events(100, "order.placed").await;
     db.insert_events(100, "order.cancelled").await;
-    let relay = Relay::spawn(&Relay::env(&db, &stream.prefix), &[]);
+    let relay = Relay::spawn(&RelayEnv::new(&db, &stream.prefix), &[]);
     db.wait_for("last_error LIKE 'no stream captures %'", 200, DRAIN).await;
     tokio::time::sleep(Duration::from_secs(3)).await; // a few retries (one a second)
     let log = relay.log();
@@ -249,24 +208,16 @@ async fn missing_stream_is_logged_once_per_subject_and_burns_no_attempts() {
     assert_eq!(db.count("attempts = 0 AND published_at IS NULL").await, 200, "no attempts burned");
 
     stream.attach().await;
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    relay.stop().await;
-    assert_eq!(stream.count().await, 200);
-    assert_eq!(db.count("attempts = 0").await, 200, "none parked");
-    stream.delete().await;
-    db.drop().await;
+    assert_drained_unparked(&relay, &db, &stream, 200).await;
 }
 
 #[tokio::test]
 async fn ensure_stream_creates_a_stream_for_the_prefix() {
-    let db = TestDb::create().await;
-    let stream = TestStream::unattached().await;
+    let (db, stream) = (TestDb::create().await, TestStream::unattached().await);
     db.insert_events(300, "order.placed").await;
-    let mut env = Relay::env(&db, &stream.prefix);
-    set(&mut env, &[("QX_RELAY__ENSURE_STREAM", "true")]);
+    let env = RelayEnv::new(&db, &stream.prefix).set("QX_RELAY__ENSURE_STREAM", "true");
     let relay = Relay::spawn(&env, &[]);
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    relay.stop().await;
+    relay.stop_when_drained(&db, DRAIN).await;
 
     let name = stream.jetstream.stream_by_subject(format!("{}.order.placed", stream.prefix)).await;
     let name = name.expect("a stream captures the prefix");
@@ -277,58 +228,42 @@ async fn ensure_stream_creates_a_stream_for_the_prefix() {
     assert_eq!(info.state.messages, 300);
     assert_eq!(db.count("attempts = 0 AND last_error IS NULL").await, 300, "never failed");
     stream.jetstream.delete_stream(&name).await.expect("delete stream");
-    db.drop().await;
 }
 
-/// A database with the outbox table on a private cluster. Its name is unique, so even `TestDb::drop` (which
-/// talks to DATABASE_URL) could not hit anything.
-async fn private_db(cluster: &PgCluster) -> TestDb {
-    let name = format!("qxr_{}", Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(&cluster.url("postgres")).await.expect("connect private Postgres");
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create database");
-    let url = cluster.url(&name);
-    let pool = PgPool::connect(&url).await.expect("connect private database");
-    sqlx::raw_sql(OUTBOX_DDL).execute(&pool).await.expect("create outbox table");
-    TestDb { name, url, pool }
+/// A NATS server of the test's own with a stream on it, and a database holding `rows` pending rows.
+async fn on_private_nats(rows: usize) -> (NatsServer, TestDb, TestStream) {
+    let nats = NatsServer::start().await;
+    let (db, stream) = (TestDb::create().await, TestStream::create_on(&nats).await);
+    db.insert_events(rows, "order.placed").await;
+    (nats, db, stream)
 }
 
-/// A stream like `TestStream::create`, on a private server.
-async fn private_stream(nats: &NatsServer) -> TestStream {
-    let client = async_nats::connect(nats.url()).await.expect("connect private NATS");
-    let id = Uuid::new_v4().simple().to_string();
-    let stream =
-        TestStream { name: format!("T{id}"), prefix: format!("t{id}"), jetstream: jetstream::new(client) };
-    stream.attach().await;
-    stream
+/// A Postgres cluster of the test's own with a database on it holding `rows` pending rows, and a stream.
+async fn on_private_postgres(rows: usize) -> (PgCluster, TestDb, TestStream) {
+    let postgres = PgCluster::start().await;
+    let (db, stream) = (TestDb::create_on(&postgres).await, TestStream::create().await);
+    db.insert_events(rows, "order.placed").await;
+    (postgres, db, stream)
 }
 
 /// Waits until the stream holds at least `count` messages.
 async fn wait_for_messages(stream: &TestStream, count: u64, relay: &Relay) {
-    let deadline = Instant::now() + DRAIN;
-    while stream.count().await < count {
-        assert!(Instant::now() < deadline, "relay did not start publishing:\n{}", relay.log());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    relay
+        .eventually("the relay to start publishing", DRAIN, || async { stream.count().await >= count })
+        .await;
 }
 
 #[tokio::test]
 async fn nats_killed_and_restarted_mid_drain_loses_nothing() {
-    let mut nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let stream = private_stream(&nats).await;
     let rows = 20_000;
-    db.insert_events(rows, "order.placed").await;
-    let mut env = Relay::env(&db, &stream.prefix);
-    set(
-        &mut env,
-        &[
-            ("QX_NATS__SERVERS", &nats.url()),
-            ("QX_NATS__RECONNECT_TIME_WAIT_SECONDS", "0.1"),
-            ("QX_RELAY__BATCH_SIZE", "500"),
-            // Shorter than the outage, so acks in flight time out rather than arrive after the reconnect.
-            ("QX_RELAY__ACK_TIMEOUT", "1s"),
-        ],
-    );
+    let (mut nats, db, stream) = on_private_nats(rows).await;
+    let env = RelayEnv::new(&db, &stream.prefix).with(&[
+        ("QX_NATS__SERVERS", &nats.url()),
+        ("QX_NATS__RECONNECT_TIME_WAIT_SECONDS", "0.1"),
+        ("QX_RELAY__BATCH_SIZE", "500"),
+        // Shorter than the outage, so acks in flight time out rather than arrive after the reconnect.
+        ("QX_RELAY__ACK_TIMEOUT", "1s"),
+    ]);
     let relay = Relay::spawn(&env, &[]);
     wait_for_messages(&stream, 3000, &relay).await;
     nats.kill9();
@@ -345,26 +280,21 @@ async fn nats_killed_and_restarted_mid_drain_loses_nothing() {
     assert_eq!(distinct, rows, "every row in the stream; server log:\n{}", nats.log());
     assert_eq!(messages, rows, "each once");
     assert_eq!(db.count("attempts = 0").await, rows as i64, "a NATS outage burns no attempts");
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn postgres_restarted_mid_drain_the_relay_recovers_and_finishes() {
-    let postgres = PgCluster::start().await;
-    let db = private_db(&postgres).await;
-    let stream = TestStream::create().await;
     let rows = 20_000;
-    db.insert_events(rows, "order.placed").await;
-    let mut env = Relay::env(&db, &stream.prefix);
-    set(&mut env, &[("QX_RELAY__BATCH_SIZE", "500")]);
-    let mut relay = Relay::spawn(&env, &[]);
+    let (postgres, db, stream) = on_private_postgres(rows).await;
+    let env = RelayEnv::new(&db, &stream.prefix).set("QX_RELAY__BATCH_SIZE", "500");
+    let relay = Relay::spawn(&env, &[]);
     wait_for_messages(&stream, 3000, &relay).await;
     postgres.stop("immediate");
     tokio::time::sleep(Duration::from_secs(1)).await;
     postgres.restart().await;
 
     db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    assert!(relay.child.try_wait().expect("poll relay").is_none(), "relay still running:\n{}", relay.log());
+    assert!(relay.exited().is_none(), "relay still running:\n{}", relay.log());
     let log = relay.log();
     relay.stop().await;
     assert!(log.contains("Postgres unavailable"), "the outage was noticed:\n{log}");
@@ -372,45 +302,38 @@ async fn postgres_restarted_mid_drain_the_relay_recovers_and_finishes() {
     let (messages, distinct) = messages_and_distinct_ids(&stream).await;
     assert_eq!((messages, distinct), (rows, rows), "every row once");
     assert_eq!(db.count("attempts = 0").await, rows as i64, "nothing parked");
-    stream.delete().await;
-    db.pool.close().await;
 }
 
 #[tokio::test]
 async fn a_frozen_relay_releases_its_claimed_rows_after_give_up_after() {
     let frozen_nats = NatsServer::start().await;
     let db = TestDb::create().await;
-    let frozen_stream = private_stream(&frozen_nats).await;
-    let mut env = Relay::env(&db, &frozen_stream.prefix);
-    set(
-        &mut env,
-        &[
-            ("QX_NATS__SERVERS", &frozen_nats.url()),
-            // Left alone, the claim would stay open this long waiting for acks: time to freeze the relay.
-            ("QX_RELAY__ACK_TIMEOUT", "5s"),
-            // The shortest give_up_after that ack_timeout allows.
-            ("QX_RELAY__GIVE_UP_AFTER", "10s"),
-        ],
-    );
-    let mut frozen = Relay::spawn(&env, &[]);
-    let deadline = Instant::now() + DRAIN;
-    while !frozen.log().contains("connected to Postgres and NATS") {
-        assert!(Instant::now() < deadline, "relay did not start:\n{}", frozen.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let frozen_stream = TestStream::create_on(&frozen_nats).await;
+    let env = RelayEnv::new(&db, &frozen_stream.prefix).with(&[
+        ("QX_NATS__SERVERS", &frozen_nats.url()),
+        // Left alone, the claim would stay open this long waiting for acks: time to freeze the relay.
+        ("QX_RELAY__ACK_TIMEOUT", "5s"),
+        // The shortest give_up_after that ack_timeout allows.
+        ("QX_RELAY__GIVE_UP_AFTER", "10s"),
+    ]);
+    let frozen = Relay::spawn(&env, &[]);
+    frozen
+        .eventually("the relay to start", DRAIN, || async {
+            frozen.log().contains("connected to Postgres and NATS")
+        })
+        .await;
     // Its NATS stops answering, so the batch it claims next stays in flight; then the relay itself stops.
     frozen_nats.freeze();
     let rows = 50;
     let ids = db.insert_events(rows, "order.placed").await;
     // A row's xmax names the transaction that locked it: the relay's claim, as nothing else locks rows here.
     let claimed = "SELECT count(*) FROM qx_outbox_events WHERE xmax::text <> '0'";
-    let deadline = Instant::now() + DRAIN;
-    while sqlx::query_scalar::<_, i64>(claimed).fetch_one(&db.pool).await.expect("count claimed rows")
-        < rows as i64
-    {
-        assert!(Instant::now() < deadline, "the relay never claimed the rows:\n{}", frozen.log());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    frozen
+        .eventually("the relay to claim the rows", DRAIN, || async {
+            let count = sqlx::query_scalar::<_, i64>(claimed).fetch_one(&db.pool).await;
+            count.expect("count claimed rows") == rows as i64
+        })
+        .await;
     frozen.signal("STOP");
     let unlocked = "SELECT count(*) FROM (SELECT 1 FROM qx_outbox_events FOR UPDATE SKIP LOCKED) AS free";
     let free: i64 = sqlx::query_scalar(unlocked).fetch_one(&db.pool).await.expect("count unlocked rows");
@@ -418,9 +341,8 @@ async fn a_frozen_relay_releases_its_claimed_rows_after_give_up_after() {
 
     // Another relay gets every row once Postgres ends the frozen relay's idle claim.
     let stream = TestStream::create().await;
-    let relay = Relay::spawn(&Relay::env(&db, &stream.prefix), &[]);
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    relay.stop().await;
+    let relay = Relay::spawn(&RelayEnv::new(&db, &stream.prefix), &[]);
+    relay.stop_when_drained(&db, DRAIN).await;
     let published: HashSet<String> = stream
         .messages()
         .await
@@ -429,8 +351,6 @@ async fn a_frozen_relay_releases_its_claimed_rows_after_give_up_after() {
         .collect();
     assert_eq!(published.len(), ids.len(), "every row reached the other relay's stream");
     frozen.kill9();
-    stream.delete().await;
-    db.drop().await;
 }
 
 /// Outage bounds the tests below use: short, so each bound is seconds.
@@ -440,32 +360,24 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const EXIT_SLACK: Duration = Duration::from_secs(1);
 
 /// Relay settings with the bounds above, NATS at `nats` and reconnecting forever.
-fn bounded_env(db: &TestDb, stream: &TestStream, nats: &str) -> Vec<(String, String)> {
-    let mut env = Relay::env(db, &stream.prefix);
-    set(
-        &mut env,
-        &[
-            ("QX_NATS__SERVERS", nats),
-            // "Forever", as documented: the relay's own bound must end the outage, not the client's.
-            ("QX_NATS__MAX_RECONNECT_ATTEMPTS", "0"),
-            ("QX_NATS__RECONNECT_TIME_WAIT_SECONDS", "0.2"),
-            ("QX_RELAY__BATCH_SIZE", "500"),
-            ("QX_RELAY__ACK_TIMEOUT", "1s"),
-            ("QX_RELAY__STATEMENT_TIMEOUT", "1s"),
-            ("QX_RELAY__GIVE_UP_AFTER", "5s"),
-            ("QX_RELAY__DRAIN_TIMEOUT", "5s"),
-        ],
-    );
-    env
+fn bounded_env(db: &TestDb, stream: &TestStream, nats: &str) -> RelayEnv {
+    RelayEnv::new(db, &stream.prefix).with(&[
+        ("QX_NATS__SERVERS", nats),
+        // "Forever", as documented: the relay's own bound must end the outage, not the client's.
+        ("QX_NATS__MAX_RECONNECT_ATTEMPTS", "0"),
+        ("QX_NATS__RECONNECT_TIME_WAIT_SECONDS", "0.2"),
+        ("QX_RELAY__BATCH_SIZE", "500"),
+        ("QX_RELAY__ACK_TIMEOUT", "1s"),
+        ("QX_RELAY__STATEMENT_TIMEOUT", "1s"),
+        ("QX_RELAY__GIVE_UP_AFTER", "5s"),
+        ("QX_RELAY__DRAIN_TIMEOUT", "5s"),
+    ])
 }
 
 #[tokio::test]
 async fn nats_gone_for_good_ends_in_exit_69_within_give_up_after_and_drain_timeout() {
-    let mut nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let stream = private_stream(&nats).await;
-    db.insert_events(50_000, "order.placed").await;
-    let mut relay = Relay::spawn(&bounded_env(&db, &stream, &nats.url()), &[]);
+    let (mut nats, db, stream) = on_private_nats(50_000).await;
+    let relay = Relay::spawn(&bounded_env(&db, &stream, &nats.url()), &[]);
     wait_for_messages(&stream, 1000, &relay).await;
     nats.kill9();
     let killed = Instant::now();
@@ -476,17 +388,13 @@ async fn nats_gone_for_good_ends_in_exit_69_within_give_up_after_and_drain_timeo
     assert_eq!(status.code(), Some(69), "{log}");
     assert!(log.contains("NATS unavailable for longer than 5s"), "{log}");
     assert!(db.unpublished().await > 0, "the kill came after the drain; make the backlog larger");
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn sigterm_while_nats_is_gone_exits_0_within_drain_timeout_and_loses_nothing() {
-    let mut nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let stream = private_stream(&nats).await;
     let rows = 50_000;
-    db.insert_events(rows, "order.placed").await;
-    let mut relay = Relay::spawn(&bounded_env(&db, &stream, &nats.url()), &[]);
+    let (mut nats, db, stream) = on_private_nats(rows).await;
+    let relay = Relay::spawn(&bounded_env(&db, &stream, &nats.url()), &[]);
     wait_for_messages(&stream, 1000, &relay).await;
     nats.kill9();
     tokio::time::sleep(Duration::from_millis(1500)).await; // the relay is waiting for NATS now
@@ -499,35 +407,25 @@ async fn sigterm_while_nats_is_gone_exits_0_within_drain_timeout_and_loses_nothi
     // What it had not marked goes out once NATS is back, each event once.
     nats.restart().await;
     let relay = Relay::spawn(&bounded_env(&db, &stream, &nats.url()), &[]);
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    relay.stop().await;
+    relay.stop_when_drained(&db, DRAIN).await;
     assert_eq!(messages_and_distinct_ids(&stream).await, (rows, rows), "every row once");
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn a_hung_postgres_is_an_outage_not_ready_then_exit_69_and_nothing_lost() {
-    let postgres = PgCluster::start().await;
-    let db = private_db(&postgres).await;
-    let stream = TestStream::create().await;
     let rows = 50_000;
-    db.insert_events(rows, "order.placed").await;
-    let port = cluster::free_port();
-    let env = bounded_env(&db, &stream, &common::env("NATS_URL"));
-    let mut relay = Relay::spawn(&env, &["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let (postgres, db, stream) = on_private_postgres(rows).await;
+    let env = bounded_env(&db, &stream, &env_var("NATS_URL"));
+    let (relay, port) = Relay::spawn_serving(&env);
     wait_for_messages(&stream, 2000, &relay).await;
     postgres.freeze();
     let frozen = Instant::now();
 
     // Not ready while frozen: the probe's query cannot answer.
-    let mut ready_seen_down = false;
-    while frozen.elapsed() < GIVE_UP_AFTER {
-        if let Some(response) = common::http(port, "GET", "/readyz").await.filter(|r| r.status == 503) {
-            ready_seen_down = response.body.contains("postgres: down");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let not_ready =
+        poll(GIVE_UP_AFTER, || async { http(port, "GET", "/readyz").await.filter(|r| r.status == 503) })
+            .await;
+    let ready_seen_down = not_ready.is_some_and(|response| response.body.contains("postgres: down"));
     let status = relay.wait(GIVE_UP_AFTER + DRAIN_TIMEOUT + EXIT_SLACK).await;
     let took = frozen.elapsed();
     let log = relay.log();
@@ -540,11 +438,8 @@ async fn a_hung_postgres_is_an_outage_not_ready_then_exit_69_and_nothing_lost() 
 
     // Thawed, another relay finishes: every row in the stream, each once.
     let relay = Relay::spawn(&env, &[]);
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    relay.stop().await;
+    relay.stop_when_drained(&db, DRAIN).await;
     assert_eq!(messages_and_distinct_ids(&stream).await, (rows, rows), "every row once");
-    stream.delete().await;
-    db.pool.close().await;
 }
 
 /// Inserts `sizes.len()` rows whose envelopes carry that many filler bytes each.
@@ -556,9 +451,9 @@ async fn insert_sized(db: &TestDb, sizes: &[usize]) {
 
 /// Drains what `db` holds with the default budget and returns the relay's peak RSS in MiB.
 async fn drain_peak_rss_mib(db: &TestDb, stream: &TestStream) -> f64 {
-    let mut relay = Relay::spawn(&Relay::env(db, &stream.prefix), &[]);
+    let relay = Relay::spawn(&RelayEnv::new(db, &stream.prefix), &[]);
     db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    let peak = common::peak_rss(relay.pid()) as f64 / f64::from(1 << 20);
+    let peak = ProcStats::read(relay.pid()).expect("the relay's /proc").peak_rss_kib as f64 / 1024.0;
     relay.signal("TERM");
     assert_eq!(relay.wait(Duration::from_secs(15)).await.code(), Some(0), "{}", relay.log());
     peak
@@ -581,10 +476,6 @@ async fn large_rows_keep_the_relay_within_100_mib_with_the_defaults() {
     eprintln!("300 rows of 1 KB to 1 MB: peak RSS {peak:.1} MiB");
     assert!(peak <= 100.0, "peak RSS {peak:.1} MiB");
     assert_eq!(messages_and_distinct_ids(&stream2).await, (300, 300));
-    for (db, stream) in [(db, stream), (db2, stream2)] {
-        stream.delete().await;
-        db.drop().await;
-    }
 }
 
 #[tokio::test]
@@ -593,28 +484,23 @@ async fn a_server_without_jetstream_is_named_and_ends_in_exit_69() {
     let db = TestDb::create().await;
     db.insert_events(10, "order.placed").await;
     let stream = TestStream::unattached().await; // names only: the server has nowhere to put a stream
-    let mut relay = Relay::spawn(&bounded_env(&db, &stream, &nats.url()), &[]);
+    let relay = Relay::spawn(&bounded_env(&db, &stream, &nats.url()), &[]);
     let status = relay.wait(GIVE_UP_AFTER + DRAIN_TIMEOUT + EXIT_SLACK).await;
     let log = relay.log();
     assert_eq!(status.code(), Some(69), "{log}");
     assert!(log.contains("JetStream is not running on the server"), "the cause is named:\n{log}");
     assert!(!log.contains("no stream captures"), "not blamed on a missing stream:\n{log}");
     assert_eq!(db.count("attempts = 0 AND published_at IS NULL").await, 10, "rows untouched");
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn two_rows_sharing_an_event_id_are_reported_by_row_id() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     let event_id = Uuid::new_v4();
-    let body = |n: u32| {
-        format!(
-            r#"{{"payload": {{"n": {n}}}, "event_id": "{event_id}", "event_name": "order.placed", "event_version": 1}}"#
-        )
-    };
+    let body = |n: u32| envelope(event_id, "order.placed", json!({ "n": n }));
     let first = db.insert_raw("order.placed", &body(1)).await;
     let second = db.insert_raw("order.placed", &body(2)).await;
-    let relay = Relay::spawn(&Relay::env(&db, &stream.prefix), &[]);
+    let relay = Relay::spawn(&RelayEnv::new(&db, &stream.prefix), &[]);
     db.wait_for("published_at IS NULL", 0, DRAIN).await;
     let log = relay.log();
     relay.stop().await;
@@ -622,25 +508,19 @@ async fn two_rows_sharing_an_event_id_are_reported_by_row_id() {
     let warned =
         |id: Uuid| log.lines().any(|l| l.contains("two rows share it") && l.contains(&id.to_string()));
     assert!(warned(first) ^ warned(second), "the dropped row, and only it, is named:\n{log}");
-    stream.delete().await;
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn a_table_allowing_null_where_qx_db_does_not_is_refused_naming_the_column() {
     let db = TestDb::create().await;
-    sqlx::query("ALTER TABLE qx_outbox_events ALTER COLUMN event_version DROP NOT NULL")
-        .execute(&db.pool)
-        .await
-        .expect("loosen the table");
-    let env = Relay::env(&db, "orders");
+    db.execute("ALTER TABLE qx_outbox_events ALTER COLUMN event_version DROP NOT NULL").await;
+    let env = RelayEnv::new(&db, "orders");
     for args in [&["run"][..], &["check"][..]] {
-        let (code, stdout, stderr) = common::run_command(&env, args);
+        let (code, stdout, stderr) = run_command(&env, args);
         assert_eq!(code, Some(78), "{args:?}: {stdout}{stderr}");
         assert!(
             format!("{stdout}{stderr}").contains("allows NULL in [\"event_version\"]"),
             "{stdout}{stderr}"
         );
     }
-    db.drop().await;
 }

@@ -8,10 +8,6 @@
 //! logs ("leader lock acquired" until "leadership lost", the lock released, or the kill) must not overlap, and
 //! every event must fall in a term of its publisher. Failover times are printed: run with `--nocapture`.
 
-mod common;
-#[path = "common/redis.rs"]
-mod redis_helpers;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,10 +15,14 @@ use std::time::Duration;
 
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::stream;
-use chrono::{DateTime, TimeDelta, Utc};
-use common::{run_command, Relay, TestDb, TestStream};
-use redis_helpers::PrivateRedis;
-use serde_json::Value;
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use qx_relay_testkit::outbox::envelope;
+use qx_relay_testkit::proxy::Proxy;
+use qx_relay_testkit::redis_keys::RedisKeys;
+use qx_relay_testkit::{
+    env_var, eventually, poll, run_command, RedisServer, Relay, RelayEnv, TestDb, TestStream,
+};
+use serde_json::{json, Value};
 use uuid::Uuid;
 
 /// The lease the relays run with: short, so failovers take seconds.
@@ -40,10 +40,6 @@ fn poll_phase() -> Duration {
     Duration::from_millis(rand::random_range(0..500))
 }
 
-fn set(env: &mut Vec<(String, String)>, pairs: &[(&str, &str)]) {
-    env.extend(pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-}
-
 /// A lock key of this test's own on the shared Redis.
 fn lock_key() -> String {
     format!("test:{}:leader", Uuid::new_v4().simple())
@@ -57,21 +53,16 @@ fn leader_env(
     mode: &str,
     redis_url: &str,
     key: &str,
-) -> Vec<(String, String)> {
-    let mut env = Relay::env(db, &format!("{}.{name}", stream.prefix));
+) -> RelayEnv {
     let ttl = format!("{}s", TTL.as_secs());
-    set(
-        &mut env,
-        &[
-            ("QX_RELAY__LEADER", mode),
-            ("QX_RELAY__LEADER_TTL", &ttl),
-            ("QX_RELAY__LEADER_KEY", key),
-            ("QX_CACHE__URL", redis_url),
-            ("QX_RELAY__BATCH_SIZE", "200"),
-            ("QX_RELAY_LOG_FORMAT", "json"),
-        ],
-    );
-    env
+    RelayEnv::new(db, &format!("{}.{name}", stream.prefix)).with(&[
+        ("QX_RELAY__LEADER", mode),
+        ("QX_RELAY__LEADER_TTL", &ttl),
+        ("QX_RELAY__LEADER_KEY", key),
+        ("QX_CACHE__URL", redis_url),
+        ("QX_RELAY__BATCH_SIZE", "200"),
+        ("QX_RELAY_LOG_FORMAT", "json"),
+    ])
 }
 
 /// One line of a relay's JSON log.
@@ -102,18 +93,8 @@ fn find_log(relay: &Relay, message: &str, after: DateTime<Utc>) -> Option<LogLin
 
 /// Waits for [`find_log`] to find a line; panics with the log after `limit`.
 async fn wait_for_log(relay: &Relay, message: &str, after: DateTime<Utc>, limit: Duration) -> LogLine {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(line) = find_log(relay, message, after) {
-            return line;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no {message:?} logged within {limit:?}; log:\n{}",
-            relay.log()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let line = poll(limit, || async { find_log(relay, message, after) }).await;
+    line.unwrap_or_else(|| panic!("no {message:?} logged within {limit:?}; log:\n{}", relay.log()))
 }
 
 /// Lines whose message starts with `message`, at or after `after`.
@@ -298,54 +279,19 @@ impl Producer {
 
 /// Waits until the stream holds at least `count` messages.
 async fn wait_for_stream(stream: &TestStream, count: u64, relay: &Relay) {
-    let deadline = tokio::time::Instant::now() + DRAIN;
-    while stream.count().await < count {
-        assert!(tokio::time::Instant::now() < deadline, "stream stayed below {count}; log:\n{}", relay.log());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// SIGTERM (unless it exited already) and a clean exit; the relay, and so its log, stays for inspection.
-async fn stop(relay: &mut Relay) {
-    if relay.child.try_wait().expect("poll relay").is_none() {
-        relay.signal("TERM");
-    }
-    let status = relay.wait(Duration::from_secs(15)).await;
-    assert_eq!(status.code(), Some(0), "relay exit; log:\n{}", relay.log());
-}
-
-/// Waits until at least `at_least` rows match `condition`.
-async fn wait_for_count(db: &TestDb, condition: &str, at_least: i64) {
-    let deadline = tokio::time::Instant::now() + DRAIN;
-    while db.count(condition).await < at_least {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "fewer than {at_least} rows {condition} after {DRAIN:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn finish(db: Arc<TestDb>, stream: TestStream) {
-    stream.delete().await;
-    match Arc::try_unwrap(db) {
-        Ok(db) => db.drop().await,
-        Err(_) => panic!("test database still shared"),
-    }
+    let what = format!("{count} messages in the stream");
+    relay.eventually(&what, DRAIN, || async { stream.count().await >= count }).await;
 }
 
 #[tokio::test]
 async fn two_leaders_never_publish_together_and_sigterm_hands_over_within_a_second() {
     let _timed = TIMED.lock().await;
     let (db, stream) = (Arc::new(TestDb::create().await), TestStream::create().await);
-    let (redis, key) = (common::env("REDIS_URL"), lock_key());
+    let (redis, key) = (env_var("REDIS_URL"), lock_key());
     db.insert_events(5000, "order.placed").await;
     let producer = Producer::start(db.clone(), 20);
-    let start = Utc::now();
-    let mut a = Relay::spawn(&leader_env(&db, &stream, "a", "redis", &redis, &key), &[]);
-    wait_for_log(&a, "leader lock acquired", start, DRAIN).await;
-    let mut b = Relay::spawn(&leader_env(&db, &stream, "b", "redis", &redis, &key), &[]);
-    wait_for_log(&b, "standing by for the leader lock", start, DRAIN).await;
+    let env = |name: &str| leader_env(&db, &stream, name, "redis", &redis, &key);
+    let (a, b, start) = leader_then_standby(&env("a"), &env("b")).await;
     // Several renewals while both run: the standby must not publish a single row.
     tokio::time::sleep(2 * TTL + poll_phase()).await;
     assert_eq!(count_log(&b, "leader lock acquired", start), 0, "standby took the lock:\n{}", b.log());
@@ -355,11 +301,10 @@ async fn two_leaders_never_publish_together_and_sigterm_hands_over_within_a_seco
     let sigterm_at = Utc::now();
     a.signal("TERM");
     let acquired = wait_for_log(&b, "leader lock acquired", sigterm_at, DRAIN).await;
-    stop(&mut a).await;
+    a.stop().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     producer.stop().await;
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    stop(&mut b).await;
+    b.stop_when_drained(&db, DRAIN).await;
     let (a_terms, b_terms) = (terms(&a, None), terms(&b, None));
 
     let stored = stored(&stream).await;
@@ -383,7 +328,6 @@ async fn two_leaders_never_publish_together_and_sigterm_hands_over_within_a_seco
         assert_eq!(published - duplicates, in_stream, "relay {name}'s counters");
     }
     assert_each_row_once(&db, &stored).await;
-    finish(db, stream).await;
 }
 
 /// Starts relay `a` (waiting until it leads) and relay `b` (waiting until it stands by) on a backlog with a
@@ -398,28 +342,35 @@ async fn leader_and_standby(
 ) -> (Relay, Relay, Producer, DateTime<Utc>) {
     db.insert_events(20_000, "order.placed").await;
     let producer = Producer::start(db.clone(), 20);
-    let start = Utc::now();
-    let a = Relay::spawn(&leader_env(db, stream, "a", mode, redis_url, key), &[]);
-    wait_for_log(&a, "leader lock acquired", start, DRAIN).await;
-    let b = Relay::spawn(&leader_env(db, stream, "b", mode, redis_url, key), &[]);
-    wait_for_log(&b, "standing by for the leader lock", start, DRAIN).await;
+    let env = |name: &str| leader_env(db, stream, name, mode, redis_url, key);
+    let (a, b, start) = leader_then_standby(&env("a"), &env("b")).await;
     wait_for_stream(stream, published, &a).await;
     (a, b, producer, start)
+}
+
+/// Starts relay `a` with `a_env` and waits until it leads, then relay `b`, until it stands by; and when the
+/// first started.
+async fn leader_then_standby(a_env: &RelayEnv, b_env: &RelayEnv) -> (Relay, Relay, DateTime<Utc>) {
+    let start = Utc::now();
+    let a = Relay::spawn(a_env, &[]);
+    wait_for_log(&a, "leader lock acquired", start, DRAIN).await;
+    let b = Relay::spawn(b_env, &[]);
+    wait_for_log(&b, "standing by for the leader lock", start, DRAIN).await;
+    (a, b, start)
 }
 
 /// kill -9 of the leader mid-drain: the standby's first event comes within `bound`, and nothing is lost.
 async fn kill_9_fails_over(mode: &str, bound: Duration) {
     let (db, stream) = (Arc::new(TestDb::create().await), TestStream::create().await);
-    let (redis, key) = (common::env("REDIS_URL"), lock_key());
-    let (mut a, mut b, producer, start) = leader_and_standby(&db, &stream, mode, &redis, &key, 3000).await;
+    let (redis, key) = (env_var("REDIS_URL"), lock_key());
+    let (a, b, producer, start) = leader_and_standby(&db, &stream, mode, &redis, &key, 3000).await;
     let killed_at = Utc::now();
     a.kill9();
     assert!(db.unpublished().await > 5000, "the leader was killed after the backlog was drained");
     let acquired = wait_for_log(&b, "leader lock acquired", killed_at, DRAIN).await;
     wait_for_log(&b, "batch published", acquired.at, DRAIN).await;
     producer.stop().await;
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    stop(&mut b).await;
+    b.stop_when_drained(&db, DRAIN).await;
 
     let stored = stored(&stream).await;
     let first_b = first_by(&stored, "b", start).expect("b published");
@@ -435,7 +386,6 @@ async fn kill_9_fails_over(mode: &str, bound: Duration) {
     assert_one_publisher_at_a_time(&[("a", a_terms), ("b", terms(&b, None))], &stored);
     assert!(first_b - killed_at <= delta(bound), "standby's first event came after {bound:?}");
     assert_each_row_once(&db, &stored).await;
-    finish(db, stream).await;
 }
 
 #[tokio::test]
@@ -454,19 +404,19 @@ async fn kill_9_of_the_postgres_leader_fails_over_within_two_seconds() {
 async fn a_lock_taken_by_another_token_stops_the_old_leader_within_one_renewal_interval() {
     let _timed = TIMED.lock().await;
     let (db, stream) = (Arc::new(TestDb::create().await), TestStream::create().await);
-    let (redis_url, key) = (common::env("REDIS_URL"), lock_key());
-    let mut redis = redis_helpers::connect(&redis_url).await;
+    let (redis_url, key) = (env_var("REDIS_URL"), lock_key());
+    let mut redis = RedisKeys::connect(&redis_url).await;
     db.insert_events(5000, "order.placed").await;
     let producer = Producer::start(db.clone(), 20);
     let start = Utc::now();
-    let mut a = Relay::spawn(&leader_env(&db, &stream, "a", "redis", &redis_url, &key), &[]);
+    let a = Relay::spawn(&leader_env(&db, &stream, "a", "redis", &redis_url, &key), &[]);
     wait_for_log(&a, "leader lock acquired", start, DRAIN).await;
     wait_for_stream(&stream, 3000, &a).await;
 
     // An operator (or a confused peer) deletes the key and another token takes it.
     let thief = Uuid::new_v4().to_string();
-    redis_helpers::del(&mut redis, &key).await;
-    assert!(redis_helpers::set_nx_ex(&mut redis, &key, &thief, 60).await);
+    redis.del(&key).await;
+    assert!(redis.set_nx_ex(&key, &thief, 60).await);
     let stolen_at = Utc::now();
     let noticed = wait_for_log(&a, "leader lock taken by another holder", stolen_at, DRAIN).await;
     let lost = wait_for_log(&a, "leadership lost", stolen_at, DRAIN).await;
@@ -474,15 +424,14 @@ async fn a_lock_taken_by_another_token_stops_the_old_leader_within_one_renewal_i
     let pending = db.unpublished().await;
     tokio::time::sleep(TTL).await;
     assert!(db.unpublished().await > pending, "the producer kept inserting");
-    assert_eq!(redis_helpers::get(&mut redis, &key).await.as_deref(), Some(thief.as_str()));
+    assert_eq!(redis.get(&key).await.as_deref(), Some(thief.as_str()));
     assert_eq!(count_log(&a, "leader lock acquired", stolen_at), 0);
 
     let freed_at = Utc::now();
-    redis_helpers::del(&mut redis, &key).await;
+    redis.del(&key).await;
     wait_for_log(&a, "leader lock acquired", freed_at, DRAIN).await;
     producer.stop().await;
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    stop(&mut a).await;
+    a.stop_when_drained(&db, DRAIN).await;
 
     let stored = stored(&stream).await;
     let last_before = last_by(&stored, "a", freed_at).expect("a published before");
@@ -497,28 +446,21 @@ async fn a_lock_taken_by_another_token_stops_the_old_leader_within_one_renewal_i
     assert!(lost.at - stolen_at <= bound, "stopped claiming {:.3}s after", secs(lost.at - stolen_at));
     assert!(last_before - stolen_at <= bound, "published {:.3}s after", secs(last_before - stolen_at));
     assert_each_row_once(&db, &stored).await;
-    finish(db, stream).await;
 }
 
 /// When the lease on `key` ends as Redis sees it now.
-async fn lease_end(connection: &mut redis::aio::MultiplexedConnection, key: &str) -> DateTime<Utc> {
-    let left = redis_helpers::pttl(connection, key).await;
+async fn lease_end(connection: &mut RedisKeys, key: &str) -> DateTime<Utc> {
+    let left = connection.pttl(key).await;
     assert!(left > 0, "{key} holds a lease ({left})");
     Utc::now() + TimeDelta::milliseconds(left)
 }
 
 /// The one relay that leads after `since`, once one does; panics when none or both do within `limit`.
 async fn one_leader_after(relays: [&Relay; 2], since: DateTime<Utc>, limit: Duration) -> LogLine {
-    let deadline = tokio::time::Instant::now() + limit;
-    let leader = loop {
-        let found: Vec<LogLine> =
-            relays.iter().filter_map(|relay| find_log(relay, "leader lock acquired", since)).collect();
-        if let Some(line) = found.into_iter().next() {
-            break line;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no leader within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let leader = poll(limit, || async {
+        relays.iter().find_map(|relay| find_log(relay, "leader lock acquired", since))
+    });
+    let leader = leader.await.unwrap_or_else(|| panic!("no leader within {limit:?}"));
     // Give the other relay time to (wrongly) take it too.
     tokio::time::sleep(TTL).await;
     let leaders: usize = relays.iter().map(|relay| count_log(relay, "leader lock acquired", since)).sum();
@@ -526,80 +468,89 @@ async fn one_leader_after(relays: [&Relay; 2], since: DateTime<Utc>, limit: Dura
     leader
 }
 
-#[tokio::test]
-async fn a_redis_outage_steps_the_leader_down_before_its_lease_ends_and_one_leader_resumes() {
-    let _timed = TIMED.lock().await;
-    let mut redis = PrivateRedis::start().await;
-    let (db, stream) = (Arc::new(TestDb::create().await), TestStream::create().await);
-    let key = lock_key();
-    let (mut a, mut b, producer, _) =
-        leader_and_standby(&db, &stream, "redis", &redis.url(), &key, 3000).await;
-    let relays = [&a, &b];
-    let mut connection = redis_helpers::connect(&redis.url()).await;
+/// How Redis goes away in [`redis_outage`].
+#[derive(Clone, Copy)]
+enum Outage {
+    /// kill -9: renewals fail at once.
+    Killed,
+    /// SIGSTOP: renewals time out.
+    Frozen,
+}
 
-    // Redis killed: renewals fail at once.
-    let lease_ends = lease_end(&mut connection, &key).await;
+/// Redis goes away for longer than any lease and comes back: `leader` must stop claiming, and publish its last
+/// event, before its lease on `key` ends, and then one of `relays` must lead. Returns when Redis came back.
+async fn redis_outage(
+    redis: &mut RedisServer,
+    key: &str,
+    outage: Outage,
+    leader: &Relay,
+    relays: [&Relay; 2],
+    stream: &TestStream,
+) -> DateTime<Utc> {
+    let lease_ends = lease_end(&mut RedisKeys::connect(&redis.url()).await, key).await;
     let down_at = Utc::now();
-    redis.kill9();
-    let lost = wait_for_log(&a, "leadership lost", down_at, DRAIN).await;
+    match outage {
+        Outage::Killed => redis.kill9(),
+        Outage::Frozen => redis.freeze(),
+    }
+    let lost = wait_for_log(leader, "leadership lost", down_at, DRAIN).await;
     tokio::time::sleep(2 * TTL + poll_phase()).await; // longer than any lease
     let up_at = Utc::now();
-    redis.restart().await;
-    let leader = one_leader_after(relays, up_at, DRAIN).await;
-    let stored_now = stored(&stream).await;
+    let (down, up) = match outage {
+        Outage::Killed => {
+            redis.restart().await;
+            ("killed", "restarted")
+        }
+        Outage::Frozen => {
+            redis.thaw();
+            ("frozen", "thawed")
+        }
+    };
+    let new_leader = one_leader_after(relays, up_at, DRAIN).await;
+    let stored_now = stored(stream).await;
     let last_before =
         stored_now.iter().filter(|m| m.at < up_at).map(|m| m.at).max().expect("published before");
     eprintln!(
-        "redis killed (ttl {TTL:?}): leader stopped claiming after {:.3}s, last event {:.3}s after, {:.3}s before \
-         its lease would have ended; restarted: lock taken {:.3}s after",
+        "redis {down} (ttl {TTL:?}): leader stopped claiming after {:.3}s, last event {:.3}s after, {:.3}s before \
+         its lease would have ended; {up}: lock taken {:.3}s after{}",
         secs(lost.at - down_at),
         secs(last_before - down_at),
         secs(lease_ends - lost.at),
-        secs(leader.at - up_at)
-    );
-    assert!(lost.at < lease_ends, "stepped down after its lease could have ended");
-    assert!(last_before < lease_ends, "published after its lease could have ended");
-
-    // Redis frozen: renewals time out instead of failing.
-    let leader_relay = if find_log(&a, "leader lock acquired", up_at).is_some() { &a } else { &b };
-    let mut connection = redis_helpers::connect(&redis.url()).await;
-    let lease_ends = lease_end(&mut connection, &key).await;
-    let frozen_at = Utc::now();
-    redis.freeze();
-    let lost = wait_for_log(leader_relay, "leadership lost", frozen_at, DRAIN).await;
-    tokio::time::sleep(2 * TTL + poll_phase()).await;
-    let thawed_at = Utc::now();
-    redis.thaw();
-    let leader = one_leader_after(relays, thawed_at, DRAIN).await;
-    let stored_now = stored(&stream).await;
-    let last_before =
-        stored_now.iter().filter(|m| m.at < thawed_at).map(|m| m.at).max().expect("published before");
-    eprintln!(
-        "redis frozen (ttl {TTL:?}): leader stopped claiming after {:.3}s, last event {:.3}s after, {:.3}s before \
-         its lease would have ended; thawed: lock taken {:.3}s after{}",
-        secs(lost.at - frozen_at),
-        secs(last_before - frozen_at),
-        secs(lease_ends - lost.at),
-        secs(leader.at - thawed_at),
+        secs(new_leader.at - up_at),
         // A SET NX the server ran from its backlog after the thaw, whose reply the relay had given up on.
-        if leader.fields["reclaimed"] == true { " (its own lease, set late)" } else { "" }
+        if new_leader.fields["reclaimed"] == true { " (its own lease, set late)" } else { "" }
     );
     assert!(lost.at < lease_ends, "stepped down after its lease could have ended");
     assert!(last_before < lease_ends, "published after its lease could have ended");
+    up_at
+}
+
+#[tokio::test]
+async fn a_redis_outage_steps_the_leader_down_before_its_lease_ends_and_one_leader_resumes() {
+    let _timed = TIMED.lock().await;
+    let mut redis = RedisServer::start().await;
+    let (db, stream) = (Arc::new(TestDb::create().await), TestStream::create().await);
+    let key = lock_key();
+    let (a, b, producer, _) = leader_and_standby(&db, &stream, "redis", &redis.url(), &key, 3000).await;
+
+    // Redis killed: renewals fail at once.
+    let up_at = redis_outage(&mut redis, &key, Outage::Killed, &a, [&a, &b], &stream).await;
+    // Redis frozen: renewals time out instead of failing.
+    let leader = if find_log(&a, "leader lock acquired", up_at).is_some() { &a } else { &b };
+    redis_outage(&mut redis, &key, Outage::Frozen, leader, [&a, &b], &stream).await;
 
     producer.stop().await;
     db.wait_for("published_at IS NULL", 0, DRAIN).await;
     // No crash loop: both ran through both outages and stop cleanly.
-    stop(&mut a).await;
-    stop(&mut b).await;
+    a.stop().await;
+    b.stop().await;
     let stored = stored(&stream).await;
     assert_one_publisher_at_a_time(&[("a", terms(&a, None)), ("b", terms(&b, None))], &stored);
     assert_each_row_once(&db, &stored).await;
-    finish(db, stream).await;
 }
 
 /// `(token, ttl_left_ms)` of each lock `qx-relay status --json` shows.
-fn status_locks(env: &[(String, String)]) -> Vec<(Option<String>, Option<i64>)> {
+fn status_locks(env: &RelayEnv) -> Vec<(Option<String>, Option<i64>)> {
     let (code, stdout, stderr) = run_command(env, &["status", "--json"]);
     assert_eq!(code, Some(0), "status: {stderr}");
     let status: Value = serde_json::from_str(&stdout).expect("status JSON");
@@ -614,21 +565,21 @@ fn status_locks(env: &[(String, String)]) -> Vec<(Option<String>, Option<i64>)> 
 #[tokio::test]
 async fn a_python_relays_lock_keeps_us_waiting_and_status_shows_the_holder() {
     let (db, stream) = (Arc::new(TestDb::create().await), TestStream::create().await);
-    let (redis_url, key) = (common::env("REDIS_URL"), lock_key());
-    let mut redis = redis_helpers::connect(&redis_url).await;
+    let (redis_url, key) = (env_var("REDIS_URL"), lock_key());
+    let mut redis = RedisKeys::connect(&redis_url).await;
     // What Qx's OutboxRelay does through DistributedLock: a uuid4 token, SET NX EX 60, never renewed.
     let python = Uuid::new_v4().to_string();
-    assert!(redis_helpers::set_nx_ex(&mut redis, &key, &python, 60).await);
+    assert!(redis.set_nx_ex(&key, &python, 60).await);
     db.insert_events(100, "order.placed").await;
     let env = leader_env(&db, &stream, "a", "redis", &redis_url, &key);
     let start = Utc::now();
-    let mut a = Relay::spawn(&env, &[]);
+    let a = Relay::spawn(&env, &[]);
     wait_for_log(&a, "standing by for the leader lock", start, DRAIN).await;
     // Longer than our own lease (theirs is what counts); ends anywhere between two of the standby's polls.
     tokio::time::sleep(TTL + RENEW_INTERVAL + poll_phase()).await;
     assert_eq!(db.unpublished().await, 100, "nothing published while Python holds the lock");
     assert_eq!(stream.count().await, 0);
-    assert_eq!(redis_helpers::get(&mut redis, &key).await.as_deref(), Some(python.as_str()), "key untouched");
+    assert_eq!(redis.get(&key).await.as_deref(), Some(python.as_str()), "key untouched");
 
     let (code, stdout, stderr) = run_command(&env, &["status"]);
     assert_eq!(code, Some(0), "status: {stderr}");
@@ -643,7 +594,7 @@ async fn a_python_relays_lock_keeps_us_waiting_and_status_shows_the_holder() {
 
     // The Python relay stops and releases its lock: we take over.
     let released_at = Utc::now();
-    redis_helpers::del(&mut redis, &key).await;
+    redis.del(&key).await;
     let acquired = wait_for_log(&a, "leader lock acquired", released_at, DRAIN).await;
     db.wait_for("published_at IS NULL", 0, DRAIN).await;
     eprintln!("python lock released: lock taken after {:.3}s", secs(acquired.at - released_at));
@@ -654,13 +605,12 @@ async fn a_python_relays_lock_keeps_us_waiting_and_status_shows_the_holder() {
     let ttl_ms = i64::try_from(TTL.as_millis()).unwrap();
     assert!(locks[0].1.is_some_and(|left| 0 < left && left <= ttl_ms), "{locks:?}");
 
-    stop(&mut a).await;
-    assert_eq!(redis_helpers::get(&mut redis, &key).await, None, "released on SIGTERM");
+    a.stop().await;
+    assert_eq!(redis.get(&key).await, None, "released on SIGTERM");
     let (code, stdout, _) = run_command(&env, &["status"]);
     assert_eq!(code, Some(0));
     assert!(stdout.contains(&format!("lock {key}: free")), "{stdout}");
     assert_eq!(stream.count().await, 100);
-    finish(db, stream).await;
 }
 
 /// The events of each order, oldest first; an audit event between placed and paid for every third order.
@@ -675,39 +625,33 @@ fn order_events(order: usize) -> Vec<&'static str> {
 /// Inserts the events of `orders` orders, each order's events sharing `payload.order_id`. Orders are interleaved
 /// in groups of eight, so a batch holds several events of one order with other orders' events between them.
 async fn insert_orders(db: &TestDb, orders: usize) {
-    let (mut ids, mut names, mut order_ids, mut steps) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let order_uuids: Vec<Uuid> = (0..orders).map(|_| Uuid::new_v4()).collect();
-    for group in (0..orders).collect::<Vec<_>>().chunks(8) {
-        for step in 0..4 {
-            for &order in group {
-                if let Some(name) = order_events(order).get(step) {
-                    ids.push(Uuid::new_v4());
-                    names.push((*name).to_owned());
-                    order_ids.push(order_uuids[order]);
-                    steps.push(step as i32);
-                }
-            }
-        }
-    }
-    sqlx::query(
-        "INSERT INTO qx_outbox_events (id, event_name, event_version, payload, occurred_at, correlation_id, \
-                                       causation_id, tenant_id, published_at, attempts, last_error) \
-         SELECT r.id, r.name, 1, jsonb_build_object( \
-                  'payload', jsonb_build_object('order_id', r.order_id, 'step', r.step), \
-                  'actor_id', NULL, 'event_id', gen_random_uuid(), 'tenant_id', NULL, 'event_name', r.name, \
-                  'occurred_at', to_char(r.at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'), \
-                  'causation_id', NULL, 'event_version', 1, 'correlation_id', NULL), \
-                r.at, NULL, NULL, NULL, NULL, 0, NULL \
-         FROM (SELECT id, name, order_id, step, now() + n * interval '1 millisecond' AS at \
-               FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::int[]) WITH ORDINALITY AS u(id, name, order_id, step, n)) r",
-    )
-    .bind(&ids)
-    .bind(&names)
-    .bind(&order_ids)
-    .bind(&steps)
-    .execute(&db.pool)
-    .await
-    .expect("insert orders");
+    let ids: &Vec<Uuid> = &(0..orders).map(|_| Uuid::new_v4()).collect();
+    let all: Vec<usize> = (0..orders).collect();
+    let events = all.chunks(8).flat_map(|group| {
+        (0..4).flat_map(move |step| {
+            group.iter().filter_map(move |&order| Some((ids[order], step, *order_events(order).get(step)?)))
+        })
+    });
+    insert_order_events(db, events).await;
+}
+
+/// Inserts `events`, `(order_id, step, event_name)`, in this `occurred_at` order: the envelope's payload holds
+/// the order's id and the step.
+async fn insert_order_events<'a>(db: &TestDb, events: impl Iterator<Item = (Uuid, usize, &'a str)>) {
+    let start = Utc::now();
+    let rows: Vec<Value> = events
+        .enumerate()
+        .map(|(n, (order_id, step, name))| {
+            let occurred_at = start + TimeDelta::microseconds(n as i64);
+            json!({
+                "id": Uuid::new_v4(),
+                "event_name": name,
+                "payload": envelope(Uuid::new_v4(), name, json!({ "order_id": order_id, "step": step })),
+                "occurred_at": occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            })
+        })
+        .collect();
+    db.insert_rows(&rows).await;
 }
 
 #[tokio::test]
@@ -728,24 +672,20 @@ async fn each_orders_events_arrive_in_occurred_at_order_across_a_failing_row_and
     let orders = 240;
     insert_orders(&db, orders).await;
     let audited = i64::try_from((0..orders).filter(|order| order % 3 == 1).count()).unwrap();
-    let (redis, key) = (common::env("REDIS_URL"), lock_key());
+    let (redis, key) = (env_var("REDIS_URL"), lock_key());
     let env = |name: &str| {
-        let mut env = leader_env(&db, &stream, name, "redis", &redis, &key);
-        set(&mut env, &[("QX_RELAY__SHARD_KEY", "payload.order_id"), ("QX_RELAY__BATCH_SIZE", "50")]);
-        env
+        leader_env(&db, &stream, name, "redis", &redis, &key)
+            .with(&[("QX_RELAY__SHARD_KEY", "payload.order_id"), ("QX_RELAY__BATCH_SIZE", "50")])
     };
-    let start = Utc::now();
-    let mut a = Relay::spawn(&env("a"), &[]);
-    wait_for_log(&a, "leader lock acquired", start, DRAIN).await;
-    let mut b = Relay::spawn(&env("b"), &[]);
-    wait_for_log(&b, "standing by for the leader lock", start, DRAIN).await;
+    let (a, b, start) = leader_then_standby(&env("a"), &env("b")).await;
     // The leader meets the failing rows mid-batch and publishes around them.
     wait_for_log(&a, "no stream captures", start, DRAIN).await;
-    wait_for_count(&db, "published_at IS NOT NULL", 1).await; // other orders' events went out
+    // Other orders' events went out.
+    eventually("a row published", DRAIN, || async { db.count("published_at IS NOT NULL").await >= 1 }).await;
 
     // Hand over while orders are held: the standby knows nothing of the holds and must keep order too.
     let sigterm_at = Utc::now();
-    stop(&mut a).await;
+    a.stop().await;
     wait_for_log(&b, "leader lock acquired", sigterm_at, DRAIN).await;
     wait_for_log(&b, "no stream captures", sigterm_at, DRAIN).await;
     let held = db.unpublished().await;
@@ -756,8 +696,7 @@ async fn each_orders_events_arrive_in_occurred_at_order_across_a_failing_row_and
         .update_stream(stream::Config { subjects: vec![format!("{prefix}.>")], ..config })
         .await
         .expect("widen the stream");
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    stop(&mut b).await;
+    b.stop_when_drained(&db, DRAIN).await;
 
     let stored = stored(&stream).await;
     assert_each_row_once(&db, &stored).await;
@@ -788,122 +727,31 @@ async fn each_orders_events_arrive_in_occurred_at_order_across_a_failing_row_and
         stored.len(),
         held
     );
-    finish(db, stream).await;
-}
-
-/// A TCP proxy a test can pause: while paused it forwards nothing either way and the bytes wait, as in a
-/// partition that later heals.
-struct Proxy {
-    port: u16,
-    paused: Arc<AtomicBool>,
-    stop: tokio_util::sync::CancellationToken,
-}
-
-impl Proxy {
-    async fn start(target: &str) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let port = listener.local_addr().expect("proxy address").port();
-        let (paused, stop) = (Arc::new(AtomicBool::new(false)), tokio_util::sync::CancellationToken::new());
-        let (target, accept_paused, accept_stop) = (target.to_owned(), paused.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let inbound = tokio::select! {
-                    () = accept_stop.cancelled() => return,
-                    accepted = listener.accept() => accepted.expect("accept").0,
-                };
-                let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else { continue };
-                let (in_read, in_write) = inbound.into_split();
-                let (out_read, out_write) = outbound.into_split();
-                for (read, write) in [(in_read, out_write), (out_read, in_write)] {
-                    tokio::spawn(pump(read, write, accept_paused.clone(), accept_stop.clone()));
-                }
-            }
-        });
-        Self { port, paused, stop }
-    }
-
-    fn url(&self, scheme: &str) -> String {
-        format!("{scheme}://127.0.0.1:{}", self.port)
-    }
-
-    fn pause(&self) {
-        self.paused.store(true, Ordering::SeqCst);
-    }
-
-    fn resume(&self) {
-        self.paused.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-/// `host:port` of `scheme://host:port/...`.
-fn host_port(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    rest.split('/').next().expect("host:port")
-}
-
-/// Copies `read` to `write`, holding what it read while `paused`.
-async fn pump(
-    mut read: tokio::net::tcp::OwnedReadHalf,
-    mut write: tokio::net::tcp::OwnedWriteHalf,
-    paused: Arc<AtomicBool>,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buffer = vec![0; 64 * 1024];
-    loop {
-        let read = tokio::select! {
-            () = stop.cancelled() => return,
-            read = read.read(&mut buffer) => read,
-        };
-        let Ok(n @ 1..) = read else { return };
-        while paused.load(Ordering::SeqCst) {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_millis(5)) => {}
-            }
-        }
-        if write.write_all(&buffer[..n]).await.is_err() {
-            return;
-        }
-    }
 }
 
 #[tokio::test]
 async fn a_partitioned_leader_abandons_its_batch_before_its_lease_ends_so_order_holds() {
     let _timed = TIMED.lock().await;
     let (db, stream) = (Arc::new(TestDb::create().await), TestStream::create().await);
-    let (redis_url, key) = (common::env("REDIS_URL"), lock_key());
+    let (redis_url, key) = (env_var("REDIS_URL"), lock_key());
     let orders = 3000;
     insert_orders(&db, orders).await;
     let total = db.count("true").await;
     // The leader reaches Redis and NATS through proxies; Postgres directly.
-    let redis_proxy = Proxy::start(host_port(&redis_url)).await;
-    let nats_proxy = Proxy::start(host_port(&common::env("NATS_URL"))).await;
+    let redis_proxy = Proxy::start(&redis_url).await;
+    let nats_proxy = Proxy::start(&env_var("NATS_URL")).await;
     let env = |name: &str, redis: &str, nats: &str| {
-        let mut env = leader_env(&db, &stream, name, "redis", redis, &key);
-        set(
-            &mut env,
-            &[
-                ("QX_RELAY__SHARD_KEY", "payload.order_id"),
-                ("QX_NATS__SERVERS", nats),
-                // Acks that never come would otherwise keep the batch (and its row locks) for much longer than
-                // the lease.
-                ("QX_RELAY__ACK_TIMEOUT", "30s"),
-            ],
-        );
-        env
+        leader_env(&db, &stream, name, "redis", redis, &key).with(&[
+            ("QX_RELAY__SHARD_KEY", "payload.order_id"),
+            ("QX_NATS__SERVERS", nats),
+            // Acks that never come would otherwise keep the batch (and its row locks) for much longer than the
+            // lease.
+            ("QX_RELAY__ACK_TIMEOUT", "30s"),
+        ])
     };
-    let start = Utc::now();
-    let mut a = Relay::spawn(&env("a", &redis_proxy.url("redis"), &nats_proxy.url("nats")), &[]);
-    wait_for_log(&a, "leader lock acquired", start, DRAIN).await;
-    let mut b = Relay::spawn(&env("b", &redis_url, &common::env("NATS_URL")), &[]);
-    wait_for_log(&b, "standing by for the leader lock", start, DRAIN).await;
+    let b_env = env("b", &redis_url, &env_var("NATS_URL"));
+    let (a, b, _) =
+        leader_then_standby(&env("a", &redis_proxy.url("redis"), &nats_proxy.url("nats")), &b_env).await;
     wait_for_stream(&stream, 1000, &a).await;
 
     // The leader is cut off from Redis and NATS mid-batch; it still reaches Postgres.
@@ -912,7 +760,7 @@ async fn a_partitioned_leader_abandons_its_batch_before_its_lease_ends_so_order_
     nats_proxy.pause();
     // Its last renewal has landed by now, or never will: the lease ends where Redis says.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let lease_ends = lease_end(&mut redis_helpers::connect(&redis_url).await, &key).await;
+    let lease_ends = lease_end(&mut RedisKeys::connect(&redis_url).await, &key).await;
     let acquired = wait_for_log(&b, "leader lock acquired", cut_at, DRAIN).await;
     let lost = wait_for_log(&a, "leadership lost", cut_at, DRAIN).await;
     db.wait_for("published_at IS NULL", 0, DRAIN).await;
@@ -920,8 +768,8 @@ async fn a_partitioned_leader_abandons_its_batch_before_its_lease_ends_so_order_
     redis_proxy.resume();
     nats_proxy.resume();
     tokio::time::sleep(RENEW_INTERVAL).await;
-    stop(&mut a).await;
-    stop(&mut b).await;
+    a.stop().await;
+    b.stop().await;
 
     let stored = stored(&stream).await;
     let abandoned = find_log(&a, "lease ending with a batch in flight", cut_at).is_some();
@@ -947,27 +795,13 @@ async fn a_partitioned_leader_abandons_its_batch_before_its_lease_ends_so_order_
     for (order_id, steps) in &per_order {
         assert!(steps.windows(2).all(|w| w[0] < w[1]), "order {order_id} out of order: {steps:?}");
     }
-    finish(db, stream).await;
 }
 
 /// Inserts `rows` events spread round-robin over `keys` orders; each order's events carry `step` 0, 1, 2, …
 /// in `occurred_at` order.
-async fn insert_keyed(db: &TestDb, keys: i64, rows: i64) {
-    sqlx::query(
-        "INSERT INTO qx_outbox_events (id, event_name, event_version, payload, occurred_at, correlation_id, \
-                                       causation_id, tenant_id, published_at, attempts, last_error) \
-         SELECT gen_random_uuid(), 'order.placed', 1, jsonb_build_object( \
-                  'payload', jsonb_build_object('order_id', k.ids[1 + n % $1], 'step', n / $1), \
-                  'event_id', gen_random_uuid(), 'event_name', 'order.placed', 'event_version', 1), \
-                now() + n * interval '1 microsecond', NULL, NULL, NULL, NULL, 0, NULL \
-         FROM generate_series(0, $2 - 1) AS n, \
-              (SELECT array_agg(gen_random_uuid()) AS ids FROM generate_series(1, $1)) AS k",
-    )
-    .bind(keys)
-    .bind(rows)
-    .execute(&db.pool)
-    .await
-    .expect("insert keyed events");
+async fn insert_keyed(db: &TestDb, keys: usize, rows: usize) {
+    let ids: Vec<Uuid> = (0..keys).map(|_| Uuid::new_v4()).collect();
+    insert_order_events(db, (0..rows).map(|n| (ids[n % keys], n / keys, "order.placed"))).await;
 }
 
 /// Events stored before an older event of the same order: 0 when every order's events are in order.
@@ -989,19 +823,14 @@ fn inversions(stored: &[Stored]) -> usize {
 
 /// A leader and a standby ordering by `payload.order_id` over `rows` events of 100 orders, both through Redis
 /// at `redis_url`, the leader mid-drain when this returns.
-async fn keyed_pair(db: &Arc<TestDb>, stream: &TestStream, redis_url: &str, rows: i64) -> (Relay, Relay) {
+async fn keyed_pair(db: &Arc<TestDb>, stream: &TestStream, redis_url: &str, rows: usize) -> (Relay, Relay) {
     insert_keyed(db, 100, rows).await;
     let key = lock_key();
     let env = |name: &str| {
-        let mut env = leader_env(db, stream, name, "redis", redis_url, &key);
-        set(&mut env, &[("QX_RELAY__SHARD_KEY", "payload.order_id"), ("QX_RELAY__BATCH_SIZE", "1000")]);
-        env
+        leader_env(db, stream, name, "redis", redis_url, &key)
+            .with(&[("QX_RELAY__SHARD_KEY", "payload.order_id"), ("QX_RELAY__BATCH_SIZE", "1000")])
     };
-    let start = Utc::now();
-    let a = Relay::spawn(&env("a"), &[]);
-    wait_for_log(&a, "leader lock acquired", start, DRAIN).await;
-    let b = Relay::spawn(&env("b"), &[]);
-    wait_for_log(&b, "standing by for the leader lock", start, DRAIN).await;
+    let (a, b, _) = leader_then_standby(&env("a"), &env("b")).await;
     wait_for_stream(stream, 3000, &a).await;
     (a, b)
 }
@@ -1011,13 +840,12 @@ async fn keyed_pair(db: &Arc<TestDb>, stream: &TestStream, redis_url: &str, rows
 async fn assert_drained_in_key_order(
     db: &TestDb,
     stream: &TestStream,
-    mut a: Relay,
-    mut b: Relay,
+    a: Relay,
+    b: Relay,
     what: &str,
 ) -> (usize, usize) {
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    stop(&mut a).await;
-    stop(&mut b).await;
+    a.stop_when_drained(db, DRAIN).await;
+    b.stop().await;
     let stored = stored(stream).await;
     let by = |relay: &str| stored.iter().filter(|m| m.relay == relay).count();
     let runs = runs(&stored).len();
@@ -1037,23 +865,21 @@ async fn assert_drained_in_key_order(
 async fn per_key_order_holds_when_the_leader_freezes_past_its_lease() {
     let _timed = TIMED.lock().await;
     let (db, stream) = (Arc::new(TestDb::create().await), TestStream::create().await);
-    let (a, b) = keyed_pair(&db, &stream, &common::env("REDIS_URL"), 60_000).await;
+    let (a, b) = keyed_pair(&db, &stream, &env_var("REDIS_URL"), 60_000).await;
     a.signal("STOP");
     tokio::time::sleep(Duration::from_secs(8)).await;
     a.signal("CONT");
     let (_, by_standby) = assert_drained_in_key_order(&db, &stream, a, b, "leader frozen 8s").await;
     assert!(by_standby > 0, "the standby took over");
-    finish(db, stream).await;
 }
 
 #[tokio::test]
 async fn per_key_order_holds_across_a_redis_restart() {
     let _timed = TIMED.lock().await;
     let (db, stream) = (Arc::new(TestDb::create().await), TestStream::create().await);
-    let mut redis = PrivateRedis::start().await;
+    let mut redis = RedisServer::start().await;
     let (a, b) = keyed_pair(&db, &stream, &redis.url(), 60_000).await;
     redis.kill9();
     redis.restart().await;
     assert_drained_in_key_order(&db, &stream, a, b, "Redis restarted").await;
-    finish(db, stream).await;
 }

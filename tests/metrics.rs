@@ -3,20 +3,42 @@
 //! The exposition is also checked by `promtool check metrics`: the binary `PROMTOOL` names (scripts/test sets
 //! it), else `promtool` on the PATH; without either that one check is skipped, and says so.
 
-#[path = "common/cluster.rs"]
-mod cluster;
-mod common;
-
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use cluster::{free_port, NatsServer};
-use common::{http, Relay, TestDb, TestStream};
+use qx_relay_testkit::{http, NatsServer, Relay, RelayEnv, TestDb, TestStream};
+
+/// How long a metric or a probe may take to show a change.
+const WAIT: Duration = Duration::from_secs(30);
 
 /// `GET path` → (status, body); `None` while nothing listens.
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {
     http(port, "GET", path).await.map(|response| (response.status, response.body))
+}
+
+/// Waits until `GET path` answers with a status and body that `check` accepts.
+async fn wait_for_answer(
+    relay: &Relay,
+    port: u16,
+    what: &str,
+    path: &str,
+    check: &dyn Fn(u16, &str) -> bool,
+) {
+    let answered = || async { get(port, path).await.is_some_and(|(status, body)| check(status, &body)) };
+    relay.eventually(what, WAIT, answered).await;
+}
+
+/// Waits until `/readyz` answers 200.
+async fn wait_until_ready(relay: &Relay, port: u16, what: &str) {
+    wait_for_answer(relay, port, what, "/readyz", &|status, _| status == 200).await;
+}
+
+/// Waits until `/metrics` shows `series` at `value`.
+async fn wait_for_sample(relay: &Relay, port: u16, series: &str, value: f64) {
+    let what = format!("{series} {value}");
+    wait_for_answer(relay, port, &what, "/metrics", &|_, metrics| sample(metrics, series) == Some(value))
+        .await;
 }
 
 /// The value of the sample `series` (name and labels as rendered), `None` when absent.
@@ -46,25 +68,15 @@ fn promtool_complaints(text: &str) -> Option<String> {
     Some(if output.status.success() { String::new() } else { format!("{}: {said}", output.status) })
 }
 
-async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn metrics_follow_a_drain() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     db.insert_events(20_000, "order.placed").await;
-    let port = free_port();
-    let mut env = Relay::env(&db, &stream.prefix);
-    env.push(("QX_RELAY__BATCH_SIZE".into(), "100".into()));
-    let relay = Relay::spawn(&env, &["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let env = RelayEnv::new(&db, &stream.prefix).set("QX_RELAY__BATCH_SIZE", "100");
+    let (relay, port) = Relay::spawn_serving(&env);
 
     let mut published_seen = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + WAIT;
     while published_seen.last() != Some(&20_000.0) {
         assert!(tokio::time::Instant::now() < deadline, "published stuck at {published_seen:?}");
         if let Some((200, metrics)) = get(port, "/metrics").await {
@@ -74,9 +86,10 @@ async fn metrics_follow_a_drain() {
     }
     assert!(published_seen.windows(2).all(|w| w[0] <= w[1]), "the counter only rises: {published_seen:?}");
     assert!(published_seen.iter().any(|&n| n > 0.0 && n < 20_000.0), "seen mid-drain: {published_seen:?}");
-    wait_until("pending to fall to 0", || async {
-        let Some((200, metrics)) = get(port, "/metrics").await else { return false };
-        metrics.contains("qx_relay_pending_rows 0") && sample(&metrics, "qx_relay_is_leader") == Some(1.0)
+    wait_for_answer(&relay, port, "pending to fall to 0", "/metrics", &|status, metrics| {
+        status == 200
+            && metrics.contains("qx_relay_pending_rows 0")
+            && sample(metrics, "qx_relay_is_leader") == Some(1.0)
     })
     .await;
     let (_, metrics) = get(port, "/metrics").await.unwrap();
@@ -92,8 +105,6 @@ async fn metrics_follow_a_drain() {
     assert!(metrics.contains("qx_relay_oldest_pending_age_seconds 0"), "{metrics}");
     assert_eq!(get(port, "/livez").await.map(|r| r.0), Some(200));
     relay.stop().await;
-    stream.delete().await;
-    db.drop().await;
 }
 
 #[tokio::test]
@@ -101,65 +112,47 @@ async fn readiness_follows_nats() {
     let db = TestDb::create().await;
     // A nats-server of our own, so it can be stopped without touching the shared one.
     let mut nats = NatsServer::start().await;
-    let port = free_port();
-    let mut env = Relay::env(&db, "ready");
-    env.push(("QX_NATS__SERVERS".into(), nats.url()));
-    env.push(("QX_NATS__RECONNECT_TIME_WAIT_SECONDS".into(), "0.2".into()));
-    env.push(("QX_RELAY__ENSURE_STREAM".into(), "true".into()));
-    let relay = Relay::spawn(&env, &["--metrics-addr", &format!("127.0.0.1:{port}")]);
-    wait_until("ready", || async { get(port, "/readyz").await.is_some_and(|(status, _)| status == 200) })
-        .await;
+    let env = RelayEnv::new(&db, "ready")
+        .set("QX_NATS__SERVERS", nats.url())
+        .with(&[("QX_NATS__RECONNECT_TIME_WAIT_SECONDS", "0.2"), ("QX_RELAY__ENSURE_STREAM", "true")]);
+    let (relay, port) = Relay::spawn_serving(&env);
+    wait_until_ready(&relay, port, "ready").await;
 
     nats.kill9();
-    wait_until("not ready without NATS", || async {
-        get(port, "/readyz").await.is_some_and(|(status, body)| status == 503 && body.contains("nats: down"))
+    wait_for_answer(&relay, port, "not ready without NATS", "/readyz", &|status, body| {
+        status == 503 && body.contains("nats: down")
     })
     .await;
-    wait_until("qx_relay_nats_up 0", || async {
-        get(port, "/metrics")
-            .await
-            .is_some_and(|(_, metrics)| sample(&metrics, "qx_relay_nats_up") == Some(0.0))
-    })
-    .await;
+    wait_for_sample(&relay, port, "qx_relay_nats_up", 0.0).await;
     assert_eq!(get(port, "/livez").await.map(|r| r.0), Some(200), "alive while NATS is down");
 
     nats.restart().await;
-    wait_until("ready again", || async {
-        get(port, "/readyz").await.is_some_and(|(status, _)| status == 200)
-    })
-    .await;
-    wait_until("qx_relay_nats_up 1", || async {
-        get(port, "/metrics")
-            .await
-            .is_some_and(|(_, metrics)| sample(&metrics, "qx_relay_nats_up") == Some(1.0))
-    })
-    .await;
+    wait_until_ready(&relay, port, "ready again").await;
+    wait_for_sample(&relay, port, "qx_relay_nats_up", 1.0).await;
     relay.stop().await;
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn a_claim_blocked_by_a_table_lock_does_not_wedge_the_loop() {
     let db = TestDb::create().await;
-    let port = free_port();
-    let env = Relay::env(&db, "blocked");
-    let relay = Relay::spawn(&env, &["--metrics-addr", &format!("127.0.0.1:{port}")]);
-    wait_until("ready", || async { get(port, "/readyz").await.is_some_and(|(status, _)| status == 200) })
-        .await;
+    let env = RelayEnv::new(&db, "blocked");
+    let (relay, port) = Relay::spawn_serving(&env);
+    wait_until_ready(&relay, port, "ready").await;
 
     // The claim (SELECT … FOR UPDATE) cannot take its lock while this is held. It gives up after its
     // lock_timeout and tries again, so the loop keeps stepping and /livez stays 200; before, the claim
     // waited for as long as the lock was held and nothing timed it out.
     let mut blocker = db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE qx_outbox_events IN EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
-    wait_until("the wait logged", || async { relay.log().contains("locked by another relay") }).await;
+    relay
+        .eventually("the wait logged", WAIT, || async { relay.log().contains("locked by another relay") })
+        .await;
     assert_eq!(get(port, "/livez").await.map(|r| r.0), Some(200));
     assert!(!relay.log().contains("the relay loop has stalled"), "{}", relay.log());
 
     blocker.rollback().await.unwrap();
-    wait_until("claiming again", || async { relay.log().contains("free again") }).await;
+    relay.eventually("claiming again", WAIT, || async { relay.log().contains("free again") }).await;
     relay.stop().await;
-    db.drop().await;
 }
 
 /// Before any event: counters at 0 (so `increase()` sees the first one), histograms with buckets (so replicas
@@ -167,16 +160,10 @@ async fn a_claim_blocked_by_a_table_lock_does_not_wedge_the_loop() {
 #[tokio::test]
 async fn every_family_is_exported_before_the_first_event() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
-    let port = free_port();
-    let env = Relay::env(&db, &stream.prefix);
-    let relay = Relay::spawn(&env, &["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let env = RelayEnv::new(&db, &stream.prefix);
+    let (relay, port) = Relay::spawn_serving(&env);
     // Connected and sampled once: the NATS gauge comes with the first housekeeping pass.
-    wait_until("qx_relay_nats_up 1", || async {
-        get(port, "/metrics")
-            .await
-            .is_some_and(|(_, metrics)| sample(&metrics, "qx_relay_nats_up") == Some(1.0))
-    })
-    .await;
+    wait_for_sample(&relay, port, "qx_relay_nats_up", 1.0).await;
     let (_, metrics) = get(port, "/metrics").await.expect("scrape");
 
     let mut at_zero = vec![
@@ -221,6 +208,4 @@ async fn every_family_is_exported_before_the_first_event() {
         None => eprintln!("promtool not found (set PROMTOOL): skipped `promtool check metrics`"),
     }
     relay.stop().await;
-    stream.delete().await;
-    db.drop().await;
 }

@@ -2,24 +2,19 @@
 //! and progress lines, the dead-row commands (`show`, `requeue --dry-run`), lock holders a person can find,
 //! and the exit codes and messages of a missing database and a busy metrics port.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{http, run_command, Relay, TestDb, TestStream};
+use qx_relay_testkit::{
+    env_var, free_port, http, run_command, NatsServer, Relay, RelayEnv, TestDb, TestStream,
+};
 use serde_json::Value;
 use uuid::Uuid;
 
 const DRAIN: Duration = Duration::from_secs(30);
 
-fn with(mut env: Vec<(String, String)>, pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    env.extend(pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-    env
-}
-
 /// Settings that need no server: `config` and a refused start read only these.
-fn offline_env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    with(vec![("QX_RELAY__SUBJECT_PREFIX".to_owned(), "orders".to_owned())], pairs)
+fn offline_env(pairs: &[(&str, &str)]) -> RelayEnv {
+    RelayEnv::default().set("QX_RELAY__SUBJECT_PREFIX", "orders").with(pairs)
 }
 
 /// This machine's host name, as the relay records it.
@@ -32,11 +27,6 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let start = line.find(&format!(" {key}="))? + key.len() + 2;
     let value = line[start..].split(' ').next()?;
     Some(value.trim_matches('"'))
-}
-
-/// A port nothing listens on (right now).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[test]
@@ -96,7 +86,7 @@ async fn produce(db: &TestDb, for_how_long: Duration) -> usize {
 async fn a_relay_that_relays_says_so_every_30s_in_its_own_words() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     // A bare level is the relay's own: async-nats would write a line per message at debug.
-    let env = with(Relay::env(&db, &stream.prefix), &[("QX_RELAY__LOG", "debug")]);
+    let env = RelayEnv::new(&db, &stream.prefix).set("QX_RELAY__LOG", "debug");
     let relay = Relay::spawn(&env, &[]);
     let rows = produce(&db, Duration::from_secs(38)).await;
     db.wait_for("published_at IS NULL", 0, DRAIN).await;
@@ -105,7 +95,7 @@ async fn a_relay_that_relays_says_so_every_30s_in_its_own_words() {
 
     let start = log.lines().find(|line| line.contains("relay starting")).expect(&log);
     assert_eq!(field(start, "db"), Some(format!("127.0.0.1:5432/{}", db.name).as_str()), "{start}");
-    assert_eq!(field(start, "nats"), Some(common::env("NATS_URL").as_str()), "{start}");
+    assert_eq!(field(start, "nats"), Some(env_var("NATS_URL").as_str()), "{start}");
     assert!(start.contains(r#" leader="none""#) && start.contains(r#" on_publish="mark""#), "{start}");
     assert!(log.lines().any(|line| line.contains("DEBUG") && line.contains("batch published")), "{log}");
     assert!(!log.lines().any(|line| line.contains("DEBUG async_nats")), "no async-nats debug:\n{log}");
@@ -124,8 +114,6 @@ async fn a_relay_that_relays_says_so_every_30s_in_its_own_words() {
     assert!((number("per_second") * number("seconds") - published).abs() <= published * 0.05, "{line}");
     // From the outbox sample taken every 30 s without metrics: some rows were always pending or in flight.
     assert!(number("pending") >= 0.0 && number("parked") == 0.0, "{line}");
-    stream.delete().await;
-    db.drop().await;
 }
 
 /// Marks `id` parked, with a last error a producer's event name could have put there.
@@ -150,7 +138,7 @@ async fn dead_show_and_a_dry_run_requeue_tell_before_anything_changes() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let env = Relay::env(&db, "orders");
+    let env = RelayEnv::new(&db, "orders");
     let asked: Vec<String> = [parked, pending, published, missing]
         .iter()
         .flat_map(|id| ["--id".to_owned(), id.to_string()])
@@ -219,11 +207,10 @@ async fn dead_show_and_a_dry_run_requeue_tell_before_anything_changes() {
     assert_eq!((code, stdout.as_str()), (Some(0), "requeued 1 row(s)\n"), "{stderr}");
     assert_eq!(stderr.lines().filter(|l| l.starts_with("warning: ")).count(), 3, "{stderr}");
     assert_eq!(db.count(&format!("id = '{parked}' AND attempts = 0 AND last_error IS NULL")).await, 1);
-    db.drop().await;
 }
 
 /// `status --json`'s one lock, once it is held.
-async fn held_lock(env: &[(String, String)], relay: &Relay) -> Value {
+async fn held_lock(env: &RelayEnv, relay: &Relay) -> Value {
     let deadline = tokio::time::Instant::now() + DRAIN;
     loop {
         let (code, stdout, stderr) = run_command(env, &["status", "--json"]);
@@ -243,14 +230,11 @@ async fn status_names_the_host_and_pid_holding_a_redis_or_postgres_lock() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     let key = format!("test:{}:leader", Uuid::new_v4().simple());
     for mode in ["redis", "postgres"] {
-        let env = with(
-            Relay::env(&db, &stream.prefix),
-            &[
-                ("QX_RELAY__LEADER", mode),
-                ("QX_RELAY__LEADER_KEY", &key),
-                ("QX_CACHE__URL", &common::env("REDIS_URL")),
-            ],
-        );
+        let env = RelayEnv::new(&db, &stream.prefix).with(&[
+            ("QX_RELAY__LEADER", mode),
+            ("QX_RELAY__LEADER_KEY", &key),
+            ("QX_CACHE__URL", &env_var("REDIS_URL")),
+        ]);
         let relay = Relay::spawn(&env, &[]);
         let lock = held_lock(&env, &relay).await;
         assert_eq!(lock["backend"], mode, "{lock}");
@@ -287,16 +271,14 @@ async fn status_names_the_host_and_pid_holding_a_redis_or_postgres_lock() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    stream.delete().await;
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn a_missing_database_is_a_configuration_error_and_a_refused_connection_says_so() {
     let db = TestDb::create().await;
     let missing = format!("postgres://postgres@127.0.0.1:5432/{}_gone", db.name);
-    let env = with(Relay::env(&db, "orders"), &[("QX_DB__URL", &missing)]);
-    let mut relay = Relay::spawn(&env, &[]);
+    let env = RelayEnv::new(&db, "orders").set("QX_DB__URL", missing);
+    let relay = Relay::spawn(&env, &[]);
     let status = relay.wait(DRAIN).await;
     let log = relay.log();
     assert_eq!(status.code(), Some(78), "{log}");
@@ -309,12 +291,11 @@ async fn a_missing_database_is_a_configuration_error_and_a_refused_connection_sa
     }
 
     // Nothing listens: the cause, not the pool's "timed out".
-    let env = with(Relay::env(&db, "orders"), &[("QX_DB__URL", "postgres://postgres@127.0.0.1:1/x")]);
+    let env = RelayEnv::new(&db, "orders").set("QX_DB__URL", "postgres://postgres@127.0.0.1:1/x");
     let (code, _, stderr) = run_command(&env, &["status"]);
     assert_eq!(code, Some(69), "{stderr}");
     assert!(stderr.contains("127.0.0.1:1") && stderr.contains("Connection refused"), "{stderr}");
     assert!(!stderr.contains("pool timed out"), "{stderr}");
-    db.drop().await;
 }
 
 #[tokio::test]
@@ -322,8 +303,8 @@ async fn a_busy_metrics_port_is_named_and_a_bare_port_listens_everywhere() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap().to_string();
-    let env = with(Relay::env(&db, &stream.prefix), &[("QX_RELAY__METRICS_ADDR", &busy)]);
-    let mut relay = Relay::spawn(&env, &[]);
+    let env = RelayEnv::new(&db, &stream.prefix).set("QX_RELAY__METRICS_ADDR", busy.clone());
+    let relay = Relay::spawn(&env, &[]);
     let status = relay.wait(DRAIN).await;
     let log = relay.log();
     assert_eq!(status.code(), Some(78), "{log}");
@@ -331,7 +312,7 @@ async fn a_busy_metrics_port_is_named_and_a_bare_port_listens_everywhere() {
     drop(taken);
 
     let port = free_port();
-    let relay = Relay::spawn(&Relay::env(&db, &stream.prefix), &["--metrics-addr", &format!(":{port}")]);
+    let relay = Relay::spawn(&RelayEnv::new(&db, &stream.prefix), &["--metrics-addr", &format!(":{port}")]);
     let deadline = tokio::time::Instant::now() + DRAIN;
     // Ready once connected to Postgres and NATS.
     while http(port, "GET", "/readyz").await.is_none_or(|response| response.status != 200) {
@@ -340,54 +321,6 @@ async fn a_busy_metrics_port_is_named_and_a_bare_port_listens_everywhere() {
     }
     assert!(relay.log().contains(&format!("addr=0.0.0.0:{port}")), "{}", relay.log());
     relay.stop().await;
-    stream.delete().await;
-    db.drop().await;
-}
-
-/// A nats-server of this test's own, which it may stop and start again on the same port.
-struct PrivateNats {
-    port: u16,
-    store: std::path::PathBuf,
-    child: Option<std::process::Child>,
-}
-
-impl PrivateNats {
-    async fn start() -> Self {
-        let store = std::env::temp_dir().join(format!("qxr-nats-{}", Uuid::new_v4().simple()));
-        let mut server = Self { port: free_port(), store, child: None };
-        server.restart().await;
-        server
-    }
-
-    async fn restart(&mut self) {
-        let child = std::process::Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(&self.store)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "nats-server did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for PrivateNats {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.store);
-    }
 }
 
 /// Waits until the relay's log has a line holding every one of `parts`; the line.
@@ -405,21 +338,18 @@ async fn log_line(relay: &Relay, parts: &[&str]) -> String {
 
 #[tokio::test]
 async fn a_lost_nats_connection_names_the_server_why_it_cannot_come_back_and_when_it_does() {
-    let mut nats = PrivateNats::start().await;
+    let mut nats = NatsServer::start().await;
     let db = TestDb::create().await;
     let server = format!("127.0.0.1:{}", nats.port);
-    let env = with(
-        Relay::env(&db, "orders"),
-        &[
-            ("QX_NATS__SERVERS", &format!("nats://{server}")),
-            ("QX_NATS__RECONNECT_TIME_WAIT_SECONDS", "0.2"),
-            ("QX_RELAY__ENSURE_STREAM", "true"),
-        ],
-    );
+    let env = RelayEnv::new(&db, "orders").with(&[
+        ("QX_NATS__SERVERS", &format!("nats://{server}")),
+        ("QX_NATS__RECONNECT_TIME_WAIT_SECONDS", "0.2"),
+        ("QX_RELAY__ENSURE_STREAM", "true"),
+    ]);
     let relay = Relay::spawn(&env, &[]);
     log_line(&relay, &["connected to Postgres and NATS", &format!("nats={server}")]).await;
 
-    nats.kill();
+    nats.kill9();
     log_line(&relay, &[" WARN ", "NATS connection lost; reconnecting", &format!("server={server}")]).await;
     let failed = log_line(&relay, &[" WARN ", "NATS reconnect failed", &format!("server={server}")]).await;
     assert!(failed.contains("error="), "the client's reason: {failed}");
@@ -428,7 +358,5 @@ async fn a_lost_nats_connection_names_the_server_why_it_cannot_come_back_and_whe
 
     // And it relays again.
     db.insert_events(10, "order.placed").await;
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    relay.stop().await;
-    db.drop().await;
+    relay.stop_when_drained(&db, DRAIN).await;
 }

@@ -1,46 +1,32 @@
 //! What operators see and do: `status` and `dead list/requeue` on a table with parked rows (text and JSON),
 //! and what happens to rows once published: `on_publish = "delete"` and `retention` remove published rows only.
 
-mod common;
-
 use std::time::Duration;
 
 use async_nats::jetstream::stream;
-use common::{run_command, Relay, TestDb, TestStream};
+use qx_relay_testkit::outbox::envelope_of_size;
+use qx_relay_testkit::{run_command, Relay, RelayEnv, TestDb, TestStream};
 use serde_json::Value;
 use uuid::Uuid;
 
 const DRAIN: Duration = Duration::from_secs(30);
 
-fn set(env: &mut Vec<(String, String)>, pairs: &[(&str, &str)]) {
-    env.extend(pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-}
-
-/// An envelope for `event_name` whose `payload` holds `size` bytes of filler.
-fn envelope_of_size(event_name: &str, size: usize) -> String {
-    format!(
-        r#"{{"payload": {{"blob": "{}"}}, "event_id": "{}", "event_name": "{event_name}", "event_version": 1}}"#,
-        "x".repeat(size),
-        Uuid::new_v4()
-    )
-}
-
 /// Runs a subcommand that must succeed; its stdout.
-fn ok(env: &[(String, String)], args: &[&str]) -> String {
+fn ok(env: &RelayEnv, args: &[&str]) -> String {
     let (code, stdout, stderr) = run_command(env, args);
     assert_eq!(code, Some(0), "qx-relay {args:?}: {stderr}");
     stdout
 }
 
 /// Runs a `--json` subcommand that must succeed; its parsed output.
-fn json(env: &[(String, String)], args: &[&str]) -> Value {
+fn json(env: &RelayEnv, args: &[&str]) -> Value {
     let stdout = ok(env, args);
     serde_json::from_str(&stdout)
         .unwrap_or_else(|err| panic!("qx-relay {args:?} printed no JSON ({err}): {stdout}"))
 }
 
 /// `status --json` of the single shard: (pending, parked, published in the last 5 minutes).
-fn status(env: &[(String, String)]) -> (i64, i64, i64) {
+fn status(env: &RelayEnv) -> (i64, i64, i64) {
     let status = json(env, &["status", "--json"]);
     assert_eq!(status["table"], "qx_outbox_events", "{status}");
     let shard = &status["shards"][0];
@@ -56,31 +42,20 @@ fn parked_ids(list: &Value) -> Vec<String> {
 
 #[tokio::test]
 async fn status_and_dead_letters_round_trip() {
-    let db = TestDb::create().await;
-    let stream = TestStream::unattached().await;
+    let (db, stream) = (TestDb::create().await, TestStream::unattached().await);
     // Rows over 4 kB are refused by this stream until an operator raises the limit.
-    let config = stream::Config {
-        name: stream.name.clone(),
-        subjects: vec![format!("{}.>", stream.prefix)],
-        max_message_size: 4096,
-        duplicate_window: Duration::from_secs(300),
-        ..Default::default()
-    };
-    stream.jetstream.create_stream(config.clone()).await.expect("create stream");
+    let config = stream::Config { max_message_size: 4096, ..stream.config() };
+    stream.attach_with(config.clone()).await;
     db.insert_events(200, "order.placed").await;
     let big_1 = db.insert_raw("order.placed", &envelope_of_size("order.placed", 8000)).await;
     let poison = db.insert_raw("order placed", &envelope_of_size("order placed", 10)).await;
     let big_2 = db.insert_raw("order.placed", &envelope_of_size("order.placed", 8000)).await;
 
-    let mut env = Relay::env(&db, &stream.prefix);
-    set(
-        &mut env,
-        &[
-            ("QX_RELAY__MAX_ATTEMPTS", "2"),
-            ("QX_RELAY__RETRY_BACKOFF", "50ms"),
-            ("QX_RELAY__RETRY_BACKOFF_MAX", "100ms"),
-        ],
-    );
+    let env = RelayEnv::new(&db, &stream.prefix).with(&[
+        ("QX_RELAY__MAX_ATTEMPTS", "2"),
+        ("QX_RELAY__RETRY_BACKOFF", "50ms"),
+        ("QX_RELAY__RETRY_BACKOFF_MAX", "100ms"),
+    ]);
     let relay = Relay::spawn(&env, &[]);
     db.wait_for("published_at IS NOT NULL", 200, DRAIN).await;
     db.wait_for("attempts >= 2", 3, DRAIN).await;
@@ -153,26 +128,22 @@ async fn status_and_dead_letters_round_trip() {
         let (code, _, stderr) = run_command(&env, args);
         assert_eq!(code, Some(64), "{args:?}: {stderr}");
     }
-    let mut down = env.clone();
-    set(&mut down, &[("QX_DB__URL", "postgres://postgres@127.0.0.1:1/x")]);
+    let down = env.clone().set("QX_DB__URL", "postgres://postgres@127.0.0.1:1/x");
     for args in [&["status"][..], &["dead", "list"], &["dead", "requeue", "--all"]] {
         let (code, _, stderr) = run_command(&down, args);
         assert_eq!(code, Some(69), "{args:?}: {stderr}");
         assert!(stderr.contains("postgres"), "{args:?}: {stderr}");
     }
-    stream.delete().await;
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn control_characters_from_rows_are_escaped_in_text_output() {
-    let db = TestDb::create().await;
-    let stream = TestStream::create().await;
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
     // Both are parked at once (a subject token holds no whitespace), and logged, and listed.
     let (newline, escape) = ("a\nforged line", "\x1b[31mred alert");
     let forged = db.insert_raw(newline, &envelope_of_size("x", 10)).await;
     let coloured = db.insert_raw(escape, &envelope_of_size("x", 10)).await;
-    let env = Relay::env(&db, &stream.prefix);
+    let env = RelayEnv::new(&db, &stream.prefix);
     let relay = Relay::spawn(&env, &[]);
     db.wait_for("last_error LIKE 'parked: %'", 2, DRAIN).await;
     let log = relay.log();
@@ -200,30 +171,22 @@ async fn control_characters_from_rows_are_escaped_in_text_output() {
         list.as_array().unwrap().iter().filter_map(|row| row["event_name"].as_str()).collect();
     names.sort_unstable();
     assert_eq!(names, [escape, newline], "{list}");
-    stream.delete().await;
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn on_publish_delete_removes_published_rows_only() {
-    let db = TestDb::create().await;
-    let stream = TestStream::unattached().await;
+    let (db, stream) = (TestDb::create().await, TestStream::unattached().await);
     // Captures order events only: audit rows have no stream and must stay pending.
     stream
-        .jetstream
-        .create_stream(stream::Config {
-            name: stream.name.clone(),
+        .attach_with(stream::Config {
             subjects: vec![format!("{}.order.>", stream.prefix)],
-            duplicate_window: Duration::from_secs(300),
-            ..Default::default()
+            ..stream.config()
         })
-        .await
-        .expect("create stream");
+        .await;
     db.insert_events(300, "order.placed").await;
     db.insert_events(50, "audit.logged").await;
     let poison = db.insert_raw("order placed", &envelope_of_size("order placed", 10)).await;
-    let mut env = Relay::env(&db, &stream.prefix);
-    set(&mut env, &[("QX_RELAY__ON_PUBLISH", "delete")]);
+    let env = RelayEnv::new(&db, &stream.prefix).set("QX_RELAY__ON_PUBLISH", "delete");
     let relay = Relay::spawn(&env, &[]);
     db.wait_for("event_name = 'order.placed'", 0, DRAIN).await;
     db.wait_for("last_error LIKE 'no stream captures %'", 50, DRAIN).await;
@@ -237,8 +200,6 @@ async fn on_publish_delete_removes_published_rows_only() {
     assert_eq!(db.count("true").await, 51, "only published rows are deleted");
     assert_eq!(db.count("event_name = 'audit.logged' AND published_at IS NULL AND attempts = 0").await, 50);
     assert_eq!(db.count(&format!("id = '{poison}' AND published_at IS NULL")).await, 1, "parked row kept");
-    stream.delete().await;
-    db.drop().await;
 }
 
 #[tokio::test]
@@ -258,8 +219,7 @@ async fn retention_deletes_old_published_rows_only() {
     mark(&recent, "published_at = now() - interval '1 minute'").await;
     mark(&parked, "attempts = 10, last_error = 'parked: x', occurred_at = now() - interval '3 hours'").await;
 
-    let mut env = Relay::env(&db, &stream.prefix);
-    set(&mut env, &[("QX_RELAY__RETENTION", "1h")]);
+    let env = RelayEnv::new(&db, &stream.prefix).set("QX_RELAY__RETENTION", "1h");
     let relay = Relay::spawn(&env, &[]);
     // Housekeeping runs at start, then every 5 s.
     db.wait_for("published_at < now() - interval '1 hour'", 0, Duration::from_secs(25)).await;
@@ -277,6 +237,4 @@ async fn retention_deletes_old_published_rows_only() {
     assert_eq!(db.count(&format!("{} AND published_at IS NULL", kept(&parked))).await, 1);
     assert_eq!(db.count(&format!("{} AND published_at IS NOT NULL", kept(&pending))).await, 100);
     assert_eq!(stream.count().await, 100, "only the pending rows were published");
-    stream.delete().await;
-    db.drop().await;
 }

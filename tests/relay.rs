@@ -1,18 +1,14 @@
 //! The relay foundation against real Postgres and NATS: what reaches the stream, byte for byte; shards;
 //! SIGTERM and kill -9 mid-drain; a missing stream; bad settings; `check`.
 
-#[path = "common/cluster.rs"]
-mod cluster;
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_nats::header::NATS_MESSAGE_ID;
-use common::{run_command, Relay, TestDb, TestStream};
 use qx_relay::wire::{
     HEADER_CORRELATION_ID, HEADER_EVENT_ID, HEADER_EVENT_NAME, HEADER_EVENT_VERSION, HEADER_TENANT_ID,
 };
+use qx_relay_testkit::{http, run_command, Relay, RelayEnv, TestDb, TestStream};
 use uuid::Uuid;
 
 const DRAIN: Duration = Duration::from_secs(60);
@@ -63,10 +59,9 @@ async fn assert_stream_matches_table(db: &TestDb, stream: &TestStream, prefix: &
 }
 
 /// Runs one relay with `env` until no row is pending, stops it, and checks the stream against the table.
-async fn drain_and_compare(db: &TestDb, stream: &TestStream, env: &[(String, String)]) {
+async fn drain_and_compare(db: &TestDb, stream: &TestStream, env: &RelayEnv) {
     let relay = Relay::spawn(env, &[]);
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    relay.stop().await;
+    relay.stop_when_drained(db, DRAIN).await;
     assert_stream_matches_table(db, stream, &stream.prefix).await;
 }
 
@@ -75,24 +70,20 @@ async fn drains_rows_with_exact_bodies_and_headers() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     db.insert_events(3000, "order.placed").await;
     db.insert_events(500, "identity.user.registered").await;
-    drain_and_compare(&db, &stream, &Relay::env(&db, &stream.prefix)).await;
+    drain_and_compare(&db, &stream, &RelayEnv::new(&db, &stream.prefix)).await;
     assert_eq!(db.count("published_at IS NOT NULL AND attempts = 0 AND last_error IS NULL").await, 3500);
-    stream.delete().await;
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn a_window_smaller_than_the_batch_publishes_every_row_once() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     db.insert_events(250, "order.placed").await;
-    let mut env = Relay::env(&db, &stream.prefix);
-    env.push(("QX_RELAY__BATCH_SIZE".into(), "100".into()));
-    // Most acks are awaited with the window full, and the last batch is a partial one.
-    env.push(("QX_RELAY__MAX_IN_FLIGHT".into(), "7".into()));
+    let env = RelayEnv::new(&db, &stream.prefix)
+        .set("QX_RELAY__BATCH_SIZE", "100")
+        // Most acks are awaited with the window full, and the last batch is a partial one.
+        .set("QX_RELAY__MAX_IN_FLIGHT", "7");
     drain_and_compare(&db, &stream, &env).await;
     assert_eq!(db.count("published_at IS NOT NULL AND attempts = 0 AND last_error IS NULL").await, 250);
-    stream.delete().await;
-    db.drop().await;
 }
 
 #[tokio::test]
@@ -101,7 +92,7 @@ async fn rows_of_a_child_table_are_published_and_marked_once() {
     db.insert_events(2000, "order.placed").await;
     // Every other row moves to a child table (as in partitioning by inheritance), so each batch mixes both
     // tables and the same `ctid` names a row in each.
-    sqlx::raw_sql(
+    db.execute(
         "CREATE TABLE qx_outbox_events_child () INHERITS (qx_outbox_events);
          WITH moved AS (
              DELETE FROM ONLY qx_outbox_events WHERE id IN (
@@ -110,29 +101,22 @@ async fn rows_of_a_child_table_are_published_and_marked_once() {
              RETURNING *)
          INSERT INTO qx_outbox_events_child SELECT * FROM moved",
     )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(db.count("tableoid = 'qx_outbox_events_child'::regclass").await, 1000);
-    let mut env = Relay::env(&db, &stream.prefix);
-    env.push(("QX_RELAY__BATCH_SIZE".into(), "100".into()));
+    let env = RelayEnv::new(&db, &stream.prefix).set("QX_RELAY__BATCH_SIZE", "100");
     drain_and_compare(&db, &stream, &env).await;
-    stream.delete().await;
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn qx_db_fixture_rows_round_trip_byte_for_byte() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     let fixtures = db.insert_fixtures().await;
-    drain_and_compare(&db, &stream, &Relay::env(&db, &stream.prefix)).await;
+    drain_and_compare(&db, &stream, &RelayEnv::new(&db, &stream.prefix)).await;
     // The fixture holds the column's text exactly as Postgres returned it to qx-db: the body must equal it.
     let bodies: HashSet<Vec<u8>> = stream.messages().await.iter().map(|m| m.payload.to_vec()).collect();
     for fixture in &fixtures {
         assert!(bodies.contains(fixture.payload.as_bytes()), "fixture {} body changed", fixture.id);
     }
-    stream.delete().await;
-    db.drop().await;
 }
 
 #[tokio::test]
@@ -142,8 +126,8 @@ async fn three_shards_split_the_table_like_the_python_relay() {
     // Each relay publishes under its own sub-prefix, so the subject tells which relay sent a row.
     let relays: Vec<Relay> = (0..3)
         .map(|shard| {
-            let mut env = Relay::env(&db, &format!("{}.s{shard}", stream.prefix));
-            env.push(("QX_RELAY__SHARD_COUNT".into(), "3".into()));
+            let env =
+                RelayEnv::new(&db, &format!("{}.s{shard}", stream.prefix)).set("QX_RELAY__SHARD_COUNT", "3");
             Relay::spawn(&env, &["--shard-id", &shard.to_string()])
         })
         .collect();
@@ -173,21 +157,14 @@ async fn three_shards_split_the_table_like_the_python_relay() {
         per_shard[shard as usize] += 1;
     }
     assert!(per_shard.iter().all(|&n| n > 800), "hash split is roughly even: {per_shard:?}");
-    stream.delete().await;
-    db.drop().await;
 }
 
 /// Starts a relay on a large backlog and waits until it is part-way through.
 async fn relay_mid_drain(db: &TestDb, stream: &TestStream, rows: usize) -> Relay {
     db.insert_events(rows, "order.placed").await;
-    let mut env = Relay::env(db, &stream.prefix);
-    env.push(("QX_RELAY__BATCH_SIZE".into(), "500".into()));
+    let env = RelayEnv::new(db, &stream.prefix).set("QX_RELAY__BATCH_SIZE", "500");
     let relay = Relay::spawn(&env, &[]);
-    let deadline = tokio::time::Instant::now() + DRAIN;
-    while stream.count().await < 2000 {
-        assert!(tokio::time::Instant::now() < deadline, "relay did not start publishing:\n{}", relay.log());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    relay.eventually("the relay to start publishing", DRAIN, || async { stream.count().await >= 2000 }).await;
     relay
 }
 
@@ -196,7 +173,7 @@ async fn relay_mid_drain(db: &TestDb, stream: &TestStream, rows: usize) -> Relay
 async fn signal_mid_drain_exits_cleanly_and_a_restart_finishes(signal: &str) {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     let rows = 60_000;
-    let mut relay = relay_mid_drain(&db, &stream, rows).await;
+    let relay = relay_mid_drain(&db, &stream, rows).await;
     relay.signal(signal);
     let status = relay.wait(Duration::from_secs(10)).await; // drain_timeout
     assert_eq!(status.code(), Some(0), "log:\n{}", relay.log());
@@ -207,12 +184,9 @@ async fn signal_mid_drain_exits_cleanly_and_a_restart_finishes(signal: &str) {
     // Every row marked so far is in the stream: a clean stop leaves nothing published-but-unmarked behind.
     assert!(stream.count().await >= (rows as i64 - left) as u64);
 
-    let relay = Relay::spawn(&Relay::env(&db, &stream.prefix), &[]);
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    relay.stop().await;
+    let relay = Relay::spawn(&RelayEnv::new(&db, &stream.prefix), &[]);
+    relay.stop_when_drained(&db, DRAIN).await;
     assert_eq!(stream.count().await, rows as u64, "each event once");
-    stream.delete().await;
-    db.drop().await;
 }
 
 #[tokio::test]
@@ -229,28 +203,24 @@ async fn sighup_mid_drain_exits_cleanly_and_a_restart_finishes() {
 async fn kill_9_mid_batch_then_restart_publishes_each_event_exactly_once() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
     let rows = 60_000;
-    let mut relay = relay_mid_drain(&db, &stream, rows).await;
+    let relay = relay_mid_drain(&db, &stream, rows).await;
     relay.kill9();
     let published_before_restart = stream.count().await;
     let marked = rows as u64 - db.unpublished().await as u64;
     assert!(marked < rows as u64, "kill came after the drain finished; make the backlog larger");
 
-    let relay = Relay::spawn(&Relay::env(&db, &stream.prefix), &[]);
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    relay.stop().await;
+    let relay = Relay::spawn(&RelayEnv::new(&db, &stream.prefix), &[]);
+    relay.stop_when_drained(&db, DRAIN).await;
     assert_eq!(stream.count().await, rows as u64, "JetStream dedupe absorbs the republished rows");
     assert!(published_before_restart >= marked, "no row is marked before its PubAck");
     assert_stream_matches_table(&db, &stream, &stream.prefix).await;
-    stream.delete().await;
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn rows_wait_for_a_missing_stream_without_burning_attempts() {
-    let db = TestDb::create().await;
-    let stream = TestStream::unattached().await;
+    let (db, stream) = (TestDb::create().await, TestStream::unattached().await);
     db.insert_events(200, "order.placed").await;
-    let relay = Relay::spawn(&Relay::env(&db, &stream.prefix), &[]);
+    let relay = Relay::spawn(&RelayEnv::new(&db, &stream.prefix), &[]);
     let reason = format!("no stream captures {}.order.placed", stream.prefix);
     db.wait_for(&format!("last_error = '{reason}'"), 200, DRAIN).await;
     tokio::time::sleep(Duration::from_millis(1500)).await; // a few retries
@@ -258,23 +228,20 @@ async fn rows_wait_for_a_missing_stream_without_burning_attempts() {
     assert!(relay.log().contains(&reason), "the log names the missing subject:\n{}", relay.log());
 
     stream.attach().await;
-    db.wait_for("published_at IS NULL", 0, DRAIN).await;
-    relay.stop().await;
+    relay.stop_when_drained(&db, DRAIN).await;
     assert_eq!(stream.count().await, 200);
     assert_eq!(db.count("attempts = 0").await, 200, "none parked");
-    stream.delete().await;
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn notify_wakes_an_idle_relay() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
-    sqlx::raw_sql(include_str!("../scripts/outbox-notify.sql")).execute(&db.pool).await.unwrap();
-    let mut env = Relay::env(&db, &stream.prefix);
-    // Polls so rare that only the notification can explain a publish within the test.
-    env.push(("QX_RELAY__IDLE_POLL_INTERVAL".into(), "1h".into()));
-    env.push(("QX_RELAY__POLL_INTERVAL".into(), "1h".into()));
-    env.push(("QX_RELAY__NOTIFY_CHANNEL".into(), "qx_outbox".into()));
+    db.execute(include_str!("../scripts/outbox-notify.sql")).await;
+    let env = RelayEnv::new(&db, &stream.prefix)
+        // Polls so rare that only the notification can explain a publish within the test.
+        .set("QX_RELAY__IDLE_POLL_INTERVAL", "1h")
+        .set("QX_RELAY__POLL_INTERVAL", "1h")
+        .set("QX_RELAY__NOTIFY_CHANNEL", "qx_outbox");
     let relay = Relay::spawn(&env, &[]);
     db.insert_events(1, "order.placed").await;
     db.wait_for("published_at IS NULL", 0, DRAIN).await; // the first claim at start
@@ -285,17 +252,15 @@ async fn notify_wakes_an_idle_relay() {
     }
     relay.stop().await;
     assert_eq!(stream.count().await, 31);
-    stream.delete().await;
-    db.drop().await;
 }
 
-fn config_env(extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut env = vec![
-        ("QX_RELAY__SUBJECT_PREFIX".to_owned(), "orders".to_owned()),
-        ("QX_DB__URL".to_owned(), "postgresql+asyncpg://u:pw@127.0.0.1:5432/app".to_owned()),
-    ];
-    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-    env
+fn config_env(extra: &[(&str, &str)]) -> RelayEnv {
+    RelayEnv::default()
+        .with(&[
+            ("QX_RELAY__SUBJECT_PREFIX", "orders"),
+            ("QX_DB__URL", "postgresql+asyncpg://u:pw@127.0.0.1:5432/app"),
+        ])
+        .with(extra)
 }
 
 #[test]
@@ -309,7 +274,7 @@ fn bad_settings_exit_78_naming_the_key() {
     };
     let typo = file("typo.toml", "[relay]\nbatchsize = 10\n");
     // (environment, flags, the key the error must name)
-    type Case = (Vec<(String, String)>, Vec<String>, &'static str);
+    type Case = (RelayEnv, Vec<String>, &'static str);
     let cases: Vec<Case> = vec![
         (config_env(&[]), vec!["--config".into(), typo], "relay.batchsize"),
         (config_env(&[("QX_RELAY__POLL_INTERVAL", "fast")]), vec![], "relay.poll_interval"),
@@ -320,7 +285,7 @@ fn bad_settings_exit_78_naming_the_key() {
             vec!["--shard-id".into(), "3".into(), "--shard-count".into(), "3".into()],
             "relay.shard_id",
         ),
-        (vec![], vec![], "relay.subject_prefix"),
+        (RelayEnv::default(), vec![], "relay.subject_prefix"),
         (config_env(&[("QX_RELAY__BATCHSIZE", "10")]), vec![], "relay.batchsize"),
         (config_env(&[("QX_RELAY__GIVE_UP_AFTER", "1ms")]), vec![], "relay.give_up_after"),
         (config_env(&[("QX_RELAY__ACK_TIMEOUT", "31s")]), vec![], "relay.give_up_after"),
@@ -349,18 +314,17 @@ fn bad_settings_exit_78_naming_the_key() {
 #[tokio::test]
 async fn durations_too_long_to_add_up_exit_78_before_connecting() {
     let db = TestDb::create().await;
-    let mut env = Relay::env(&db, "absurd");
-    // Each fits in a Duration; their sum (the republish horizon) does not.
-    env.push(("QX_RELAY__GIVE_UP_AFTER".into(), "500000000000y".into()));
-    env.push(("QX_RELAY__DRAIN_TIMEOUT".into(), "500000000000y".into()));
-    let mut relay = Relay::spawn(&env, &[]);
+    let env = RelayEnv::new(&db, "absurd")
+        // Each fits in a Duration; their sum (the republish horizon) does not.
+        .set("QX_RELAY__GIVE_UP_AFTER", "500000000000y")
+        .set("QX_RELAY__DRAIN_TIMEOUT", "500000000000y");
+    let relay = Relay::spawn(&env, &[]);
     let status = relay.wait(Duration::from_secs(10)).await;
     let log = relay.log();
     assert_eq!(status.code(), Some(78), "{log}");
     let lines: Vec<&str> = log.lines().collect();
     assert_eq!(lines.len(), 1, "one line: {log}");
     assert!(lines[0].contains("relay.drain_timeout: must be at most 1day"), "{log}");
-    db.drop().await;
 }
 
 #[test]
@@ -381,38 +345,32 @@ fn a_services_foreign_qx_settings_do_not_break_startup() {
 #[tokio::test]
 async fn check_passes_on_a_good_setup_and_names_the_failing_check() {
     let (db, stream) = (TestDb::create().await, TestStream::create().await);
-    let env = Relay::env(&db, &stream.prefix);
+    let env = RelayEnv::new(&db, &stream.prefix);
     let (code, stdout, _) = run_command(&env, &["check"]);
     assert_eq!(code, Some(0), "{stdout}");
     assert_eq!(stdout.lines().count(), 5, "one line per check:\n{stdout}");
 
-    let mut no_stream = env.clone();
-    no_stream.push(("QX_RELAY__SUBJECT_PREFIX".into(), format!("{}x", stream.prefix)));
+    let no_stream = env.clone().set("QX_RELAY__SUBJECT_PREFIX", format!("{}x", stream.prefix));
     let (code, stdout, _) = run_command(&no_stream, &["check"]);
     assert_ne!(code, Some(0));
     assert!(stdout.lines().any(|l| l.starts_with("FAIL  stream:")), "{stdout}");
 
-    let mut no_table = env.clone();
-    no_table.push(("QX_RELAY__TABLE".into(), "missing_outbox".into()));
+    let no_table = env.clone().set("QX_RELAY__TABLE", "missing_outbox");
     let (code, stdout, _) = run_command(&no_table, &["check"]);
     assert_eq!(code, Some(78), "{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with("FAIL  table:")), "{stdout}");
 
     // A view has the outbox columns but no ctid: rows could not be claimed and settled through it.
-    sqlx::query("CREATE VIEW outbox_view AS SELECT * FROM qx_outbox_events").execute(&db.pool).await.unwrap();
-    let mut view = env.clone();
-    view.push(("QX_RELAY__TABLE".into(), "outbox_view".into()));
+    db.execute("CREATE VIEW outbox_view AS SELECT * FROM qx_outbox_events").await;
+    let view = env.clone().set("QX_RELAY__TABLE", "outbox_view");
     let (code, stdout, _) = run_command(&view, &["check"]);
     assert_eq!(code, Some(78), "{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with("FAIL  table:") && l.contains("ctid")), "{stdout}");
 
-    let mut no_postgres = env;
-    no_postgres.push(("QX_DB__URL".into(), "postgres://postgres@127.0.0.1:1/x".into()));
+    let no_postgres = env.set("QX_DB__URL", "postgres://postgres@127.0.0.1:1/x");
     let (code, stdout, _) = run_command(&no_postgres, &["check"]);
     assert_eq!(code, Some(69), "{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with("FAIL  postgres:")), "{stdout}");
-    stream.delete().await;
-    db.drop().await;
 }
 
 /// Tuples read from the outbox table so far (sequential plus index fetches), as Postgres counts them.
@@ -428,7 +386,7 @@ async fn tuples_read(db: &TestDb) -> i64 {
 
 #[tokio::test]
 async fn an_idle_relay_with_metrics_reads_a_sliver_of_a_large_published_table() {
-    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    let (mut db, stream) = (TestDb::create().await, TestStream::create().await);
     let rows: i64 = 300_000;
     // A table that only grows, as in mark mode: every row published an hour ago. Set up on a connection of
     // its own, closed before measuring, so its reads are counted (backends report them at exit) beforehand.
@@ -440,22 +398,17 @@ async fn an_idle_relay_with_metrics_reads_a_sliver_of_a_large_published_table() 
         .expect("mark rows published");
     sqlx::query("VACUUM ANALYZE qx_outbox_events").execute(&mut setup).await.expect("vacuum");
     sqlx::Connection::close(setup).await.expect("close setup connection");
-    db.pool.close().await;
-    let db = TestDb { pool: sqlx::PgPool::connect(&db.url).await.expect("reconnect"), ..db };
+    db.reconnect().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = tuples_read(&db).await;
 
-    let port = cluster::free_port();
-    let relay =
-        Relay::spawn(&Relay::env(&db, &stream.prefix), &["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let (relay, port) = Relay::spawn_serving(&RelayEnv::new(&db, &stream.prefix));
     tokio::time::sleep(Duration::from_secs(12)).await;
-    let metrics = common::http(port, "GET", "/metrics").await.expect("metrics answer").body;
+    let metrics = http(port, "GET", "/metrics").await.expect("metrics answer").body;
     relay.stop().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let read = tuples_read(&db).await - before;
     eprintln!("idle relay with metrics, 12 s over {rows} published rows: {read} tuples read");
     assert!(metrics.contains("qx_relay_pending_rows 0"), "the gauges were sampled:\n{metrics}");
     assert!(read < rows / 10, "{read} tuples read");
-    stream.delete().await;
-    db.drop().await;
 }

@@ -2,15 +2,13 @@
 //! claim takes and leaves, how it settles, what it refuses. The binary-level tests keep what only they can
 //! show (faults, exit codes, failover).
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::TestDb;
 use qx_relay::relay::config::{OnPublish, RelayConfig, ShardKey};
 use qx_relay::relay::shard::Shard;
 use qx_relay::relay::store::{OutboxStore, Requeue, RowFailure, StoreError, TableProblem};
+use qx_relay_testkit::TestDb;
 use uuid::Uuid;
 
 const BATCH: u32 = 100;
@@ -28,15 +26,21 @@ async fn default_store(db: &TestDb) -> OutboxStore {
     open_store(db, &relay_config(ShardKey::Id, OnPublish::Mark)).await
 }
 
+/// A database holding `count` pending rows, their ids oldest first, and the default store on it.
+async fn store_with_rows(count: usize) -> (TestDb, Vec<Uuid>, OutboxStore) {
+    let db = TestDb::create().await;
+    let inserted = db.insert_events(count, "order.placed").await;
+    let store = default_store(&db).await;
+    (db, inserted, store)
+}
+
 fn ids(batch: &qx_relay::relay::store::ClaimedBatch) -> Vec<Uuid> {
     batch.rows.iter().map(|row| row.id).collect()
 }
 
 #[tokio::test]
 async fn concurrent_claims_never_overlap_and_take_the_oldest_rows_first() {
-    let db = TestDb::create().await;
-    let inserted = db.insert_events(250, "order.placed").await;
-    let store = default_store(&db).await;
+    let (_db, inserted, store) = store_with_rows(250).await;
     let (a, b) = tokio::join!(store.claim(BATCH, &[], &[]), store.claim(BATCH, &[], &[]));
     let (a, b) = (a.expect("claim a"), b.expect("claim b"));
     let (a_ids, b_ids): (HashSet<Uuid>, HashSet<Uuid>) =
@@ -47,7 +51,6 @@ async fn concurrent_claims_never_overlap_and_take_the_oldest_rows_first() {
     assert_eq!(both, inserted[..200].iter().copied().collect(), "the 200 oldest rows");
     let third = store.claim(BATCH, &[], &[]).await.expect("claim c");
     assert_eq!(ids(&third), inserted[200..], "the rest, in (occurred_at, id) order");
-    db.drop().await;
 }
 
 #[tokio::test]
@@ -62,19 +65,15 @@ async fn held_keys_and_skipped_event_names_are_left_out() {
     drop(batch);
     let batch = store.claim(BATCH, &[], &[]).await.expect("claim");
     assert_eq!(ids(&batch).len(), placed.len() + paid.len(), "both are back once released");
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn claim_after_continues_after_the_batch_in_flight() {
-    let db = TestDb::create().await;
-    let inserted = db.insert_events(250, "order.placed").await;
-    let store = default_store(&db).await;
+    let (_db, inserted, store) = store_with_rows(250).await;
     let first = store.claim(BATCH, &[], &[]).await.expect("claim");
     let last = first.rows.last().map(|row| (row.occurred_at, row.id)).expect("rows");
     let next = store.claim_after(BATCH, &[], &[], last).await.expect("claim after");
     assert_eq!(ids(&next), inserted[100..200]);
-    db.drop().await;
 }
 
 #[tokio::test]
@@ -99,8 +98,6 @@ async fn the_byte_budget_cuts_a_batch_but_the_first_row_always_fits() {
     assert_eq!(batch.rows.len(), 1, "a row larger than the budget still goes out alone");
     assert!(!batch.cut_by_bytes);
     drop(batch);
-    huge.drop().await;
-    db.drop().await;
 }
 
 #[tokio::test]
@@ -121,14 +118,11 @@ async fn ordered_claims_wait_for_rows_another_relay_holds_and_unordered_ones_ski
     drop(holder);
     let batch = ordered.claim(BATCH, &[], &[]).await.expect("claim once released");
     assert_eq!(batch.rows.len(), 20);
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn settling_marks_published_rows_and_writes_failures_cut_to_the_column() {
-    let db = TestDb::create().await;
-    let inserted = db.insert_events(3, "order.placed").await;
-    let store = default_store(&db).await;
+    let (db, inserted, store) = store_with_rows(3).await;
     let batch = store.claim(BATCH, &[], &[]).await.expect("claim");
     let failure = RowFailure { id: inserted[2], attempts: 4, last_error: "é".repeat(3000) };
     store.settle(batch, &inserted[..2], std::slice::from_ref(&failure)).await.expect("settle");
@@ -140,22 +134,19 @@ async fn settling_marks_published_rows_and_writes_failures_cut_to_the_column() {
             .await
             .expect("read the failed row");
     assert_eq!((attempts, chars), (4, 2048), "attempts written, last_error cut to VARCHAR(2048)");
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn rows_of_a_child_table_settle_by_id_and_deletes_remove_only_published_rows() {
     let db = TestDb::create().await;
     db.insert_events(10, "order.placed").await;
-    sqlx::raw_sql(
+    db.execute(
         "CREATE TABLE qx_outbox_events_child () INHERITS (qx_outbox_events);
          WITH moved AS (DELETE FROM ONLY qx_outbox_events
                         WHERE id IN (SELECT id FROM qx_outbox_events ORDER BY occurred_at LIMIT 5) RETURNING *)
          INSERT INTO qx_outbox_events_child SELECT * FROM moved",
     )
-    .execute(&db.pool)
-    .await
-    .expect("move rows to a child table");
+    .await;
     let store = open_store(&db, &relay_config(ShardKey::Id, OnPublish::Delete)).await;
     let batch = store.claim(BATCH, &[], &[]).await.expect("claim");
     let published: Vec<Uuid> = batch.rows.iter().step_by(2).map(|row| row.id).collect();
@@ -167,14 +158,11 @@ async fn rows_of_a_child_table_settle_by_id_and_deletes_remove_only_published_ro
         .await
         .expect("count");
     assert_eq!(left, 0);
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn rows_published_before_an_outage_are_marked_by_id_once() {
-    let db = TestDb::create().await;
-    let inserted = db.insert_events(3, "order.placed").await;
-    let store = default_store(&db).await;
+    let (db, inserted, store) = store_with_rows(3).await;
     store.mark_published(&inserted[..2]).await.expect("mark");
     let first: Vec<(Uuid, chrono::DateTime<chrono::Utc>)> =
         sqlx::query_as("SELECT id, published_at FROM qx_outbox_events WHERE published_at IS NOT NULL")
@@ -189,7 +177,6 @@ async fn rows_published_before_an_outage_are_marked_by_id_once() {
         .await
         .expect("count");
     assert_eq!(again, 2, "marking again keeps the first published_at");
-    db.drop().await;
 }
 
 #[tokio::test]
@@ -212,16 +199,12 @@ async fn requeue_touches_parked_rows_only_and_the_backlog_counts_them_apart() {
     assert_eq!(store.requeue(&Requeue::All).await.expect("requeue"), 2);
     assert_eq!(db.count("attempts = 3 AND last_error = 'failing'").await, 1, "a failing row is not parked");
     assert_eq!(db.count("attempts = 0 AND last_error IS NULL").await, 3);
-    db.drop().await;
 }
 
 #[tokio::test]
 async fn a_view_a_missing_table_and_nullable_columns_are_refused() {
     let db = TestDb::create().await;
-    sqlx::raw_sql("CREATE VIEW outbox_view AS SELECT * FROM qx_outbox_events")
-        .execute(&db.pool)
-        .await
-        .expect("create view");
+    db.execute("CREATE VIEW outbox_view AS SELECT * FROM qx_outbox_events").await;
     let problem = |table: &str| {
         let relay = RelayConfig { table: table.to_owned(), ..relay_config(ShardKey::Id, OnPublish::Mark) };
         let db = &db;
@@ -230,10 +213,6 @@ async fn a_view_a_missing_table_and_nullable_columns_are_refused() {
     assert_eq!(problem("qx_outbox_events").await, None);
     assert_eq!(problem("outbox_view").await, Some(TableProblem::MissingColumns(vec!["ctid", "tableoid"])));
     assert_eq!(problem("no_such_table").await, Some(TableProblem::Missing));
-    sqlx::query("ALTER TABLE qx_outbox_events ALTER COLUMN attempts DROP NOT NULL")
-        .execute(&db.pool)
-        .await
-        .expect("loosen the table");
+    db.execute("ALTER TABLE qx_outbox_events ALTER COLUMN attempts DROP NOT NULL").await;
     assert_eq!(problem("qx_outbox_events").await, Some(TableProblem::NullableColumns(vec!["attempts"])));
-    db.drop().await;
 }

@@ -13,19 +13,15 @@
 //! run creates and deletes streams of its own). It asserts correctness (every row published and marked once),
 //! never speed: the target column says whether a number met the goal set for a 2-core machine.
 
-#[path = "../../tests/common/cluster.rs"]
-mod cluster;
 mod scenarios;
 mod services;
-#[path = "../../tests/common/support.rs"]
-mod support;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use qx_relay::relay::config::OnPublish;
+use qx_relay_testkit::{env_var, PgCluster, TestDb};
 use serde::Serialize;
-use uuid::Uuid;
 
 use scenarios::{Bench, Idle, Latency, Throughput};
 use services::{BenchDb, Machine};
@@ -70,7 +66,7 @@ const FULL: Sizes = Sizes {
 
 const PARTS: &[&str] = &["pg", "nats", "baseline", "engine", "backlog", "latency"];
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Options {
     full: bool,
     json: PathBuf,
@@ -189,26 +185,26 @@ async fn run(options: Options) {
     let out_dir = options.json.parent().map_or_else(|| PathBuf::from("."), PathBuf::from);
     std::fs::create_dir_all(&out_dir).expect("create output directory");
 
-    // A private cluster, when asked for, lives until the end of the run.
-    let private = if options.private_postgres { Some(cluster::PgCluster::start().await) } else { None };
-    let admin_url = match &private {
+    // A private cluster, when asked for, lives until the end of the run, after the database on it.
+    let private = if options.private_postgres { Some(PgCluster::start().await) } else { None };
+    let db = match &private {
         Some(cluster) => {
-            let url = cluster.url("postgres");
             // Visit the outbox table often enough for its per-table thresholds to matter.
-            let pool = sqlx::PgPool::connect(&url).await.expect("connect private cluster");
+            let pool =
+                sqlx::PgPool::connect(&cluster.url("postgres")).await.expect("connect private cluster");
             for statement in ["ALTER SYSTEM SET autovacuum_naptime = '10s'", "SELECT pg_reload_conf()"] {
                 sqlx::raw_sql(statement).execute(&pool).await.expect("configure private cluster");
             }
             pool.close().await;
-            url
+            TestDb::create_on(cluster).await
         }
-        None => services::env("DATABASE_URL"),
+        None => TestDb::create().await,
     };
-    let nats_url = services::env("NATS_URL");
+    let db = BenchDb(db);
+    let nats_url = env_var("NATS_URL");
     let nats = async_nats::connect(&nats_url).await.expect("connect to NATS (NATS_URL)");
     let nats_port =
         nats_url.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse().ok()).unwrap_or(4222);
-    let db = BenchDb::create(&admin_url).await;
     let machine = Machine::describe(&db.pool, &nats).await;
     let mode = if options.full { "full" } else { "quick" };
     eprintln!(
@@ -226,30 +222,9 @@ async fn run(options: Options) {
              --private-postgres measures with them"
         );
     }
-    let bench = Bench {
-        db,
-        nats,
-        run: Uuid::new_v4().simple().to_string()[..8].to_owned(),
-        out_dir,
-        perf: options.perf,
-        nats_pid: services::nats_server_pid(nats_port),
-    };
-
-    // The scenarios run in a task, so the database is dropped even when one of them panics.
-    let bench = std::sync::Arc::new(bench);
-    let task = {
-        let bench = bench.clone();
-        let options = options.clone();
-        tokio::spawn(async move { scenarios(&bench, &options, sizes).await })
-    };
-    let outcome = task.await;
-    let bench = std::sync::Arc::into_inner(bench).expect("the scenarios are done");
-    bench.db.drop().await;
-    drop(private);
-    let (throughput, idle, latency) = match outcome {
-        Ok(results) => results,
-        Err(err) => std::panic::resume_unwind(err.into_panic()),
-    };
+    let bench =
+        Bench { db, nats, out_dir, perf: options.perf, nats_pid: services::nats_server_pid(nats_port) };
+    let (throughput, idle, latency) = scenarios(&bench, &options, sizes).await;
 
     let cpu_budget = cpu_budgets(&throughput, machine.cpus);
     let targets = targets(&throughput, &cpu_budget, idle.as_ref(), &latency);
@@ -332,28 +307,17 @@ async fn scenarios(
         record(scenarios::baseline(bench, sizes.baseline_rows).await, &mut throughput);
     }
     if options.runs("engine") {
+        // The idle relay is measured once, after the mark-mode drain.
         let idle_for = Some(Duration::from_secs(sizes.idle_seconds));
-        let (result, idle_result) = scenarios::relay_drain(
-            bench,
-            "engine_mark",
-            "qx-relay, mark mode",
-            sizes.engine_rows,
-            OnPublish::Mark,
-            idle_for,
-        )
-        .await;
-        record(result, &mut throughput);
-        idle = idle_result;
-        let (result, _) = scenarios::relay_drain(
-            bench,
-            "engine_delete",
-            "qx-relay, delete mode",
-            sizes.engine_rows,
-            OnPublish::Delete,
-            None,
-        )
-        .await;
-        record(result, &mut throughput);
+        for (name, label, on_publish, idle_for) in [
+            ("engine_mark", "qx-relay, mark mode", OnPublish::Mark, idle_for),
+            ("engine_delete", "qx-relay, delete mode", OnPublish::Delete, None),
+        ] {
+            let (result, idle_result) =
+                scenarios::relay_drain(bench, name, label, sizes.engine_rows, on_publish, idle_for).await;
+            record(result, &mut throughput);
+            idle = idle.or(idle_result);
+        }
     }
     if options.runs("backlog") {
         // Each backlog is drained by Postgres alone (the pipelined claim + mark), by JetStream alone (the

@@ -16,14 +16,17 @@ use qx_relay::relay::config::{OnPublish, RelayConfig};
 use qx_relay::relay::nats::{Outcome, RelayPublisher};
 use qx_relay::relay::store::{ClaimedBatch, OutboxRow, OutboxStore};
 use qx_relay::{EventHeaders, Publisher};
+use qx_relay_testkit::outbox::insert_rows;
+use qx_relay_testkit::proc::{cpu_seconds, ProcStats};
 use serde::Serialize;
+use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::services::{
-    cpu_seconds, cpu_seconds_of, machine_busy_seconds, BenchDb, BenchStream, ProcStats, RelayProcess,
-    TableHealth, EVENT_NAME, NOTIFY_CHANNEL, PRODUCE_SQL,
+    assert_running, bench_stream, cpu_seconds_of, machine_busy_seconds, relay_env, spawn_relay, BenchDb,
+    TableHealth, EVENT_NAME, NOTIFY_CHANNEL,
 };
 
 /// The relay's defaults, which every in-process scenario uses too.
@@ -35,13 +38,13 @@ const BASELINE_BATCH: u32 = 100;
 const PROGRESS_EVERY: Duration = Duration::from_millis(10);
 /// A drain slower than this is a broken run, not a slow one.
 const DRAIN_LIMIT: Duration = Duration::from_secs(1800);
+/// How long the relay may take to exit after SIGTERM.
+const STOP_LIMIT: Duration = Duration::from_secs(20);
 
 /// What one run shares: the database, NATS, names and options.
 pub struct Bench {
     pub db: BenchDb,
     pub nats: async_nats::Client,
-    /// Short random tag of this run, in stream names and subjects.
-    pub run: String,
     /// Relay logs and perf data go here.
     pub out_dir: PathBuf,
     /// Attach `perf record` to the relay during the engine drains.
@@ -281,7 +284,7 @@ fn headers(row: &OutboxRow, event_id: Option<Uuid>) -> EventHeaders {
 /// NATS alone. `raw`: async-nats JetStream publishes with the Qx headers and `Nats-Msg-Id`, 1024 acks in
 /// flight. Otherwise the relay's own `RelayPublisher::publish_batch` on in-memory rows, 1000 per batch.
 pub async fn nats_ceiling(bench: &Bench, name: &str, label: &str, rows: u64, raw: bool) -> Throughput {
-    let stream = BenchStream::create(&bench.nats, &bench.run, name).await;
+    let stream = bench_stream().await;
     let relay = relay_config(&stream.prefix, OnPublish::Mark);
     let nats_before = bench.nats_pid.and_then(cpu_seconds);
     let mut measured = Duration::ZERO;
@@ -332,8 +335,7 @@ pub async fn nats_ceiling(bench: &Bench, name: &str, label: &str, rows: u64, raw
     let client_cpu = own_cpu() - cpu_before;
     let nats_cpu =
         bench.nats_pid.and_then(cpu_seconds).zip(nats_before).map(|(after, before)| after - before);
-    assert_eq!(stream.messages().await, rows, "{label}: every message stored once");
-    stream.delete().await;
+    assert_eq!(stream.count().await, rows, "{label}: every message stored once");
     Throughput {
         // Building the rows is outside the measured time; its CPU is not, so this overstates the client a little.
         client_cpu_seconds: client_cpu,
@@ -348,7 +350,7 @@ pub async fn baseline(bench: &Bench, rows: u64) -> Throughput {
     let (name, label) = ("baseline_serial", "Baseline: batch 100, one publish at a time, then mark");
     bench.db.reset_table(false).await;
     let seed_seconds = bench.db.seed(rows).await;
-    let stream = BenchStream::create(&bench.nats, &bench.run, name).await;
+    let stream = bench_stream().await;
     let pool =
         OutboxStore::connect(&bench.db.relay_url(), 1, Duration::from_secs(5)).await.expect("connect store");
     let store = OutboxStore::new(pool, &relay_config(&stream.prefix, OnPublish::Mark));
@@ -378,8 +380,7 @@ pub async fn baseline(bench: &Bench, rows: u64) -> Throughput {
     let client_cpu = own_cpu() - cpu_before;
     store.pool().close().await;
     assert!(!bench.db.has_pending().await, "{label}: rows left pending");
-    assert_eq!(stream.messages().await, rows, "{label}: every row published once");
-    stream.delete().await;
+    assert_eq!(stream.count().await, rows, "{label}: every row published once");
     Throughput {
         client_cpu_seconds: client_cpu,
         postgres_cpu_seconds: Some(postgres_cpu),
@@ -400,25 +401,24 @@ pub async fn relay_drain(
 ) -> (Throughput, Option<Idle>) {
     bench.db.reset_table(false).await;
     let seed_seconds = bench.db.seed(rows).await;
-    let stream = BenchStream::create(&bench.nats, &bench.run, name).await;
-    let mut env = RelayProcess::env(&bench.db, &stream);
+    let stream = bench_stream().await;
     let mode = match on_publish {
         OnPublish::Mark => "mark",
         OnPublish::Delete => "delete",
     };
-    env.push(("QX_RELAY__ON_PUBLISH".into(), mode.into()));
+    let env = relay_env(&bench.db, &stream).set("QX_RELAY__ON_PUBLISH", mode);
 
     let nats_before = bench.nats_pid.and_then(cpu_seconds);
     let machine_before = machine_busy_seconds();
     let spawned = Instant::now();
-    let mut relay = RelayProcess::spawn(&env, &bench.out_dir, name);
+    let relay = spawn_relay(&env, &bench.out_dir, name);
     let perf =
         bench.perf.then(|| Perf::attach(relay.pid(), &bench.out_dir.join(format!("perf-{name}.data"))));
     let mut first: Option<Instant> = None;
     let mut progress: Vec<(Instant, u64)> = Vec::new();
     loop {
-        relay.assert_running();
-        let stored = stream.messages().await;
+        assert_running(&relay);
+        let stored = stream.count().await;
         let now = Instant::now();
         if stored > 0 {
             first.get_or_insert(now);
@@ -435,7 +435,7 @@ pub async fn relay_drain(
     }
     // Every message is in the stream; the last marks may still be committing.
     while bench.db.has_pending().await {
-        relay.assert_running();
+        assert_running(&relay);
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let drained = Instant::now();
@@ -465,14 +465,13 @@ pub async fn relay_drain(
         }
         None => None,
     };
-    let exit_code = relay.stop().await;
+    let exit_code = relay.terminate(STOP_LIMIT).await.and_then(|status| status.code());
     let expected_left = match on_publish {
         OnPublish::Mark => bench.db.count("published_at IS NOT NULL").await,
         OnPublish::Delete => rows as i64 - bench.db.count("true").await,
     };
     assert_eq!(expected_left, rows as i64, "{label}: every row marked (or deleted) once");
-    assert_eq!(stream.messages().await, rows, "{label}: every row stored once");
-    stream.delete().await;
+    assert_eq!(stream.count().await, rows, "{label}: every row stored once");
 
     let first = first.expect("at least one message");
     let throughput = Throughput {
@@ -502,7 +501,7 @@ pub async fn latency(bench: &Bench, rate: u32, duration: Duration, notify: bool)
     bench.db.reset_table(notify).await;
     // Start from clean buffers, so an earlier scenario's writes are not flushed under this one.
     bench.db.checkpoint().await;
-    let stream = BenchStream::create(&bench.nats, &bench.run, &name).await;
+    let stream = bench_stream().await;
 
     // The event id carries the sequence number, so the consumer needs no body parsing.
     let base = u128::from(rand::random::<u64>()) << 64;
@@ -536,11 +535,11 @@ pub async fn latency(bench: &Bench, rate: u32, duration: Duration, notify: bool)
         }
     });
 
-    let mut env = RelayProcess::env(&bench.db, &stream);
+    let mut env = relay_env(&bench.db, &stream);
     if notify {
-        env.push(("QX_RELAY__NOTIFY_CHANNEL".into(), NOTIFY_CHANNEL.into()));
+        env = env.set("QX_RELAY__NOTIFY_CHANNEL", NOTIFY_CHANNEL);
     }
-    let mut relay = RelayProcess::spawn(&env, &bench.out_dir, &name);
+    let relay = spawn_relay(&env, &bench.out_dir, &name);
 
     // Enough connections that commit latency never holds the producer below its rate.
     let workers = (rate / 125).clamp(1, 16);
@@ -548,10 +547,10 @@ pub async fn latency(bench: &Bench, rate: u32, duration: Duration, notify: bool)
         PgPoolOptions::new().max_connections(workers).connect(&bench.db.url).await.expect("connect producer");
     // Warm up: one event through the whole path, so the relay is connected and listening.
     let warm_up = u64::MAX;
-    produce_one(&pool, base, warm_up).await;
+    insert_rows(&pool, &[produced(base, warm_up)]).await.expect("produce");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        relay.assert_running();
+        assert_running(&relay);
         match tokio::time::timeout(Duration::from_millis(100), arrivals.recv()).await {
             Ok(Some((seq, _))) if seq == warm_up => break,
             _ => assert!(Instant::now() < deadline, "{name}: the warm-up event did not arrive"),
@@ -577,15 +576,7 @@ pub async fn latency(bench: &Bench, rate: u32, duration: Duration, notify: bool)
                 for seq in (worker..count).step_by(workers as usize) {
                     let due = start_at + Duration::from_secs_f64(seq as f64 / f64::from(rate));
                     tokio::time::sleep_until(due).await;
-                    let correlation_id = Uuid::new_v4();
-                    let event_id = Uuid::from_u128(base | u128::from(seq));
-                    sqlx::query(PRODUCE_SQL)
-                        .bind(Uuid::new_v4())
-                        .bind(envelope(seq, event_id, correlation_id))
-                        .bind(correlation_id)
-                        .execute(&mut *connection)
-                        .await
-                        .expect("produce");
+                    insert_rows(&mut *connection, &[produced(base, seq)]).await.expect("produce");
                     commits.push((seq, Instant::now()));
                 }
                 commits
@@ -622,9 +613,8 @@ pub async fn latency(bench: &Bench, rate: u32, duration: Duration, notify: bool)
     }
     consuming.abort();
     pool.close().await;
-    let exit_code = relay.stop().await;
+    let exit_code = relay.terminate(STOP_LIMIT).await.and_then(|status| status.code());
     assert_eq!(exit_code, Some(0), "{name}: relay exit code");
-    stream.delete().await;
 
     latencies_ms.sort_by(f64::total_cmp);
     let percentile = |q: f64| {
@@ -647,15 +637,16 @@ pub async fn latency(bench: &Bench, rate: u32, duration: Duration, notify: bool)
     }
 }
 
-async fn produce_one(pool: &sqlx::PgPool, base: u128, seq: u64) {
+/// The row a producer commits for event `seq`, its event id carrying `seq` under `base`.
+fn produced(base: u128, seq: u64) -> Value {
     let correlation_id = Uuid::new_v4();
-    sqlx::query(PRODUCE_SQL)
-        .bind(Uuid::new_v4())
-        .bind(envelope(seq, Uuid::from_u128(base | u128::from(seq)), correlation_id))
-        .bind(correlation_id)
-        .execute(pool)
-        .await
-        .expect("produce");
+    let event_id = Uuid::from_u128(base | u128::from(seq));
+    json!({
+        "id": Uuid::new_v4(),
+        "event_name": EVENT_NAME,
+        "payload": envelope(seq, event_id, correlation_id),
+        "correlation_id": correlation_id,
+    })
 }
 
 /// `later − earlier` in milliseconds, negative when `later` is earlier.

@@ -1,26 +1,22 @@
 //! Certificates for the TLS tests, made with the openssl CLI in a directory of their own: a CA, a server
 //! certificate for 127.0.0.1 and localhost, a client certificate, both signed by the CA, and a second CA that
 //! signed neither. EC P-256 keys: quick to make, and every server and client here takes them.
-// Each includer uses its own subset of these helpers.
-#![allow(dead_code)]
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-use uuid::Uuid;
+use crate::servers::temp_dir;
 
 /// The files, removed on drop.
 pub struct Pki {
-    pub dir: PathBuf,
+    dir: PathBuf,
 }
 
 impl Pki {
     /// Makes them; the client certificate's common name is `client_name` (Postgres takes it as the role).
     pub fn create(client_name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("qxr-pki-{}", Uuid::new_v4().simple()));
-        fs::create_dir_all(&dir).expect("create the pki dir");
-        let pki = Self { dir };
+        let pki = Self { dir: temp_dir("pki") };
         pki.authority("ca");
         pki.authority("other-ca");
         pki.issue(
@@ -32,29 +28,15 @@ impl Pki {
         pki
     }
 
-    pub fn ca(&self) -> PathBuf {
-        self.dir.join("ca.pem")
+    /// `<name>.pem`: `ca`, `server`, `client` and their keys `ca-key`, `server-key`, `client-key`; and
+    /// `other-ca`, a CA that signed nothing here, so that trusting it alone must fail every handshake.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.pem"))
     }
 
-    /// A CA that signed nothing here: trusting it alone must fail every handshake.
-    pub fn other_ca(&self) -> PathBuf {
-        self.dir.join("other-ca.pem")
-    }
-
-    pub fn server_cert(&self) -> PathBuf {
-        self.dir.join("server.pem")
-    }
-
-    pub fn server_key(&self) -> PathBuf {
-        self.dir.join("server-key.pem")
-    }
-
-    pub fn client_cert(&self) -> PathBuf {
-        self.dir.join("client.pem")
-    }
-
-    pub fn client_key(&self) -> PathBuf {
-        self.dir.join("client-key.pem")
+    /// [`Self::path`] as settings and command lines take it.
+    pub fn text(&self, name: &str) -> String {
+        self.path(name).display().to_string()
     }
 
     fn authority(&self, name: &str) {
@@ -94,9 +76,4 @@ impl Drop for Pki {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.dir);
     }
-}
-
-/// `path` as settings take it.
-pub fn text(path: &Path) -> String {
-    path.display().to_string()
 }

@@ -1,18 +1,18 @@
-//! Private servers for fault tests: a `nats-server -js`, a `redis-server` and a Postgres cluster, each on a free
-//! loopback port with its data in a temporary directory, so a test (or `scripts/chaos`) can kill -9 and restart
-//! them without touching the shared services on 4222, 6379 and 5432.
-//!
-//! Stand-alone (no `common` items), so `examples/chaos.rs` includes it too.
-// Each includer uses its own subset of these helpers.
-#![allow(dead_code)]
+//! Servers of a run's own for fault tests and the chaos check: a `nats-server -js`, a `redis-server` and a
+//! Postgres cluster, each on a free loopback port with its data in a temporary directory, so a run can kill -9,
+//! freeze (SIGSTOP) and restart them without touching the shared services on 4222, 6379 and 5432.
 
 use std::fs;
+use std::marker::PhantomData;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use uuid::Uuid;
+
+use crate::proc::children_of;
+use crate::wait::eventually;
 
 /// How long a (re)started server may take to accept connections.
 const STARTUP: Duration = Duration::from_secs(30);
@@ -24,23 +24,14 @@ pub fn free_port() -> u16 {
 }
 
 /// A fresh directory under the system temp dir.
-fn temp_dir(kind: &str) -> PathBuf {
+pub(crate) fn temp_dir(kind: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("qxr-{kind}-{}", Uuid::new_v4().simple()));
     fs::create_dir_all(&dir).expect("create temp dir");
     dir
 }
 
-/// Waits until something accepts TCP connections on `port`.
-async fn wait_for_port(port: u16, what: &str) {
-    let deadline = tokio::time::Instant::now() + STARTUP;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "{what} did not listen on {port} within {STARTUP:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Sends `signal` to `pid` with kill(1); whether it was delivered.
-pub fn signal(pid: u32, signal: &str) -> bool {
+pub(crate) fn signal(pid: u32, signal: &str) -> bool {
     Command::new("kill")
         .arg(format!("-{signal}"))
         .arg(pid.to_string())
@@ -49,61 +40,66 @@ pub fn signal(pid: u32, signal: &str) -> bool {
         .is_ok_and(|status| status.success())
 }
 
-/// Reaps `child` within `limit`, killing it when it does not go.
-fn reap(child: &mut Child, limit: Duration) {
-    let deadline = std::time::Instant::now() + limit;
-    while matches!(child.try_wait(), Ok(None)) {
-        if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = child.wait();
+/// Waits until something accepts TCP connections on `port`.
+async fn wait_for_port(port: u16, what: &str) {
+    eventually(&format!("{what} to listen on {port}"), STARTUP, || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+    })
+    .await;
 }
 
-/// A `nats-server -js` of our own; its store survives restarts.
-pub struct NatsServer {
+/// A server program run on a port of its own, restartable with the same arguments; its output goes to
+/// `server.log` in its directory, which goes on drop. [`NatsServer`] and [`RedisServer`] say which program.
+pub struct PrivateServer<P> {
     pub port: u16,
-    pub dir: PathBuf,
-    jetstream: bool,
-    /// Added to every start, e.g. `--user`/`--pass` or `--tls …`.
+    dir: PathBuf,
     args: Vec<String>,
     child: Option<Child>,
+    program: PhantomData<P>,
 }
 
-impl NatsServer {
-    /// Starts one on a free port.
-    pub async fn start() -> Self {
-        Self::start_with(&[]).await
-    }
+/// `nats-server`, for [`PrivateServer`].
+pub enum Nats {}
+/// `redis-server`, for [`PrivateServer`].
+pub enum Redis {}
 
-    /// Starts one on a free port with `args` added to the command line.
-    pub async fn start_with(args: &[&str]) -> Self {
-        Self::start_as(true, args).await
-    }
+/// A `nats-server` of a run's own, JetStream on unless asked otherwise; its store survives restarts.
+pub type NatsServer = PrivateServer<Nats>;
+/// A `redis-server` of a run's own without persistence: a restart forgets every key, as a crashed cache would.
+pub type RedisServer = PrivateServer<Redis>;
 
-    /// Starts one with JetStream off: core NATS only.
-    pub async fn start_without_jetstream() -> Self {
-        Self::start_as(false, &[]).await
-    }
+/// What differs between the programs.
+pub trait Program {
+    const NAME: &'static str;
+    const SCHEME: &'static str;
+}
 
-    async fn start_as(jetstream: bool, args: &[&str]) -> Self {
-        let args = args.iter().map(|arg| (*arg).to_owned()).collect();
-        let mut server = Self { port: free_port(), dir: temp_dir("nats"), jetstream, args, child: None };
+impl Program for Nats {
+    const NAME: &'static str = "nats-server";
+    const SCHEME: &'static str = "nats";
+}
+
+impl Program for Redis {
+    const NAME: &'static str = "redis-server";
+    const SCHEME: &'static str = "redis";
+}
+
+impl<P: Program> PrivateServer<P> {
+    async fn start_on(port: u16, dir: PathBuf, args: Vec<String>) -> Self {
+        let mut server = Self { port, dir, args, child: None, program: PhantomData };
         server.restart().await;
         server
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", P::SCHEME, self.port)
     }
 
-    pub fn is_running(&mut self) -> bool {
+    fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(None)))
     }
 
-    /// Starts it again (same port, same store) unless it runs; returns when it accepts connections.
+    /// Starts it again (same port, same data) unless it runs; returns when it accepts connections.
     pub async fn restart(&mut self) {
         if self.is_running() {
             return;
@@ -111,62 +107,97 @@ impl NatsServer {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join("nats.log"))
-            .expect("open nats log");
-        let mut command = Command::new("nats-server");
-        command.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]).args(&self.args);
-        if self.jetstream {
-            command.arg("-js").arg("-sd").arg(self.dir.join("store"));
-        }
-        let child =
-            command.stdout(Stdio::null()).stderr(log).spawn().expect("start nats-server (is it installed?)");
+            .open(self.dir.join("server.log"))
+            .expect("open the server's log");
+        let child = Command::new(P::NAME)
+            .args(&self.args)
+            .stdout(log.try_clone().expect("the server's log, twice"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|err| panic!("start {} (is it installed?): {err}", P::NAME));
         self.child = Some(child);
-        wait_for_port(self.port, "nats-server").await;
+        wait_for_port(self.port, P::NAME).await;
     }
 
-    /// SIGKILL: nothing is flushed or closed.
+    /// SIGTERM, then up to 10 s for it to exit before a SIGKILL.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        signal(child.id(), "TERM");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// SIGSTOP: connections stay open but nothing answers, as with a hung server or a partition.
+    pub fn freeze(&self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT after [`Self::freeze`].
+    pub fn thaw(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let child = self.child.as_ref().unwrap_or_else(|| panic!("{} is not running", P::NAME));
+        assert!(signal(child.id(), name), "kill -{name} {}", P::NAME);
+    }
+
+    /// What it printed so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl<P> PrivateServer<P> {
+    /// SIGKILL: nothing is flushed or closed. Works while frozen too.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
-
-    /// SIGSTOP: connections stay open but nothing answers, as with a hung server or a partition. Killing it
-    /// (or dropping it) still works while it is frozen.
-    pub fn freeze(&self) {
-        if let Some(child) = &self.child {
-            assert!(signal(child.id(), "STOP"), "freeze nats-server");
-        }
-    }
-
-    /// SIGTERM, then wait for it to exit.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(child.id(), "TERM");
-            reap(&mut child, Duration::from_secs(10));
-        }
-    }
-
-    pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("nats.log")).unwrap_or_default()
-    }
 }
 
-impl Drop for NatsServer {
+impl<P> Drop for PrivateServer<P> {
     fn drop(&mut self) {
         self.kill9();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
-/// A `redis-server` of our own, without persistence: a restart forgets every key, as a crashed cache would.
-pub struct RedisServer {
-    pub port: u16,
-    dir: PathBuf,
-    /// Added to every start, after the defaults they override.
-    args: Vec<String>,
-    child: Option<Child>,
+impl NatsServer {
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// One with `args` added to every start, e.g. `--user`/`--pass` or `--tls …`.
+    pub async fn start_with(args: &[&str]) -> Self {
+        Self::start_as(true, args).await
+    }
+
+    /// One with JetStream off: core NATS only.
+    pub async fn start_without_jetstream() -> Self {
+        Self::start_as(false, &[]).await
+    }
+
+    async fn start_as(jetstream: bool, args: &[&str]) -> Self {
+        let (port, dir) = (free_port(), temp_dir("nats"));
+        let mut command_line =
+            vec!["-a".to_owned(), "127.0.0.1".to_owned(), "-p".to_owned(), port.to_string()];
+        command_line.extend(args.iter().map(|arg| (*arg).to_owned()));
+        if jetstream {
+            command_line.extend([
+                "-js".to_owned(),
+                "-sd".to_owned(),
+                dir.join("store").display().to_string(),
+            ]);
+        }
+        Self::start_on(port, dir, command_line).await
+    }
 }
 
 impl RedisServer {
@@ -174,77 +205,37 @@ impl RedisServer {
         Self::start_with(|_| Vec::new()).await
     }
 
-    /// Starts one with the arguments `args` gives for its port added to the command line; later arguments win,
-    /// so `--port 0 --tls-port <port>` makes it a TLS-only server.
+    /// One with the arguments `args` gives for its port added to every start; later arguments win, so
+    /// `--port 0 --tls-port <port>` makes it a TLS-only server.
     pub async fn start_with(args: impl FnOnce(u16) -> Vec<String>) -> Self {
-        let port = free_port();
-        let mut server = Self { port, dir: temp_dir("redis"), args: args(port), child: None };
-        server.restart().await;
-        server
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(None)))
-    }
-
-    pub async fn restart(&mut self) {
-        if self.is_running() {
-            return;
-        }
-        let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server (is it installed?)");
-        self.child = Some(child);
-        wait_for_port(self.port, "redis-server").await;
-    }
-
-    pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(child.id(), "TERM");
-            reap(&mut child, Duration::from_secs(10));
-        }
+        let (port, dir) = (free_port(), temp_dir("redis"));
+        let dir_text = dir.display().to_string();
+        let mut command_line: Vec<String> = [
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &dir_text,
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        command_line.extend(args(port));
+        Self::start_on(port, dir, command_line).await
     }
 }
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill9();
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A Postgres cluster of our own (initdb, trust auth, superuser `postgres`) managed with `pg_ctl`.
+/// A Postgres cluster of a run's own (initdb, trust auth, superuser `postgres`) managed with `pg_ctl`.
 ///
 /// Postgres refuses to run as root; as root, its commands run as the `postgres` user, in a directory it owns.
 pub struct PgCluster {
     pub port: u16,
-    pub dir: PathBuf,
+    dir: PathBuf,
     bin: PathBuf,
 }
 
@@ -415,7 +406,7 @@ impl PgCluster {
         Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
     }
 
-    pub fn log(&self) -> String {
+    fn log(&self) -> String {
         fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
     }
 }
@@ -450,19 +441,4 @@ fn pg_bin() -> PathBuf {
     versions.sort_unstable();
     let newest = versions.last().unwrap_or_else(|| panic!("no bin/initdb under {}", root.display()));
     root.join(newest.to_string()).join("bin")
-}
-
-/// Direct children of `pid`, from /proc.
-fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
-    entries
-        .filter_map(|entry| {
-            let child: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-            let stat = fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
-            // The fields after the command name, which is in parentheses and may hold spaces.
-            let after = stat.rsplit_once(')')?.1;
-            let ppid: u32 = after.split_whitespace().nth(1)?.parse().ok()?;
-            (ppid == pid).then_some(child)
-        })
-        .collect()
 }
