@@ -18,8 +18,7 @@ fn relay_config(shard_key: ShardKey, on_publish: OnPublish) -> RelayConfig {
 }
 
 async fn open_store(db: &TestDb, relay: &RelayConfig) -> OutboxStore {
-    let pool = OutboxStore::connect(&db.url, 1, Duration::from_secs(5)).await.expect("connect");
-    OutboxStore::new(pool, relay)
+    OutboxStore::connect(&db.url, relay, 1, Duration::from_secs(5)).await.expect("connect")
 }
 
 async fn default_store(db: &TestDb) -> OutboxStore {

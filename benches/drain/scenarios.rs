@@ -176,9 +176,14 @@ pub async fn postgres_ceiling(
 ) -> Throughput {
     bench.db.reset_table(false).await;
     let seed_seconds = bench.db.seed(rows).await;
-    let pool =
-        OutboxStore::connect(&bench.db.relay_url(), 1, Duration::from_secs(5)).await.expect("connect store");
-    let store = OutboxStore::new(pool, &relay_config("unused", on_publish));
+    let store = OutboxStore::connect(
+        &bench.db.relay_url(),
+        &relay_config("unused", on_publish),
+        1,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("connect store");
     let backends_before = cpu_seconds_of(&bench.db.relay_backends().await);
     let cpu_before = own_cpu();
     let started = Instant::now();
@@ -351,9 +356,14 @@ pub async fn baseline(bench: &Bench, rows: u64) -> Throughput {
     bench.db.reset_table(false).await;
     let seed_seconds = bench.db.seed(rows).await;
     let stream = bench_stream().await;
-    let pool =
-        OutboxStore::connect(&bench.db.relay_url(), 1, Duration::from_secs(5)).await.expect("connect store");
-    let store = OutboxStore::new(pool, &relay_config(&stream.prefix, OnPublish::Mark));
+    let store = OutboxStore::connect(
+        &bench.db.relay_url(),
+        &relay_config(&stream.prefix, OnPublish::Mark),
+        1,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("connect store");
     let publisher = Publisher::new(jetstream::new(bench.nats.clone()), stream.prefix.clone());
     let cpu_before = own_cpu();
     let started = Instant::now();

@@ -227,7 +227,7 @@ impl LeaderLock {
         let mut next = Instant::now() + interval;
         loop {
             tokio::select! {
-                _ = term.cancelled() => return Kept::Held,
+                _ = term.cancelled() => return Kept::Ours,
                 _ = tokio::time::sleep_until(next) => {}
             }
             // Counted from when a renewal starts, so a slow reply does not push the next one back.
@@ -289,7 +289,7 @@ impl LeaderLock {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kept {
     /// `term` was cancelled by the caller; the lock is still ours to release.
-    Held,
+    Ours,
     /// The lease could no longer be proven: stop what was started under it by `fence`, abandoning it if need
     /// be (its rows are rolled back and published again, deduplicated).
     Lost {
@@ -341,11 +341,6 @@ impl RedisLock {
             ttl,
             lease_until: None,
         })
-    }
-
-    /// Our token, logged so operators can tell holders apart.
-    pub fn token(&self) -> &str {
-        &self.token
     }
 
     /// The key's current holder.

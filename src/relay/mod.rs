@@ -12,23 +12,23 @@
 pub mod cli;
 pub mod config;
 pub mod endpoint;
-pub mod engine;
-pub mod escape;
-pub mod exit;
-pub mod health;
-pub mod housekeeping;
-pub mod identity;
-pub mod leader;
-pub mod metrics;
+pub(crate) mod engine;
+pub(crate) mod escape;
+pub(crate) mod exit;
+pub(crate) mod health;
+pub(crate) mod housekeeping;
+pub(crate) mod identity;
+pub(crate) mod leader;
+pub(crate) mod metrics;
 pub mod nats;
-pub mod notify;
+pub(crate) mod notify;
 pub mod ops;
-pub mod outage;
-pub mod preflight;
-pub mod refusal;
+pub(crate) mod outage;
+pub(crate) mod preflight;
+pub(crate) mod refusal;
 pub mod shard;
 pub mod shutdown;
-pub mod spelling;
+pub(crate) mod spelling;
 pub mod store;
 pub mod telemetry;
 
@@ -92,10 +92,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
 
     let connect_timeout = Duration::from_secs_f64(config.nats.connect_timeout_seconds);
     let db_url = config.db.sqlx_url();
-    let pool = OutboxStore::connect(&db_url, 1, connect_timeout)
+    let store = OutboxStore::connect(&db_url, &relay, 1, connect_timeout)
         .await
         .map_err(|err| PostgresError::connecting(&db_url, err))?;
-    let store = OutboxStore::new(pool, &relay);
     metrics::set_store_up(true); // standbys too; the relay loop updates it once it leads
     preflight::table(&store, &relay, Some(&shutdown)).await?;
     let publisher = RelayPublisher::connect(&config.nats, &relay).await?;
@@ -194,7 +193,7 @@ async fn lead(
         let result = match (finished, kept) {
             (Some(result), _) => result,
             // Shutdown: the batch in flight finishes (run's drain_timeout bounds it).
-            (None, Kept::Held) => run.await,
+            (None, Kept::Ours) => run.await,
             // Lost: finish the batch in flight only while nobody else can have the lock. Its rows stay locked
             // until then, so a new leader claiming later rows of the same keys would publish them first.
             (None, Kept::Lost { fence }) => match tokio::time::timeout_at(fence, &mut run).await {
@@ -209,7 +208,7 @@ async fn lead(
         health.set_leading(false);
         if result.is_err() || shutdown.is_cancelled() {
             // We are exiting: let a standby take over now rather than when the lease runs out.
-            if kept == Kept::Held {
+            if kept == Kept::Ours {
                 info!("stopped claiming; handing the leader lock over");
                 lock.release().await;
             }

@@ -327,10 +327,9 @@ async fn connect(config: &Config) -> Result<OutboxStore, ExitCode> {
 async fn connect_store(config: &Config) -> Result<OutboxStore, PostgresError> {
     let timeout = Duration::from_secs_f64(config.nats.connect_timeout_seconds);
     let url = config.db.sqlx_url();
-    match OutboxStore::connect(&url, 1, timeout).await {
-        Ok(pool) => Ok(OutboxStore::new(pool, &config.relay)),
-        Err(err) => Err(PostgresError::connecting(&url, err)),
-    }
+    OutboxStore::connect(&url, &config.relay, 1, timeout)
+        .await
+        .map_err(|err| PostgresError::connecting(&url, err))
 }
 
 async fn lock_holders(config: &Config) -> Result<Vec<Holder>, LockError> {

@@ -321,14 +321,20 @@ pub struct OutboxStore {
 }
 
 impl OutboxStore {
-    /// Connects a pool sized for `shards` claim/publish/settle pipelines.
+    /// Connects a pool sized for `shards` claim/publish/settle pipelines, for `relay`'s table, shard key and
+    /// publish mode.
     ///
     /// # Errors
     /// When Postgres cannot be reached within `connect_timeout`.
-    pub async fn connect(url: &str, shards: u32, connect_timeout: Duration) -> Result<PgPool, sqlx::Error> {
+    pub async fn connect(
+        url: &str,
+        relay: &RelayConfig,
+        shards: u32,
+        connect_timeout: Duration,
+    ) -> Result<Self, sqlx::Error> {
         let options = PgConnectOptions::from_str(url)?;
         let pool = || PgPoolOptions::new().max_connections(3 * shards + 2).acquire_timeout(connect_timeout);
-        match pool().connect_with(options.clone()).await {
+        let pool = match pool().connect_with(options.clone()).await {
             // The pool retries a refused connection until its timeout and then says only that it timed out:
             // one more attempt of our own tells why (refused, no route, reset, ...).
             Err(sqlx::Error::PoolTimedOut) => {
@@ -347,11 +353,11 @@ impl OutboxStore {
                 }
             }
             result => result,
-        }
+        }?;
+        Ok(Self::new(pool, relay))
     }
 
-    /// The store for `relay`'s table, shard key and publish mode.
-    pub fn new(pool: PgPool, relay: &RelayConfig) -> Self {
+    fn new(pool: PgPool, relay: &RelayConfig) -> Self {
         let table = relay.table.clone();
         let key_sql = key_sql(&relay.shard_key);
         let shard_clause = Shard::of(relay).sql_clause(&key_sql);

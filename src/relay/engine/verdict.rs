@@ -88,7 +88,7 @@ pub(super) fn judge(
                 settlement.duplicates += 1;
                 settlement.notices.push(Notice::IdTaken { row: index });
             }
-            Outcome::HeldBack => {}
+            Outcome::Deferred => {}
             Outcome::Failed(failure) => {
                 judge_failure(index, row, failure, holds, rules, now, &mut settlement)
             }
@@ -344,9 +344,9 @@ mod tests {
     }
 
     #[test]
-    fn held_back_rows_stay_pending_untouched() {
+    fn deferred_rows_stay_pending_untouched() {
         let (row, now) = (row("order.placed", 0, Some("order-1")), Instant::now());
-        let settlement = judge_one(&row, Outcome::HeldBack, &mut Holds::default(), &rules(true), now);
+        let settlement = judge_one(&row, Outcome::Deferred, &mut Holds::default(), &rules(true), now);
         assert!(
             settlement.published.is_empty()
                 && settlement.failures.is_empty()

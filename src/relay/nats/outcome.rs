@@ -19,7 +19,7 @@ pub enum Outcome {
     /// another row carries the same `event_id` (a producer bug), and this row's content is not in the stream.
     IdTaken,
     /// Not sent: an earlier row with the same order key failed in this batch, and order comes first.
-    HeldBack,
+    Deferred,
     /// Not published.
     Failed(Failure),
 }

@@ -91,7 +91,7 @@ impl RelayPublisher {
             for index in remaining {
                 match rows[index].order_key.as_deref() {
                     None => wave.push(index),
-                    Some(key) if failed_keys.contains(key) => outcomes[index] = Some(Outcome::HeldBack),
+                    Some(key) if failed_keys.contains(key) => outcomes[index] = Some(Outcome::Deferred),
                     Some(key) if !keys_in_wave.insert(key) => later.push(index),
                     Some(_) => wave.push(index),
                 }
