@@ -234,24 +234,28 @@ impl RelayPublisher {
 
     /// Rows of `duplicates` (row index, and where the stream holds the message it took them for) whose
     /// stored message has other content. Only duplicates are looked at, each with one request: they are rare
-    /// (a republish after a crash, or two rows sharing an event_id).
+    /// (a republish after a crash, or two rows sharing an event_id). All of it within one `ack_timeout`, so a
+    /// batch of repeats on a slow server costs one wait, not one per row; the rows not looked at by then stay
+    /// plain duplicates (their event is in the stream either way).
     async fn clashes(&self, rows: &[OutboxRow], duplicates: Vec<(usize, StoredAt)>) -> Vec<usize> {
+        let deadline = Instant::now() + self.ack_timeout;
         let mut clashes = Vec::new();
         let mut streams: HashMap<String, Option<stream::Stream>> = HashMap::new();
         for (index, at) in duplicates {
             let stream = match streams.entry(at.stream) {
                 Entry::Occupied(entry) => entry.into_mut(),
                 Entry::Vacant(entry) => {
-                    let found = self.jetstream.get_stream(entry.key()).await.ok();
-                    entry.insert(found)
+                    let found =
+                        tokio::time::timeout_at(deadline, self.jetstream.get_stream(entry.key())).await;
+                    entry.insert(found.ok().and_then(Result::ok))
                 }
             };
             let Some(stream) = stream else { continue };
             // A message gone since (limits, purge) proves nothing either way.
-            if let Ok(stored) = stream.get_raw_message(at.seq).await {
-                if stored.payload != rows[index].payload.as_bytes() {
-                    clashes.push(index);
-                }
+            match tokio::time::timeout_at(deadline, stream.get_raw_message(at.seq)).await {
+                Ok(Ok(stored)) if stored.payload != rows[index].payload.as_bytes() => clashes.push(index),
+                Ok(_) => {}
+                Err(_) => break,
             }
         }
         clashes
