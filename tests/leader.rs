@@ -8,21 +8,22 @@
 //! logs ("leader lock acquired" until "leadership lost", the lock released, or the kill) must not overlap, and
 //! every event must fall in a term of its publisher. Failover times are printed: run with `--nocapture`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::stream;
-use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
-use qx_relay_testkit::outbox::envelope;
+use chrono::{DateTime, TimeDelta, Utc};
+use qx_relay_testkit::handover::{
+    assert_each_row_once, insert_keyed, insert_order_events, inversions, log_lines, stored, LogLine, Stored,
+};
 use qx_relay_testkit::proxy::Proxy;
 use qx_relay_testkit::redis_keys::RedisKeys;
 use qx_relay_testkit::{
     env_var, eventually, poll, run_command, RedisServer, Relay, RelayEnv, TestDb, TestStream,
 };
-use serde_json::{json, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
 /// The lease the relays run with: short, so failovers take seconds.
@@ -63,27 +64,6 @@ fn leader_env(
         ("QX_RELAY__BATCH_SIZE", "200"),
         ("QX_RELAY_LOG_FORMAT", "json"),
     ])
-}
-
-/// One line of a relay's JSON log.
-#[derive(Debug, Clone)]
-struct LogLine {
-    at: DateTime<Utc>,
-    message: String,
-    fields: Value,
-}
-
-fn log_lines(relay: &Relay) -> Vec<LogLine> {
-    relay
-        .log()
-        .lines()
-        .filter_map(|line| {
-            let fields: Value = serde_json::from_str(line).ok()?;
-            let at = DateTime::parse_from_rfc3339(fields["timestamp"].as_str()?).ok()?.with_timezone(&Utc);
-            let message = fields["message"].as_str()?.to_owned();
-            Some(LogLine { at, message, fields })
-        })
-        .collect()
 }
 
 /// The first line at or after `after` whose message starts with `message`.
@@ -135,39 +115,6 @@ fn terms(relay: &Relay, killed_at: Option<DateTime<Utc>>) -> Vec<Term> {
     terms
 }
 
-/// A message in the stream: which relay sent it (its sub-prefix), its `Nats-Msg-Id`, and when the server
-/// stored it.
-#[derive(Debug, Clone)]
-struct Stored {
-    relay: String,
-    msg_id: String,
-    at: DateTime<Utc>,
-    body: Value,
-    event_name: String,
-}
-
-async fn stored(stream: &TestStream) -> Vec<Stored> {
-    let prefix = format!("{}.", stream.prefix);
-    stream
-        .messages()
-        .await
-        .iter()
-        .map(|message| {
-            let rest = message.subject.strip_prefix(prefix.as_str()).expect("subject under the test prefix");
-            let (relay, event_name) = rest.split_once('.').expect("<relay>.<event_name>");
-            let headers = message.headers.as_ref().expect("headers");
-            let nanos = message.info().expect("message info").published.unix_timestamp_nanos();
-            Stored {
-                relay: relay.to_owned(),
-                msg_id: headers.get(NATS_MESSAGE_ID).expect("Nats-Msg-Id").as_str().to_owned(),
-                at: DateTime::from_timestamp_nanos(i64::try_from(nanos).expect("timestamp in range")),
-                body: serde_json::from_slice(&message.payload).expect("JSON body"),
-                event_name: event_name.to_owned(),
-            }
-        })
-        .collect()
-}
-
 /// Consecutive messages of one relay, in stream order: `[("a", 1200), ("b", 800)]`.
 fn runs(stored: &[Stored]) -> Vec<(String, usize)> {
     let mut runs: Vec<(String, usize)> = Vec::new();
@@ -205,23 +152,6 @@ fn assert_one_publisher_at_a_time(terms: &[(&str, Vec<Term>)], stored: &[Stored]
             message.at
         );
     }
-}
-
-/// Every row is published and in the stream exactly once, and the stream holds nothing else.
-async fn assert_each_row_once(db: &TestDb, stored: &[Stored]) {
-    let rows: Vec<String> = sqlx::query_scalar("SELECT payload->>'event_id' FROM qx_outbox_events")
-        .fetch_all(&db.pool)
-        .await
-        .expect("read event ids");
-    assert_eq!(db.unpublished().await, 0, "every row marked");
-    let mut seen = HashSet::new();
-    for message in stored {
-        assert!(seen.insert(message.msg_id.as_str()), "{} stored twice", message.msg_id);
-    }
-    let expected: HashSet<&str> = rows.iter().map(String::as_str).collect();
-    assert_eq!(seen.len(), stored.len());
-    assert_eq!(expected.len(), rows.len(), "event ids are unique");
-    assert!(seen == expected, "{} rows, {} messages; the sets differ", rows.len(), stored.len());
 }
 
 /// `published` and `duplicates` of a relay's "relay stopped" line.
@@ -554,10 +484,11 @@ fn status_locks(env: &RelayEnv) -> Vec<(Option<String>, Option<i64>)> {
     let (code, stdout, stderr) = run_command(env, &["status", "--json"]);
     assert_eq!(code, Some(0), "status: {stderr}");
     let status: Value = serde_json::from_str(&stdout).expect("status JSON");
-    status["leader_locks"]
+    status["shards"]
         .as_array()
-        .expect("leader_locks")
+        .expect("shards")
         .iter()
+        .map(|shard| &shard["leader_lock"])
         .map(|lock| (lock["token"].as_str().map(str::to_owned), lock["ttl_left_ms"].as_i64()))
         .collect()
 }
@@ -583,7 +514,7 @@ async fn a_python_relays_lock_keeps_us_waiting_and_status_shows_the_holder() {
 
     let (code, stdout, stderr) = run_command(&env, &["status"]);
     assert_eq!(code, Some(0), "status: {stderr}");
-    let line = stdout.lines().find(|l| l.starts_with(&format!("lock {key}:"))).expect(&stdout);
+    let line = stdout.lines().find(|l| l.trim_start().starts_with(&format!("lock {key}:"))).expect(&stdout);
     assert!(line.contains(&format!("held by {python}, ")), "{line}");
     let ttl: i64 = line.rsplit_once(", ").unwrap().1.strip_suffix(" ms left").expect(line).parse().unwrap();
     assert!((50_000..=60_000).contains(&ttl), "{line}");
@@ -633,25 +564,6 @@ async fn insert_orders(db: &TestDb, orders: usize) {
         })
     });
     insert_order_events(db, events).await;
-}
-
-/// Inserts `events`, `(order_id, step, event_name)`, in this `occurred_at` order: the envelope's payload holds
-/// the order's id and the step.
-async fn insert_order_events<'a>(db: &TestDb, events: impl Iterator<Item = (Uuid, usize, &'a str)>) {
-    let start = Utc::now();
-    let rows: Vec<Value> = events
-        .enumerate()
-        .map(|(n, (order_id, step, name))| {
-            let occurred_at = start + TimeDelta::microseconds(n as i64);
-            json!({
-                "id": Uuid::new_v4(),
-                "event_name": name,
-                "payload": envelope(Uuid::new_v4(), name, json!({ "order_id": order_id, "step": step })),
-                "occurred_at": occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true),
-            })
-        })
-        .collect();
-    db.insert_rows(&rows).await;
 }
 
 #[tokio::test]
@@ -795,30 +707,6 @@ async fn a_partitioned_leader_abandons_its_batch_before_its_lease_ends_so_order_
     for (order_id, steps) in &per_order {
         assert!(steps.windows(2).all(|w| w[0] < w[1]), "order {order_id} out of order: {steps:?}");
     }
-}
-
-/// Inserts `rows` events spread round-robin over `keys` orders; each order's events carry `step` 0, 1, 2, …
-/// in `occurred_at` order.
-async fn insert_keyed(db: &TestDb, keys: usize, rows: usize) {
-    let ids: Vec<Uuid> = (0..keys).map(|_| Uuid::new_v4()).collect();
-    insert_order_events(db, (0..rows).map(|n| (ids[n % keys], n / keys, "order.placed"))).await;
-}
-
-/// Events stored before an older event of the same order: 0 when every order's events are in order.
-fn inversions(stored: &[Stored]) -> usize {
-    let mut last_step: HashMap<&str, i64> = HashMap::new();
-    let mut inversions = 0;
-    for message in stored {
-        let order_id = message.body["payload"]["order_id"].as_str().expect("order_id");
-        let step = message.body["payload"]["step"].as_i64().expect("step");
-        match last_step.get(order_id) {
-            Some(&last) if last > step => inversions += 1,
-            _ => {
-                last_step.insert(order_id, step);
-            }
-        }
-    }
-    inversions
 }
 
 /// A leader and a standby ordering by `payload.order_id` over `rows` events of 100 orders, both through Redis

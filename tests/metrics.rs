@@ -89,7 +89,8 @@ async fn metrics_follow_a_drain() {
     wait_for_answer(&relay, port, "pending to fall to 0", "/metrics", &|status, metrics| {
         status == 200
             && metrics.contains("qx_relay_pending_rows 0")
-            && sample(metrics, "qx_relay_is_leader") == Some(1.0)
+            && sample(metrics, r#"qx_relay_is_leader{shard="0"}"#) == Some(1.0)
+            && sample(metrics, "qx_relay_owned_shards") == Some(1.0)
     })
     .await;
     let (_, metrics) = get(port, "/metrics").await.unwrap();

@@ -216,7 +216,7 @@ async fn held_lock(env: &RelayEnv, relay: &Relay) -> Value {
         let (code, stdout, stderr) = run_command(env, &["status", "--json"]);
         assert_eq!(code, Some(0), "{stderr}");
         let status: Value = serde_json::from_str(&stdout).expect(&stdout);
-        let lock = status["leader_locks"][0].clone();
+        let lock = status["shards"][0]["leader_lock"].clone();
         if lock["held"] == true && lock["pid"].is_u64() {
             return lock;
         }
@@ -242,7 +242,7 @@ async fn status_names_the_host_and_pid_holding_a_redis_or_postgres_lock() {
         assert_eq!(lock["pid"], relay.pid(), "{lock}");
         let (code, stdout, _) = run_command(&env, &["status"]);
         assert_eq!(code, Some(0));
-        let line = stdout.lines().find(|l| l.starts_with("lock ")).expect(&stdout);
+        let line = stdout.lines().find(|l| l.trim_start().starts_with("lock ")).expect(&stdout);
         let holder = format!("{} (pid {})", host_name(), relay.pid());
         match mode {
             "redis" => {
@@ -264,7 +264,7 @@ async fn status_names_the_host_and_pid_holding_a_redis_or_postgres_lock() {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let (_, stdout, _) = run_command(&env, &["status"]);
-            if stdout.lines().any(|l| l.starts_with("lock ") && l.ends_with(": free")) {
+            if stdout.lines().any(|l| l.trim_start().starts_with("lock ") && l.ends_with(": free")) {
                 break;
             }
             assert!(tokio::time::Instant::now() < deadline, "{mode}: still held after stop: {stdout}");

@@ -425,6 +425,67 @@ impl<'de> Deserialize<'de> for ShardKey {
     }
 }
 
+/// Which shard a relay publishes: a fixed one, or `auto`: replicas share the shards by lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardId {
+    /// This one, `0..shard_count`, the Python relay's split.
+    Fixed(u32),
+    /// Elastic: every replica runs alike and owns a fair share of the shards (needs `leader = "redis"`).
+    Auto,
+}
+
+impl Default for ShardId {
+    fn default() -> Self {
+        Self::Fixed(0)
+    }
+}
+
+impl FromStr for ShardId {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "auto" => Ok(Self::Auto),
+            number => {
+                number.parse().map(Self::Fixed).map_err(|_| format!("{text:?} is not a shard number or auto"))
+            }
+        }
+    }
+}
+
+impl fmt::Display for ShardId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Fixed(id) => write!(f, "{id}"),
+            Self::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl Serialize for ShardId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Fixed(id) => serializer.serialize_u32(*id),
+            Self::Auto => serializer.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ShardId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum NumberOrText {
+            Number(u32),
+            Text(String),
+        }
+        match NumberOrText::deserialize(deserializer)? {
+            NumberOrText::Number(id) => Ok(Self::Fixed(id)),
+            NumberOrText::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// `[relay]`: the relay's own knobs (`QX_RELAY__*`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -464,8 +525,8 @@ pub struct RelayConfig {
     /// Longest retry delay of a failing row.
     #[serde(with = "humantime_serde")]
     pub retry_backoff_max: Duration,
-    /// This relay's shard, `0..shard_count`.
-    pub shard_id: u32,
+    /// This relay's shard, `0..shard_count`, or `auto` to share the shards with the other replicas.
+    pub shard_id: ShardId,
     /// Number of shards the table is split into; 1 = no sharding.
     pub shard_count: u32,
     /// What rows are sharded and ordered by.
@@ -511,7 +572,7 @@ impl Default for RelayConfig {
             max_attempts: 10,
             retry_backoff: Duration::from_secs(1),
             retry_backoff_max: Duration::from_secs(300),
-            shard_id: 0,
+            shard_id: ShardId::Fixed(0),
             shard_count: 1,
             shard_key: ShardKey::Id,
             give_up_after: Duration::from_secs(60),
@@ -549,10 +610,10 @@ impl RelayConfig {
 /// they are merged as the `[relay]` layer on top.
 #[derive(Debug, Default, Clone, Serialize, clap::Args)]
 pub struct Overrides {
-    /// This relay's shard (`relay.shard_id`).
-    #[arg(long, global = true, value_name = "N")]
+    /// This relay's shard, or auto to share them with the other replicas (`relay.shard_id`).
+    #[arg(long, global = true, value_name = "N|auto")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub shard_id: Option<u32>,
+    pub shard_id: Option<ShardId>,
     /// Number of shards (`relay.shard_count`).
     #[arg(long, global = true, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -629,11 +690,26 @@ impl Config {
         }
         positive("relay.max_attempts", relay.max_attempts.into())?;
         positive("relay.shard_count", relay.shard_count.into())?;
-        if relay.shard_id >= relay.shard_count {
-            return Err(ConfigError::invalid(
-                "relay.shard_id",
-                format!("must be below shard_count ({}), got {}", relay.shard_count, relay.shard_id),
-            ));
+        match (relay.shard_id, relay.leader) {
+            (ShardId::Fixed(id), _) if id >= relay.shard_count => {
+                return Err(ConfigError::invalid(
+                    "relay.shard_id",
+                    format!("must be below shard_count ({}), got {id}", relay.shard_count),
+                ))
+            }
+            (ShardId::Auto, LeaderMode::None) => {
+                return Err(ConfigError::invalid(
+                    "relay.shard_id",
+                    "auto needs relay.leader = \"redis\": shards are shared by Redis leases",
+                ))
+            }
+            (ShardId::Auto, LeaderMode::Postgres) => {
+                return Err(ConfigError::invalid(
+                    "relay.shard_id",
+                    "auto needs relay.leader = \"redis\": the Postgres backend has no membership record yet",
+                ))
+            }
+            _ => {}
         }
         let retention = relay.retention.map(|retention| ("relay.retention", retention, RETENTION_LIMIT));
         let statement_timeout =
@@ -1193,9 +1269,31 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.set_env("QX_RELAY__SUBJECT_PREFIX", "orders");
             jail.set_env("QX_RELAY__SHARD_COUNT", "2");
-            let overrides = Overrides { shard_id: Some(2), shard_count: Some(3), ..Overrides::default() };
+            let overrides =
+                Overrides { shard_id: Some(ShardId::Fixed(2)), shard_count: Some(3), ..Overrides::default() };
             let config = Config::load(None, &overrides).unwrap();
-            assert_eq!((config.relay.shard_id, config.relay.shard_count), (2, 3));
+            assert_eq!((config.relay.shard_id, config.relay.shard_count), (ShardId::Fixed(2), 3));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn shard_id_auto_from_env_file_and_flag() {
+        Jail::expect_with(|jail| {
+            jail.set_env("QX_RELAY__SUBJECT_PREFIX", "orders");
+            jail.set_env("QX_RELAY__LEADER", "redis");
+            jail.create_file("relay.toml", "[relay]\nshard_id = \"auto\"\n")?;
+            let config = Config::load(Some(Path::new("relay.toml")), &Overrides::default()).unwrap();
+            assert_eq!(config.relay.shard_id, ShardId::Auto);
+            jail.set_env("QX_RELAY__SHARD_ID", "auto");
+            let config = Config::load(None, &Overrides::default()).unwrap();
+            assert_eq!(config.relay.shard_id, ShardId::Auto);
+            jail.set_env("QX_RELAY__SHARD_ID", "1");
+            jail.set_env("QX_RELAY__SHARD_COUNT", "3");
+            let config = Config::load(None, &Overrides::default()).unwrap();
+            assert_eq!(config.relay.shard_id, ShardId::Fixed(1));
+            let overrides = Overrides { shard_id: Some("auto".parse().unwrap()), ..Overrides::default() };
+            assert_eq!(Config::load(None, &overrides).unwrap().relay.shard_id, ShardId::Auto);
             Ok(())
         });
     }
@@ -1210,6 +1308,12 @@ mod tests {
             ("[relay]\nsubject_prefix = \"o\"\nbatch_size = 100001\n", "relay.batch_size"),
             ("[relay]\nsubject_prefix = \"o\"\nmax_in_flight = 100000\n", "relay.max_in_flight"),
             ("[relay]\nsubject_prefix = \"o\"\nshard_id = 3\nshard_count = 3\n", "relay.shard_id"),
+            ("[relay]\nsubject_prefix = \"o\"\nshard_id = \"one\"\n", "relay.shard_id"),
+            ("[relay]\nsubject_prefix = \"o\"\nshard_id = \"auto\"\n", "relay.shard_id"),
+            (
+                "[relay]\nsubject_prefix = \"o\"\nshard_id = \"auto\"\nleader = \"postgres\"\n",
+                "relay.shard_id",
+            ),
             ("[relay]\nsubject_prefix = \"o\"\ngive_up_after = \"1ms\"\n", "relay.give_up_after"),
             ("[relay]\nsubject_prefix = \"o\"\nack_timeout = \"40s\"\n", "relay.give_up_after"),
             ("[relay]\nsubject_prefix = \"o\"\ngive_up_after = \"500000000000y\"\n", "relay.give_up_after"),

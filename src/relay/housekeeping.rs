@@ -10,11 +10,10 @@ use tracing::{info, warn};
 
 use super::config::RelayConfig;
 use super::engine::PROGRESS_EVERY;
-use super::health::Health;
 use super::metrics;
 use super::nats::RelayPublisher;
 use super::shard::Shard;
-use super::store::{Backlog, OutboxStore};
+use super::store::{Backlog, OutboxStore, StoreError};
 
 /// Published rows deleted per retention statement, and statements per pass.
 const RETENTION_BATCH: (i64, u32) = (1000, 20);
@@ -29,8 +28,7 @@ pub async fn run(
     store: OutboxStore,
     publisher: RelayPublisher,
     relay: RelayConfig,
-    shard: Shard,
-    health: Health,
+    owned: watch::Receiver<Vec<Shard>>,
     sample: watch::Sender<Option<Backlog>>,
     shutdown: CancellationToken,
 ) {
@@ -44,14 +42,15 @@ pub async fn run(
         if gauges {
             metrics::set_nats_up(publisher.is_connected());
         }
-        if !health.is_leading() {
+        let shards = owned.borrow().clone();
+        if shards.is_empty() {
             sampled_at = None;
             sample.send_replace(None);
             if gauges {
                 metrics::set_outbox(&Backlog::default());
             }
         } else if sampled_at.is_none_or(|at| at.elapsed() >= sample_every) {
-            if let Ok(backlog) = store.backlog(shard).await {
+            if let Ok(backlog) = backlog_of(&store, &shards).await {
                 sampled_at = Some(Instant::now());
                 if gauges {
                     metrics::set_outbox(&backlog);
@@ -67,6 +66,15 @@ pub async fn run(
 }
 
 /// One retention pass: a bounded number of small deletes, so it never holds long locks.
+/// The backlog of the shards this relay publishes.
+async fn backlog_of(store: &OutboxStore, shards: &[Shard]) -> Result<Backlog, StoreError> {
+    let mut total = Backlog::default();
+    for shard in shards {
+        total.add(&store.backlog(*shard).await?);
+    }
+    Ok(total)
+}
+
 async fn delete_expired(store: &OutboxStore, retention: Duration, shutdown: &CancellationToken) {
     let (batch, passes) = RETENTION_BATCH;
     let mut deleted = 0;

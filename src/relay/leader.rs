@@ -185,12 +185,18 @@ impl LeaderLock {
         let mut outage = OutageClock::new(give_up_after);
         loop {
             let started = Instant::now();
-            let attempt = match self {
-                Self::Redis(lock) => lock.try_acquire().await,
-                Self::Postgres(lock) => lock.try_acquire().await,
-            };
-            let wait = match attempt {
-                Ok(Acquired::Yes) => return Ok(true),
+            let wait = match self.attempt().await {
+                Ok(Acquired::Yes) => {
+                    match self {
+                        Self::Redis(lock) => {
+                            info!(key = %lock.key, token = %lock.token, "leader lock acquired")
+                        }
+                        Self::Postgres(lock) => {
+                            info!(key = lock.key, "leader lock acquired (postgres advisory lock)")
+                        }
+                    }
+                    return Ok(true);
+                }
                 Ok(Acquired::No { retry_in }) => {
                     if let Some(down_for) = outage.recovered() {
                         info!(?down_for, "leader lock backend available again");
@@ -214,6 +220,29 @@ impl LeaderLock {
                 _ = stop.cancelled() => return Ok(false),
                 _ = tokio::time::sleep(wait) => {}
             }
+        }
+    }
+
+    /// One attempt: `Ok(true)` when the lock is ours now.
+    ///
+    /// # Errors
+    /// When the backend fails or does not answer in time.
+    pub async fn try_acquire(&mut self) -> Result<bool, LockError> {
+        Ok(matches!(self.attempt().await?, Acquired::Yes))
+    }
+
+    async fn attempt(&mut self) -> Result<Acquired, LockError> {
+        match self {
+            Self::Redis(lock) => lock.try_acquire().await,
+            Self::Postgres(lock) => lock.try_acquire().await,
+        }
+    }
+
+    /// The lock's key (Redis) or its advisory key.
+    pub fn key(&self) -> String {
+        match self {
+            Self::Redis(lock) => lock.key.clone(),
+            Self::Postgres(lock) => lock.key.to_string(),
         }
     }
 
@@ -263,18 +292,17 @@ impl LeaderLock {
         }
     }
 
-    /// Gives the lock up so a standby takes over at once.
-    pub async fn release(&mut self) {
+    /// Gives the lock up so a standby takes over at once; `false` (and a warning) when it could not, and
+    /// expires by itself.
+    pub async fn release(&mut self) -> bool {
         let released = match self {
             Self::Redis(lock) => lock.release().await,
             Self::Postgres(lock) => lock.release().await,
         };
-        match released {
-            Ok(()) => info!("leader lock released"),
-            Err(err) => {
-                warn!(error = %super::error_chain(&err), "leader lock not released; it expires by itself")
-            }
+        if let Err(err) = &released {
+            warn!(key = %self.key(), error = %super::error_chain(err), "leader lock not released; it expires by itself");
         }
+        released.is_ok()
     }
 
     fn renew_interval(&self) -> Duration {
@@ -305,10 +333,7 @@ enum Acquired {
 
 /// A Redis lease compatible with Qx's `DistributedLock`.
 pub struct RedisLock {
-    client: redis::Client,
-    /// `cache.url` redacted, to name the server in errors.
-    url: String,
-    connection: Option<MultiplexedConnection>,
+    link: RedisLink,
     key: String,
     /// `<key>:holder`: who we are, while we hold the key.
     holder_key: String,
@@ -330,9 +355,7 @@ impl RedisLock {
     /// When `cache.url` is not a Redis URL, or its certificates cannot be read.
     pub fn new(cache: &CacheConfig, key: String, ttl: Duration) -> Result<Self, LockError> {
         Ok(Self {
-            client: redis_client(cache)?,
-            url: cache.redacted_url(),
-            connection: None,
+            link: RedisLink::new(cache)?,
             holder_key: format!("{key}:holder"),
             key,
             token: Uuid::new_v4().to_string(),
@@ -349,10 +372,11 @@ impl RedisLock {
     /// When Redis cannot be reached.
     pub async fn holder(&mut self) -> Result<Holder, LockError> {
         let limit = self.ttl / 3;
-        let token: Option<String> = self.query(redis::cmd("GET").arg(&self.key).to_owned(), limit).await?;
-        let ttl: i64 = self.query(redis::cmd("PTTL").arg(&self.key).to_owned(), limit).await?;
+        let token: Option<String> =
+            self.link.query(redis::cmd("GET").arg(&self.key).to_owned(), limit).await?;
+        let ttl: i64 = self.link.query(redis::cmd("PTTL").arg(&self.key).to_owned(), limit).await?;
         let record: Option<String> =
-            self.query(redis::cmd("GET").arg(&self.holder_key).to_owned(), limit).await?;
+            self.link.query(redis::cmd("GET").arg(&self.holder_key).to_owned(), limit).await?;
         // Only the record of the current token: a stale one names a relay that no longer holds the key.
         let record = record
             .and_then(|record| serde_json::from_str::<HolderRecord>(&record).ok())
@@ -385,11 +409,11 @@ impl RedisLock {
             .arg(self.ttl_ms())
             .to_owned();
         let sent = Instant::now();
-        let set: Option<String> = self.query(set_cmd, self.ttl / 3).await?;
+        let set: Option<String> = self.link.query(set_cmd, self.ttl / 3).await?;
         self.new_record();
         if set.is_some() {
             self.lease_until = Some(sent + self.ttl);
-            info!(key = %self.key, token = %self.token, "leader lock acquired");
+            debug!(key = %self.key, token = %self.token, "lock acquired");
             // Best effort, like the record's renewals: status then names us a renewal later.
             let record = redis::cmd("SET")
                 .arg(&self.holder_key)
@@ -397,7 +421,7 @@ impl RedisLock {
                 .arg("PX")
                 .arg(self.ttl_ms())
                 .to_owned();
-            if let Err(err) = self.query::<()>(record, self.ttl / 3).await {
+            if let Err(err) = self.link.query::<()>(record, self.ttl / 3).await {
                 debug!(error = %super::error_chain(&err), "leader lock holder record not written");
             }
             return Ok(Acquired::Yes);
@@ -407,10 +431,10 @@ impl RedisLock {
         // token, so nobody else held the key since: take it back now rather than standing by for our own lease.
         let reclaim = self.script(RECLAIM_SCRIPT).arg(self.ttl_ms()).arg(&self.record).to_owned();
         let sent = Instant::now();
-        let (ours, left): (i64, i64) = self.query(reclaim, self.ttl / 3).await?;
+        let (ours, left): (i64, i64) = self.link.query(reclaim, self.ttl / 3).await?;
         if ours == 1 {
             self.lease_until = Some(sent + self.ttl);
-            info!(key = %self.key, token = %self.token, reclaimed = true, "leader lock acquired");
+            debug!(key = %self.key, token = %self.token, reclaimed = true, "lock acquired");
             return Ok(Acquired::Yes);
         }
         Ok(Acquired::No { retry_in: standby_wait(left, self.ttl) })
@@ -425,14 +449,14 @@ impl RedisLock {
             return Err(LockError::TimedOut);
         }
         let renew = self.script(RENEW_SCRIPT).arg(self.ttl_ms()).arg(&self.record).to_owned();
-        let renewed = self.query::<i64>(renew, limit).await? == 1;
+        let renewed = self.link.query::<i64>(renew, limit).await? == 1;
         self.lease_until = renewed.then_some(sent + self.ttl);
         Ok(renewed)
     }
 
     async fn release(&mut self) -> Result<(), LockError> {
         self.lease_until = None;
-        let _: i64 = self.query(self.script(RELEASE_SCRIPT), self.ttl / 3).await?;
+        let _: i64 = self.link.query(self.script(RELEASE_SCRIPT), self.ttl / 3).await?;
         Ok(())
     }
 
@@ -445,10 +469,28 @@ impl RedisLock {
     fn script(&self, script: &str) -> redis::Cmd {
         redis::cmd("EVAL").arg(script).arg(2).arg(&self.key).arg(&self.holder_key).arg(&self.token).to_owned()
     }
+}
+
+/// One connection to `cache.url`, opened on first use and again after any failure.
+pub(crate) struct RedisLink {
+    client: redis::Client,
+    /// `cache.url` redacted, to name the server in errors.
+    url: String,
+    connection: Option<MultiplexedConnection>,
+}
+
+impl RedisLink {
+    /// A link to the Redis of `cache` (not connected yet).
+    ///
+    /// # Errors
+    /// When `cache.url` is not a Redis URL, or its certificates cannot be read.
+    pub(crate) fn new(cache: &CacheConfig) -> Result<Self, LockError> {
+        Ok(Self { client: redis_client(cache)?, url: cache.redacted_url(), connection: None })
+    }
 
     /// Runs `cmd` within `limit`, connecting first if needed; drops the connection on any failure so the next
     /// call reconnects.
-    async fn query<T: redis::FromRedisValue>(
+    pub(crate) async fn query<T: redis::FromRedisValue>(
         &mut self,
         cmd: redis::Cmd,
         limit: Duration,
@@ -561,10 +603,7 @@ impl AdvisoryLock {
         let locked: Result<bool, sqlx::Error> =
             sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(self.key).fetch_one(connection).await;
         match locked {
-            Ok(true) => {
-                info!(key = self.key, "leader lock acquired (postgres advisory lock)");
-                Ok(Acquired::Yes)
-            }
+            Ok(true) => Ok(Acquired::Yes),
             Ok(false) => Ok(Acquired::No { retry_in: STANDBY_POLL_MAX }),
             Err(err) => {
                 self.connection = None;

@@ -10,6 +10,7 @@ use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gau
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
+use super::config::ShardId;
 use super::nats::FailureKind;
 use super::shard::Shard;
 use super::store::Backlog;
@@ -51,9 +52,13 @@ families! {
     gauge PARKED_ROWS = "qx_relay_parked_rows",
         "Rows parked in the table now (0 on standbys).";
     gauge IS_LEADER = "qx_relay_is_leader",
-        "1 while this relay publishes its shard (holds the lock, or needs none).";
+        "1 for each shard this relay publishes (holds its lock, or needs none), 0 for shards it does not.";
+    gauge OWNED_SHARDS = "qx_relay_owned_shards",
+        "Shards this relay publishes now.";
+    gauge MEMBERS = "qx_relay_members",
+        "Live replicas sharing the shards (shard_id = auto), as this relay last saw them.";
     gauge SHARD_INFO = "qx_relay_shard_info",
-        "Always 1; the shard this relay serves and the shard count are its labels.";
+        "Always 1; the shard this relay serves (auto when replicas share them) and the shard count are its labels.";
     gauge STORE_UP = "qx_relay_postgres_up",
         "1 while Postgres answers: set on connecting, then by the loop of the relay publishing the shard.";
     gauge NATS_UP = "qx_relay_nats_up",
@@ -125,7 +130,8 @@ pub fn install(shutdown: CancellationToken) -> Result<Exporter, BuildError> {
 
 /// Exports every family for `shard` before its first event: `increase(qx_relay_parked_total[1h]) > 0` must
 /// see the first row parked after a restart, which it cannot when the series starts at 1.
-pub(super) fn register(shard: Shard) {
+/// Describes every family and exports the counters at 0; `shards` are those this relay may publish.
+pub(super) fn register(shard_id: &ShardId, shard_count: u32, shards: impl Iterator<Item = Shard>) {
     describe();
     for name in [PUBLISHED, DUPLICATES, PARKED, LOCK_RENEWAL_FAILURES] {
         counter!(name).increment(0);
@@ -137,7 +143,11 @@ pub(super) fn register(shard: Shard) {
     let _ = histogram!(BATCH_SECONDS);
     let _ = histogram!(DELAY_SECONDS);
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "revision" => REVISION).set(1.0);
-    gauge!(SHARD_INFO, "shard" => shard.id.to_string(), "shard_count" => shard.count.to_string()).set(1.0);
+    gauge!(SHARD_INFO, "shard" => shard_id.to_string(), "shard_count" => shard_count.to_string()).set(1.0);
+    for shard in shards {
+        set_leader(shard, false);
+    }
+    gauge!(OWNED_SHARDS).set(0.0);
 }
 
 fn reason(kind: FailureKind) -> &'static str {
@@ -182,8 +192,16 @@ pub(super) fn set_nats_up(up: bool) {
     gauge!(NATS_UP).set(f64::from(u8::from(up)));
 }
 
-pub(super) fn set_leader(leading: bool) {
-    gauge!(IS_LEADER).set(f64::from(u8::from(leading)));
+pub(super) fn set_leader(shard: Shard, leading: bool) {
+    gauge!(IS_LEADER, "shard" => shard.id.to_string()).set(f64::from(u8::from(leading)));
+}
+
+pub(super) fn set_owned(shards: usize) {
+    gauge!(OWNED_SHARDS).set(shards as f64);
+}
+
+pub(super) fn set_members(members: usize) {
+    gauge!(MEMBERS).set(members as f64);
 }
 
 pub(super) fn set_outbox(backlog: &Backlog) {

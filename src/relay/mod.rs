@@ -11,6 +11,7 @@
 
 pub mod cli;
 pub mod config;
+pub(crate) mod elastic;
 pub mod endpoint;
 pub(crate) mod engine;
 pub(crate) mod escape;
@@ -19,6 +20,7 @@ pub(crate) mod health;
 pub(crate) mod housekeeping;
 pub(crate) mod identity;
 pub(crate) mod leader;
+pub(crate) mod members;
 pub(crate) mod metrics;
 pub mod nats;
 pub(crate) mod notify;
@@ -32,10 +34,11 @@ pub(crate) mod spelling;
 pub mod store;
 pub mod telemetry;
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -69,7 +72,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
         nats = %nats_servers.join(","),
         subject_prefix = relay.subject_prefix(),
         table = %relay.table,
-        shard = %shard,
+        shard_id = %relay.shard_id,
+        shard_count = relay.shard_count,
         shard_key = %relay.shard_key,
         leader = relay.leader.as_str(),
         batch_size = relay.batch_size,
@@ -87,12 +91,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
         let stall_limit = humantime::format_duration(stall_limit);
         info!(%addr, livez_stall_limit = %stall_limit, "serving /metrics, /livez and /readyz");
     }
-    metrics::register(shard);
-    metrics::set_leader(false);
+    // The shards this relay may publish: its own, or any of them.
+    let eligible = match shard {
+        Some(shard) => vec![shard],
+        None => Shard::all_of(relay.shard_count).collect(),
+    };
+    metrics::register(&relay.shard_id, relay.shard_count, eligible.iter().copied());
 
     let connect_timeout = Duration::from_secs_f64(config.nats.connect_timeout_seconds);
     let db_url = config.db.sqlx_url();
-    let store = OutboxStore::connect(&db_url, &relay, 1, connect_timeout)
+    let shard_loops = u32::try_from(eligible.len()).unwrap_or(u32::MAX);
+    let store = OutboxStore::connect(&db_url, &relay, shard_loops, connect_timeout)
         .await
         .map_err(|err| PostgresError::connecting(&db_url, err))?;
     metrics::set_store_up(true); // standbys too; the relay loop updates it once it leads
@@ -103,35 +112,44 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
     health.set_dependencies(store.clone(), publisher.clone());
 
     let background = TaskTracker::new();
-    let wake = Arc::new(Notify::new());
+    let (wake_up, wake) = watch::channel(());
     if let Some(channel) = &relay.notify_channel {
-        background.spawn(notify::listen(store.clone(), channel.clone(), wake.clone(), shutdown.clone()));
+        background.spawn(notify::listen(store.clone(), channel.clone(), wake_up, shutdown.clone()));
     }
     let (sample, backlog) = watch::channel(None);
+    let owned = Owned::new(health.clone());
     background.spawn(housekeeping::run(
         store.clone(),
         publisher.clone(),
         relay.clone(),
-        shard,
-        health.clone(),
+        owned.subscribe(),
         sample,
         shutdown.clone(),
     ));
     background.close();
 
-    let mut engine = Engine::new(store, publisher.clone(), relay.clone(), wake, backlog, health.heartbeat());
-    let lock = leader_lock(&config, shard)?;
-    // Boxed so it can be dropped (abandoning the batch) when the drain times out.
-    let mut work = Box::pin(async {
-        match lock {
-            None => {
-                metrics::set_leader(true);
-                health.set_leading(true);
-                engine.run(&shutdown).await.map_err(RelayError::from)
-            }
-            Some(lock) => lead(lock, &mut engine, &shutdown, &relay, &health).await,
+    let parts = engine::Parts {
+        store,
+        publisher: publisher.clone(),
+        relay: relay.clone(),
+        wake,
+        backlog,
+        heartbeat: health.heartbeat(),
+        tally: engine::Tally::default(),
+    };
+    let tally = parts.tally.clone();
+    // Boxed so it can be dropped (abandoning the batches in flight) when the drain times out.
+    let mut work: Pin<Box<dyn Future<Output = Result<(), RelayError>> + Send + '_>> = match shard {
+        Some(shard) => {
+            let engine = Engine::new(&parts, shard);
+            let lock = leader_lock(&config, shard)?;
+            Box::pin(relay_one(engine, lock, &owned, &shutdown, &relay))
         }
-    });
+        None => {
+            let coordinator = elastic::Coordinator::new(&config, parts, &owned)?;
+            Box::pin(coordinator.run(&shutdown))
+        }
+    };
     let result = tokio::select! {
         result = &mut work => result,
         () = shutdown.cancelled() => {
@@ -147,7 +165,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
     };
     drop(work);
     shutdown.cancel();
-    let totals = engine.totals();
+    let totals = tally.totals();
     info!(
         published = totals.published,
         duplicates = totals.duplicates,
@@ -161,60 +179,126 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
     result.map(|()| totals)
 }
 
+/// One shard's loop, under its leader lock or without one.
+async fn relay_one(
+    mut engine: Engine,
+    lock: Option<LeaderLock>,
+    owned: &Owned,
+    shutdown: &CancellationToken,
+    relay: &RelayConfig,
+) -> Result<(), RelayError> {
+    let shard = engine.shard();
+    let result = match lock {
+        None => {
+            owned.insert(shard);
+            engine.run(shutdown).await.map_err(RelayError::from)
+        }
+        Some(lock) => lead(lock, &mut engine, owned, shutdown, relay).await,
+    };
+    owned.remove(shard);
+    result
+}
+
 /// Relays while holding the lock; stands by while someone else does.
 async fn lead(
     mut lock: LeaderLock,
     engine: &mut Engine,
+    owned: &Owned,
     shutdown: &CancellationToken,
     relay: &RelayConfig,
-    health: &health::Health,
 ) -> Result<(), RelayError> {
+    let shard = engine.shard();
     loop {
         info!("standing by for the leader lock");
         if !lock.acquire(shutdown, relay.give_up_after).await? {
             return Ok(());
         }
-        metrics::set_leader(true);
-        health.set_leading(true);
-        let term = shutdown.child_token();
-        let run = engine.run(&term);
-        tokio::pin!(run);
-        let (kept, finished) = {
-            let keep = lock.keep(&term);
-            tokio::pin!(keep);
-            tokio::select! {
-                kept = &mut keep => (kept, None),
-                result = &mut run => {
-                    term.cancel(); // stops the renewals
-                    (keep.await, Some(result))
-                }
-            }
-        };
-        let result = match (finished, kept) {
-            (Some(result), _) => result,
-            // Shutdown: the batch in flight finishes (run's drain_timeout bounds it).
-            (None, Kept::Ours) => run.await,
-            // Lost: finish the batch in flight only while nobody else can have the lock. Its rows stay locked
-            // until then, so a new leader claiming later rows of the same keys would publish them first.
-            (None, Kept::Lost { fence }) => match tokio::time::timeout_at(fence, &mut run).await {
-                Ok(result) => result,
-                Err(_) => {
-                    warn!("lease ending with a batch in flight: abandoned, its rows will be published again");
-                    Ok(())
-                }
-            },
-        };
-        metrics::set_leader(false);
-        health.set_leading(false);
+        owned.insert(shard);
+        let (kept, result) = hold(&mut lock, engine, shutdown).await;
+        owned.remove(shard);
         if result.is_err() || shutdown.is_cancelled() {
             // We are exiting: let a standby take over now rather than when the lease runs out.
             if kept == Kept::Ours {
                 info!("stopped claiming; handing the leader lock over");
-                lock.release().await;
+                if lock.release().await {
+                    info!("leader lock released");
+                }
             }
             return result.map_err(RelayError::from);
         }
         warn!("leadership lost; stopped claiming");
+    }
+}
+
+/// Relays `engine`'s shard under `lock`, which is ours, until `stop` is cancelled or the lease can no longer
+/// be proven; the lock is still held afterwards only when it was [`Kept::Ours`].
+async fn hold(
+    lock: &mut LeaderLock,
+    engine: &mut Engine,
+    stop: &CancellationToken,
+) -> (Kept, Result<(), engine::EngineError>) {
+    let term = stop.child_token();
+    let run = engine.run(&term);
+    tokio::pin!(run);
+    let (kept, finished) = {
+        let keep = lock.keep(&term);
+        tokio::pin!(keep);
+        tokio::select! {
+            kept = &mut keep => (kept, None),
+            result = &mut run => {
+                term.cancel(); // stops the renewals
+                (keep.await, Some(result))
+            }
+        }
+    };
+    let result = match (finished, kept) {
+        (Some(result), _) => result,
+        // Stop: the batch in flight finishes (the caller's drain_timeout bounds it).
+        (None, Kept::Ours) => run.await,
+        // Lost: finish the batch in flight only while nobody else can have the lock. Its rows stay locked
+        // until then, so a new leader claiming later rows of the same keys would publish them first.
+        (None, Kept::Lost { fence }) => match tokio::time::timeout_at(fence, &mut run).await {
+            Ok(result) => result,
+            Err(_) => {
+                warn!("lease ending with a batch in flight: abandoned, its rows will be published again");
+                Ok(())
+            }
+        },
+    };
+    (kept, result)
+}
+
+/// The shards this relay publishes now, told to the metrics, the probes and the outbox sample.
+struct Owned {
+    shards: watch::Sender<Vec<Shard>>,
+    health: health::Health,
+}
+
+impl Owned {
+    fn new(health: health::Health) -> Self {
+        Self { shards: watch::Sender::new(Vec::new()), health }
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Vec<Shard>> {
+        self.shards.subscribe()
+    }
+
+    fn insert(&self, shard: Shard) {
+        metrics::set_leader(shard, true);
+        self.shards.send_modify(|shards| shards.push(shard));
+        self.changed();
+    }
+
+    fn remove(&self, shard: Shard) {
+        metrics::set_leader(shard, false);
+        self.shards.send_modify(|shards| shards.retain(|s| *s != shard));
+        self.changed();
+    }
+
+    fn changed(&self) {
+        let count = self.shards.borrow().len();
+        metrics::set_owned(count);
+        self.health.set_leading(count > 0);
     }
 }
 

@@ -1,10 +1,9 @@
 //! Wake-ups on insert: LISTEN on `relay.notify_channel`, so an idle relay claims at once instead of at its next
 //! poll.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -13,8 +12,13 @@ use super::store::OutboxStore;
 /// Wait before listening again after LISTEN failed.
 const RELISTEN_AFTER: Duration = Duration::from_secs(2);
 
-/// Wakes the engine on every NOTIFY; polling covers notifications lost while reconnecting.
-pub async fn listen(store: OutboxStore, channel: String, wake: Arc<Notify>, shutdown: CancellationToken) {
+/// Wakes the shard loops on every NOTIFY; polling covers notifications lost while reconnecting.
+pub async fn listen(
+    store: OutboxStore,
+    channel: String,
+    wake: watch::Sender<()>,
+    shutdown: CancellationToken,
+) {
     loop {
         let mut listener = match store.listen(&channel).await {
             Ok(listener) => listener,
@@ -30,7 +34,7 @@ pub async fn listen(store: OutboxStore, channel: String, wake: Arc<Notify>, shut
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 notification = listener.recv() => match notification {
-                    Ok(_) => wake.notify_one(),
+                    Ok(_) => wake.send_replace(()),
                     Err(err) => {
                         warn!(error = %err, %channel, "LISTEN connection lost");
                         break;

@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::config::{Config, LeaderMode};
+use super::config::{Config, LeaderMode, ShardId};
 use super::escape::Escaped;
 use super::leader::{self, Holder, LockError, RedisLock};
+use super::members;
 use super::nats::RelayPublisher;
 use super::preflight::{self, PreflightError};
 use super::refusal::PostgresError;
@@ -56,7 +57,7 @@ pub async fn check(config: &Config) -> ExitCode {
         Err(err) => fail(exit_code(err.is_config_error()), format!("nats: {}", error_chain(&err))),
     }
     if relay.leader == LeaderMode::Redis {
-        match lock_holders(config).await {
+        match lock_holder(config, 0).await {
             Ok(_) => println!("ok    redis: connected"),
             Err(err) => fail(exit_code(err.is_config_error()), format!("redis: {}", error_chain(&err))),
         }
@@ -84,17 +85,22 @@ struct ShardStatus {
     shard_count: u32,
     #[serde(flatten)]
     stats: OutboxStats,
+    /// Who publishes the shard, when a lock decides it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    leader_lock: Option<Holder>,
 }
 
 #[derive(Serialize)]
 struct Status {
     table: String,
+    shard_id: String,
+    /// Live replicas sharing the shards (`shard_id = "auto"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    members: Option<usize>,
     shards: Vec<ShardStatus>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    leader_locks: Vec<Holder>,
 }
 
-/// `qx-relay status`: per-shard counts and the leader locks' holders.
+/// `qx-relay status`: per shard, its counts and who holds its leader lock.
 pub async fn status(config: &Config, json: bool) -> ExitCode {
     let store = match connect(config).await {
         Ok(store) => store,
@@ -103,37 +109,63 @@ pub async fn status(config: &Config, json: bool) -> ExitCode {
     let mut shards = Vec::new();
     for shard in Shard::all_of(config.relay.shard_count) {
         match store.stats(shard).await {
-            Ok(stats) => shards.push(ShardStatus { shard: shard.id, shard_count: shard.count, stats }),
+            Ok(stats) => shards.push(ShardStatus {
+                shard: shard.id,
+                shard_count: shard.count,
+                stats,
+                leader_lock: None,
+            }),
             Err(err) => return unavailable("postgres", &err),
         }
     }
-    let leader_locks = match config.relay.leader {
-        LeaderMode::None => Vec::new(),
-        LeaderMode::Redis => match lock_holders(config).await {
-            Ok(holders) => holders,
-            Err(err) => {
-                eprintln!("redis: {}", error_chain(&err));
-                return exit_code(err.is_config_error());
+    let redis_failed = |err: LockError| {
+        eprintln!("redis: {}", error_chain(&err));
+        exit_code(err.is_config_error())
+    };
+    let mut members = None;
+    match config.relay.leader {
+        LeaderMode::None => {}
+        LeaderMode::Redis => {
+            for status in &mut shards {
+                match lock_holder(config, status.shard).await {
+                    Ok(holder) => status.leader_lock = Some(holder),
+                    Err(err) => return redis_failed(err),
+                }
             }
-        },
+            if config.relay.shard_id == ShardId::Auto {
+                let limit = config.relay.leader_ttl / 3;
+                match members::live_members(&config.cache, &config.relay.leader_key, limit).await {
+                    Ok(live) => members = Some(live),
+                    Err(err) => return redis_failed(err),
+                }
+            }
+        }
         LeaderMode::Postgres => {
-            let mut holders = Vec::new();
-            for shard in Shard::all_of(config.relay.shard_count) {
+            for status in &mut shards {
+                let shard = Shard { id: status.shard, count: status.shard_count };
                 let name = shard.advisory_lock_name(&config.relay.table);
                 match leader::advisory_holder(store.pool(), &name).await {
-                    Ok(holder) => holders.push(holder),
+                    Ok(holder) => status.leader_lock = Some(holder),
                     Err(err) => return unavailable("postgres", &StoreError::Database(err)),
                 }
             }
-            holders
         }
+    }
+    let status = Status {
+        table: config.relay.table.clone(),
+        shard_id: config.relay.shard_id.to_string(),
+        members,
+        shards,
     };
-    let status = Status { table: config.relay.table.clone(), shards, leader_locks };
     if json {
         println!("{}", serde_json::to_string_pretty(&status).expect("status serializes"));
         return ExitCode::Ok;
     }
-    println!("table {}", status.table);
+    print!("table {}", status.table);
+    if let Some(members) = status.members {
+        print!(", shared by {members} live replica(s)");
+    }
+    println!();
     for s in &status.shards {
         let backlog = &s.stats.backlog;
         let oldest = backlog.oldest_pending_seconds.map_or("-".to_owned(), |secs| format!("{secs:.1}s"));
@@ -141,9 +173,9 @@ pub async fn status(config: &Config, json: bool) -> ExitCode {
             "shard {}/{}: pending {}  oldest pending {oldest}  parked {}  published (5m) {}",
             s.shard, s.shard_count, backlog.pending, backlog.parked, s.stats.published_last_5m
         );
-    }
-    for lock in &status.leader_locks {
-        println!("{}", lock_line(lock));
+        if let Some(lock) = &s.leader_lock {
+            println!("  {}", lock_line(lock));
+        }
     }
     ExitCode::Ok
 }
@@ -332,13 +364,9 @@ async fn connect_store(config: &Config) -> Result<OutboxStore, PostgresError> {
         .map_err(|err| PostgresError::connecting(&url, err))
 }
 
-async fn lock_holders(config: &Config) -> Result<Vec<Holder>, LockError> {
-    let mut holders = Vec::new();
-    for shard in Shard::all_of(config.relay.shard_count) {
-        let key = shard.lock_key(&config.relay.leader_key);
-        holders.push(RedisLock::new(&config.cache, key, config.relay.leader_ttl)?.holder().await?);
-    }
-    Ok(holders)
+async fn lock_holder(config: &Config, shard: u32) -> Result<Holder, LockError> {
+    let key = Shard { id: shard, count: config.relay.shard_count }.lock_key(&config.relay.leader_key);
+    RedisLock::new(&config.cache, key, config.relay.leader_ttl)?.holder().await
 }
 
 /// A server that refuses our settings is a configuration error (78); one that fails, an outage (69).

@@ -3,7 +3,7 @@
 //! The split is the Python relay's, `ABS(HASHTEXT(key)::bigint) % shard_count = shard_id` with the row id as
 //! the default key, so Python and Rust relays can share one table during a migration.
 
-use super::config::RelayConfig;
+use super::config::{RelayConfig, ShardId};
 
 /// One slice of the outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,9 +15,15 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// The shard `relay` is configured for.
-    pub fn of(relay: &RelayConfig) -> Self {
-        Self { id: relay.shard_id, count: relay.shard_count }
+    /// The whole table.
+    pub const WHOLE: Self = Self { id: 0, count: 1 };
+
+    /// The shard `relay` is configured for; `None` when the replicas share them (`shard_id = "auto"`).
+    pub fn of(relay: &RelayConfig) -> Option<Self> {
+        match relay.shard_id {
+            ShardId::Fixed(id) => Some(Self { id, count: relay.shard_count }),
+            ShardId::Auto => None,
+        }
     }
 
     /// Every shard of a split into `count`.

@@ -233,6 +233,18 @@ pub struct Backlog {
     pub parked: i64,
 }
 
+impl Backlog {
+    /// Adds `other`'s rows: the backlog of two shards.
+    pub fn add(&mut self, other: &Backlog) {
+        self.pending += other.pending;
+        self.parked += other.parked;
+        self.oldest_pending_seconds = match (self.oldest_pending_seconds, other.oldest_pending_seconds) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
 /// Counts for `qx-relay status`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct OutboxStats {
@@ -322,7 +334,7 @@ pub struct OutboxStore {
 
 impl OutboxStore {
     /// Connects a pool sized for `shards` claim/publish/settle pipelines, for `relay`'s table, shard key and
-    /// publish mode.
+    /// publish mode. Its claims take the whole table; [`Self::for_shard`] narrows them.
     ///
     /// # Errors
     /// When Postgres cannot be reached within `connect_timeout`.
@@ -354,13 +366,18 @@ impl OutboxStore {
             }
             result => result,
         }?;
-        Ok(Self::new(pool, relay))
+        Ok(Self::new(pool, relay, Shard::WHOLE))
     }
 
-    fn new(pool: PgPool, relay: &RelayConfig) -> Self {
+    /// The same pool, claiming `shard`'s rows only.
+    pub fn for_shard(&self, relay: &RelayConfig, shard: Shard) -> Self {
+        Self::new(self.pool.clone(), relay, shard)
+    }
+
+    fn new(pool: PgPool, relay: &RelayConfig, shard: Shard) -> Self {
         let table = relay.table.clone();
         let key_sql = key_sql(&relay.shard_key);
-        let shard_clause = Shard::of(relay).sql_clause(&key_sql);
+        let shard_clause = shard.sql_clause(&key_sql);
         let order_key_column = match relay.shard_key {
             ShardKey::Id => "NULL::text".to_owned(),
             _ => key_sql.clone(),

@@ -5,6 +5,7 @@
 //!   settings a relay starts with.
 //! - [`relay`]: the real `qx-relay` binary as a process ([`Relay`]) or a command run to completion.
 //! - [`db`] and [`stream`]: a database and a JetStream stream of a run's own, removed on drop.
+//! - [`handover`]: relays' JSON logs and what the stream holds after handovers: each row once, keys in order.
 //! - [`outbox`]: the qx-db table, its fixture rows and every INSERT into it.
 //! - [`servers`]: `nats-server`, `redis-server` and Postgres clusters of a run's own, to kill, freeze and restart.
 //! - [`wait`]: one way to wait for a condition. [`http`], [`proc`], [`proxy`], [`pki`] and [`redis_keys`]: the
@@ -14,6 +15,7 @@
 
 pub mod db;
 pub mod env;
+pub mod handover;
 pub mod http;
 pub mod outbox;
 pub mod pki;

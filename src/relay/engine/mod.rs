@@ -14,11 +14,11 @@ mod holds;
 mod progress;
 mod verdict;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -29,6 +29,7 @@ use super::health::Heartbeat;
 use super::metrics;
 use super::nats::RelayPublisher;
 use super::outage::OutageClock;
+use super::shard::Shard;
 use super::store::{Backlog, ClaimedBatch, OutboxRow, OutboxStore, StoreError};
 use crate::backoff::Backoff;
 use holds::Holds;
@@ -66,6 +67,25 @@ pub struct Totals {
     pub parked: u64,
 }
 
+/// The totals of every shard loop of a relay, added up as batches settle.
+#[derive(Debug, Default, Clone)]
+pub struct Tally(Arc<Mutex<Totals>>);
+
+impl Tally {
+    /// What has been done so far.
+    pub fn totals(&self) -> Totals {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn add(&self, published: u64, duplicates: u64, failed: u64, parked: u64) {
+        let mut totals = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        totals.published += published;
+        totals.duplicates += duplicates;
+        totals.failed += failed;
+        totals.parked += parked;
+    }
+}
+
 /// A published batch waiting to be written back.
 type Unsettled = (ClaimedBatch, Settlement);
 
@@ -80,13 +100,33 @@ enum Prefetch {
     After(DateTime<Utc>, Uuid),
 }
 
+/// What every shard loop of a relay shares: one pool, one NATS connection, the wake-ups, the outbox sample
+/// and the heartbeat.
+#[derive(Clone)]
+pub struct Parts {
+    /// The pool, claiming the whole table; each engine narrows it to its shard.
+    pub store: OutboxStore,
+    /// The NATS connection.
+    pub publisher: RelayPublisher,
+    /// The settings.
+    pub relay: RelayConfig,
+    /// Changes on LISTEN/NOTIFY (or never, with polling only).
+    pub wake: watch::Receiver<()>,
+    /// The latest outbox sample, if any.
+    pub backlog: watch::Receiver<Option<Backlog>>,
+    /// Beaten once per iteration of any loop, so `/livez` can tell a wedged relay from a busy one.
+    pub heartbeat: Heartbeat,
+    /// What the loops have done.
+    pub tally: Tally,
+}
+
 /// One shard's loop and its in-memory retry state (attempts and errors themselves live in the table).
 pub struct Engine {
     store: OutboxStore,
     publisher: RelayPublisher,
     relay: RelayConfig,
     rules: Rules,
-    wake: Arc<Notify>,
+    wake: watch::Receiver<()>,
     holds: Holds,
     store_outage: OutageClock,
     nats_outage: OutageClock,
@@ -100,7 +140,8 @@ pub struct Engine {
     /// Rows to ask for per claim: `batch_size`, or fewer when rows are large, so a claim seldom returns
     /// more rows than the byte budget keeps.
     claim_limit: u32,
-    totals: Totals,
+    tally: Tally,
+    shard: Shard,
     /// Rows published since the last progress line.
     progress: Progress,
     /// The last outbox sample (housekeeping's), for the progress line: the hot path runs no count.
@@ -110,16 +151,9 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine for the configured shard. `wake` is notified on LISTEN/NOTIFY (or never, with polling only);
-    /// `backlog` holds the latest outbox sample, if any.
-    pub fn new(
-        store: OutboxStore,
-        publisher: RelayPublisher,
-        relay: RelayConfig,
-        wake: Arc<Notify>,
-        backlog: watch::Receiver<Option<Backlog>>,
-        heartbeat: Heartbeat,
-    ) -> Self {
+    /// An engine for `shard`.
+    pub fn new(parts: &Parts, shard: Shard) -> Self {
+        let relay = parts.relay.clone();
         let rules = Rules {
             max_attempts: relay.max_attempts,
             retry: Backoff::new(relay.retry_backoff, relay.retry_backoff_max).with_jitter(0.5),
@@ -128,10 +162,10 @@ impl Engine {
             subject_prefix: relay.subject_prefix().to_owned(),
         };
         Self {
-            store,
-            publisher,
+            store: parts.store.for_shard(&relay, shard),
+            publisher: parts.publisher.clone(),
             rules,
-            wake,
+            wake: parts.wake.clone(),
             holds: Holds::default(),
             claim_limit: relay.batch_size,
             store_outage: OutageClock::new(relay.give_up_after),
@@ -140,16 +174,17 @@ impl Engine {
             unmarked: Vec::new(),
             waiting_for_locked: false,
             rescanned_at: Instant::now(),
-            totals: Totals::default(),
+            tally: parts.tally.clone(),
+            shard,
             progress: Progress::default(),
-            backlog,
-            heartbeat,
+            backlog: parts.backlog.clone(),
+            heartbeat: parts.heartbeat.clone(),
         }
     }
 
-    /// What has been done so far.
-    pub fn totals(&self) -> Totals {
-        self.totals
+    /// The shard this loop publishes.
+    pub fn shard(&self) -> Shard {
+        self.shard
     }
 
     /// Relays until `stop` is cancelled, then finishes the batch in flight (acks awaited, marks committed).
@@ -423,10 +458,7 @@ impl Engine {
         let parked = settlement.notices.iter().filter(|n| matches!(n, Notice::Parked { .. })).count() as u64;
         let retried =
             settlement.notices.iter().filter(|n| matches!(n, Notice::Retrying { .. })).count() as u64;
-        self.totals.published += settlement.published.len() as u64;
-        self.totals.duplicates += settlement.duplicates;
-        self.totals.failed += retried;
-        self.totals.parked += parked;
+        self.tally.add(settlement.published.len() as u64, settlement.duplicates, retried, parked);
         metrics::rows_published(settlement.published.len() as u64, settlement.duplicates);
         for delay in &settlement.delays {
             metrics::publish_delay(*delay);
@@ -466,11 +498,17 @@ impl Engine {
     }
 
     /// Sleeps `delay`, waking early on NOTIFY; false when `stop` fired.
-    async fn pause(&self, delay: Duration, stop: &CancellationToken) -> bool {
+    async fn pause(&mut self, delay: Duration, stop: &CancellationToken) -> bool {
+        let woken = async {
+            // Without a listener nothing ever wakes us.
+            if self.wake.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             biased;
             _ = stop.cancelled() => false,
-            _ = self.wake.notified() => true,
+            () = woken => true,
             _ = tokio::time::sleep(delay) => true,
         }
     }
