@@ -3,7 +3,7 @@
 //! Afterwards every committed event must be in the stream exactly once and every row marked.
 //!
 //! ```text
-//! scripts/chaos [--cycles 8] [--leader redis|none] [--relays 2] [--seed N] [--rate 500]
+//! scripts/chaos [--cycles 8] [--leader redis|none] [--relays 2] [--shards 0] [--seed N] [--rate 500]
 //! ```
 //! Everything runs on private servers (nats-server, redis-server, a Postgres cluster from initdb) on free
 //! loopback ports, in temporary directories, so the shared services are never touched. Prints one line per
@@ -49,6 +49,9 @@ struct Args {
     /// Relay processes.
     #[arg(long, default_value_t = 2)]
     relays: usize,
+    /// Elastic mode: the relays share this many shards (`--shard-id auto`); needs `--leader redis`. 0: off.
+    #[arg(long, default_value_t = 0)]
+    shards: u32,
     /// Events per second the producer commits.
     #[arg(long, default_value_t = 500)]
     rate: u32,
@@ -296,7 +299,17 @@ async fn main() -> ExitCode {
     let deadline =
         started + Duration::from_secs(args.max_seconds.unwrap_or(60 + 15 * u64::from(args.cycles)));
     let leader = args.leader == "redis";
-    println!("chaos: seed {seed}, {} cycles, {} relay(s), leader {}", args.cycles, args.relays, args.leader);
+    if args.shards > 0 && !leader {
+        eprintln!("--shards needs --leader redis");
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "chaos: seed {seed}, {} cycles, {} relay(s), leader {}, shards {}",
+        args.cycles,
+        args.relays,
+        args.leader,
+        if args.shards > 0 { format!("{} shared (auto)", args.shards) } else { "none".to_owned() }
+    );
 
     let nats = NatsServer::start().await;
     let postgres = PgCluster::start().await;
@@ -329,6 +342,10 @@ async fn main() -> ExitCode {
             ("QX_CACHE__URL", &redis.url()),
             ("QX_RELAY__LEADER_TTL", "3s"),
         ]);
+    }
+    if args.shards > 0 {
+        env =
+            env.with(&[("QX_RELAY__SHARD_ID", "auto"), ("QX_RELAY__SHARD_COUNT", &args.shards.to_string())]);
     }
     let procs = (0..args.relays.max(1))
         .map(|i| Slot { relay: None, log: work.join(format!("relay-{i}.log")) })

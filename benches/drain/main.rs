@@ -5,7 +5,8 @@
 //! cargo bench --features integration-tests --bench drain -- --quick   # ≤ 60 s, proves the harness works
 //! cargo bench --features integration-tests --bench drain -- --full    # the README's numbers
 //! ```
-//! Options: `--json PATH` (default `target/bench/drain.json`), `--only pg,nats,baseline,engine,backlog,latency`,
+//! Options: `--json PATH` (default `target/bench/drain.json`),
+//! `--only pg,nats,baseline,engine,backlog,latency,elastic`,
 //! `--private-postgres` (an initdb'd cluster of its own, autovacuum on, instead of `DATABASE_URL`'s server),
 //! `--perf` (`perf record` on the relay during the engine drains, into `target/bench/`).
 //!
@@ -38,6 +39,8 @@ struct Sizes {
     latency_seconds_200: u64,
     latency_seconds_2000: u64,
     idle_seconds: u64,
+    /// Alternating pairs of drains: one unsharded relay, one replica owning 12 shards.
+    elastic_pairs: usize,
 }
 
 const QUICK: Sizes = Sizes {
@@ -50,6 +53,7 @@ const QUICK: Sizes = Sizes {
     latency_seconds_200: 2,
     latency_seconds_2000: 2,
     idle_seconds: 3,
+    elastic_pairs: 1,
 };
 
 const FULL: Sizes = Sizes {
@@ -62,9 +66,10 @@ const FULL: Sizes = Sizes {
     latency_seconds_200: 30,
     latency_seconds_2000: 15,
     idle_seconds: 10,
+    elastic_pairs: 3,
 };
 
-const PARTS: &[&str] = &["pg", "nats", "baseline", "engine", "backlog", "latency"];
+const PARTS: &[&str] = &["pg", "nats", "baseline", "engine", "backlog", "latency", "elastic"];
 
 #[derive(Debug)]
 struct Options {
@@ -314,7 +319,8 @@ async fn scenarios(
             ("engine_delete", "qx-relay, delete mode", OnPublish::Delete, None),
         ] {
             let (result, idle_result) =
-                scenarios::relay_drain(bench, name, label, sizes.engine_rows, on_publish, idle_for).await;
+                scenarios::relay_drain(bench, name, label, sizes.engine_rows, on_publish, idle_for, &[])
+                    .await;
             record(result, &mut throughput);
             idle = idle.or(idle_result);
         }
@@ -343,13 +349,53 @@ async fn scenarios(
                 jetstream_runs
                     .push(scenarios::nats_ceiling(bench, &jetstream.0, &jetstream.1, rows, false).await);
                 relay_runs.push(
-                    scenarios::relay_drain(bench, &relay.0, &relay.1, rows, OnPublish::Mark, None).await.0,
+                    scenarios::relay_drain(bench, &relay.0, &relay.1, rows, OnPublish::Mark, None, &[])
+                        .await
+                        .0,
                 );
             }
             for runs in [postgres_runs, jetstream_runs, relay_runs] {
                 record(median(runs), &mut throughput);
             }
         }
+    }
+    if options.runs("elastic") {
+        // One replica of `--shard-id auto` owning all 12 shards (12 shard loops, one NATS connection, one pool)
+        // against one unsharded relay over the same backlog, alternating so both see the same machine.
+        let key = format!("bench:{}:elastic", uuid::Uuid::new_v4().simple());
+        let redis_url = env_var("REDIS_URL");
+        let elastic = [
+            ("QX_RELAY__SHARD_ID", "auto"),
+            ("QX_RELAY__SHARD_COUNT", "12"),
+            ("QX_RELAY__LEADER", "redis"),
+            ("QX_RELAY__LEADER_KEY", key.as_str()),
+            ("QX_CACHE__URL", redis_url.as_str()),
+        ];
+        let (mut unsharded, mut sharded) = (Vec::new(), Vec::new());
+        for _ in 0..sizes.elastic_pairs {
+            let (name, label) = ("elastic_unsharded", "qx-relay, mark mode, unsharded");
+            unsharded.push(
+                scenarios::relay_drain(bench, name, label, sizes.engine_rows, OnPublish::Mark, None, &[])
+                    .await
+                    .0,
+            );
+            let (name, label) = ("elastic_12_shards", "qx-relay, mark mode, 1 replica owning 12 shards");
+            sharded.push(
+                scenarios::relay_drain(
+                    bench,
+                    name,
+                    label,
+                    sizes.engine_rows,
+                    OnPublish::Mark,
+                    None,
+                    &elastic,
+                )
+                .await
+                .0,
+            );
+        }
+        record(median(unsharded), &mut throughput);
+        record(median(sharded), &mut throughput);
     }
     if options.runs("latency") {
         for (rate, seconds) in [(200, sizes.latency_seconds_200), (2000, sizes.latency_seconds_2000)] {
@@ -405,7 +451,8 @@ fn cpu_budgets(throughput: &[Throughput], cpus: usize) -> Vec<CpuBudget> {
         .filter_map(|t| {
             let write = match t.name.as_str() {
                 "engine_delete" => "delete",
-                "engine_mark" | "backlog_small" | "backlog_large" => "mark",
+                "engine_mark" | "backlog_small" | "backlog_large" | "elastic_unsharded"
+                | "elastic_12_shards" => "mark",
                 _ => return None,
             };
             let (postgres, nats) = (t.postgres_cpu_seconds?, t.nats_server_cpu_seconds?);
@@ -468,6 +515,13 @@ fn targets(
         "drain rate, large backlog / small backlog",
         div(rate(throughput, "backlog_large"), rate(throughput, "backlog_small")),
         div(bound("backlog_large"), bound("backlog_small")),
+        "≥ 0.9",
+        |v| v >= 0.9,
+    );
+    ratio(
+        "1 replica owning 12 shards / 1 unsharded relay",
+        div(rate(throughput, "elastic_12_shards"), rate(throughput, "elastic_unsharded")),
+        div(bound("elastic_12_shards"), bound("elastic_unsharded")),
         "≥ 0.9",
         |v| v >= 0.9,
     );

@@ -408,6 +408,7 @@ pub async fn relay_drain(
     rows: u64,
     on_publish: OnPublish,
     idle: Option<Duration>,
+    settings: &[(&str, &str)],
 ) -> (Throughput, Option<Idle>) {
     bench.db.reset_table(false).await;
     let seed_seconds = bench.db.seed(rows).await;
@@ -416,7 +417,7 @@ pub async fn relay_drain(
         OnPublish::Mark => "mark",
         OnPublish::Delete => "delete",
     };
-    let env = relay_env(&bench.db, &stream).set("QX_RELAY__ON_PUBLISH", mode);
+    let env = relay_env(&bench.db, &stream).set("QX_RELAY__ON_PUBLISH", mode).with(settings);
 
     let nats_before = bench.nats_pid.and_then(cpu_seconds);
     let machine_before = machine_busy_seconds();
