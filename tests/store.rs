@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use qx_relay::relay::config::{OnPublish, RelayConfig, ShardKey};
-use qx_relay::relay::shard::Shard;
+use qx_relay::relay::shard::{Scope, Shard};
 use qx_relay::relay::store::{OutboxStore, Requeue, RowFailure, StoreError, TableProblem};
 use qx_relay_testkit::TestDb;
 use uuid::Uuid;
@@ -40,7 +40,7 @@ fn ids(batch: &qx_relay::relay::store::ClaimedBatch) -> Vec<Uuid> {
 #[tokio::test]
 async fn concurrent_claims_never_overlap_and_take_the_oldest_rows_first() {
     let (_db, inserted, store) = store_with_rows(250).await;
-    let (a, b) = tokio::join!(store.claim(BATCH, &[], &[]), store.claim(BATCH, &[], &[]));
+    let (a, b) = tokio::join!(store.claim(BATCH, &[], &[], &[]), store.claim(BATCH, &[], &[], &[]));
     let (a, b) = (a.expect("claim a"), b.expect("claim b"));
     let (a_ids, b_ids): (HashSet<Uuid>, HashSet<Uuid>) =
         (ids(&a).into_iter().collect(), ids(&b).into_iter().collect());
@@ -48,7 +48,7 @@ async fn concurrent_claims_never_overlap_and_take_the_oldest_rows_first() {
     assert!(a_ids.is_disjoint(&b_ids), "two claims took the same row");
     let both: HashSet<Uuid> = a_ids.union(&b_ids).copied().collect();
     assert_eq!(both, inserted[..200].iter().copied().collect(), "the 200 oldest rows");
-    let third = store.claim(BATCH, &[], &[]).await.expect("claim c");
+    let third = store.claim(BATCH, &[], &[], &[]).await.expect("claim c");
     assert_eq!(ids(&third), inserted[200..], "the rest, in (occurred_at, id) order");
 }
 
@@ -59,19 +59,19 @@ async fn held_keys_and_skipped_event_names_are_left_out() {
     let paid = db.insert_events(3, "order.paid").await;
     let store = default_store(&db).await;
     let held = vec![placed[0].to_string()];
-    let batch = store.claim(BATCH, &held, &["order.paid".to_owned()]).await.expect("claim");
+    let batch = store.claim(BATCH, &held, &["order.paid".to_owned()], &[]).await.expect("claim");
     assert_eq!(ids(&batch), placed[1..], "neither the held key nor the skipped event name");
     drop(batch);
-    let batch = store.claim(BATCH, &[], &[]).await.expect("claim");
+    let batch = store.claim(BATCH, &[], &[], &[]).await.expect("claim");
     assert_eq!(ids(&batch).len(), placed.len() + paid.len(), "both are back once released");
 }
 
 #[tokio::test]
 async fn claim_after_continues_after_the_batch_in_flight() {
     let (_db, inserted, store) = store_with_rows(250).await;
-    let first = store.claim(BATCH, &[], &[]).await.expect("claim");
+    let first = store.claim(BATCH, &[], &[], &[]).await.expect("claim");
     let last = first.rows.last().map(|row| (row.occurred_at, row.id)).expect("rows");
-    let next = store.claim_after(BATCH, &[], &[], last).await.expect("claim after");
+    let next = store.claim_after(BATCH, &[], &[], &[], last).await.expect("claim after");
     assert_eq!(ids(&next), inserted[100..200]);
 }
 
@@ -86,14 +86,14 @@ async fn the_byte_budget_cuts_a_batch_but_the_first_row_always_fits() {
     }
     let relay = RelayConfig { max_batch_bytes: 100_000, ..relay_config(ShardKey::Id, OnPublish::Mark) };
     let store = open_store(&db, &relay).await;
-    let batch = store.claim(BATCH, &[], &[]).await.expect("claim");
+    let batch = store.claim(BATCH, &[], &[], &[]).await.expect("claim");
     assert_eq!(batch.rows.len(), 3, "40 KB rows while the bytes before them are under 100 KB");
     assert!(batch.cut_by_bytes, "the rows left out are said to be");
     drop(batch);
 
     let huge = TestDb::create().await;
     huge.insert_raw("order.placed", &blob(300_000)).await;
-    let batch = open_store(&huge, &relay).await.claim(BATCH, &[], &[]).await.expect("claim");
+    let batch = open_store(&huge, &relay).await.claim(BATCH, &[], &[], &[]).await.expect("claim");
     assert_eq!(batch.rows.len(), 1, "a row larger than the budget still goes out alone");
     assert!(!batch.cut_by_bytes);
     drop(batch);
@@ -104,25 +104,25 @@ async fn ordered_claims_wait_for_rows_another_relay_holds_and_unordered_ones_ski
     let db = TestDb::create().await;
     db.insert_events(20, "order.placed").await;
     let unordered = default_store(&db).await;
-    let holder = unordered.claim(5, &[], &[]).await.expect("the other relay's claim");
-    let skipping = unordered.claim(BATCH, &[], &[]).await.expect("claim around it");
+    let holder = unordered.claim(5, &[], &[], &[]).await.expect("the other relay's claim");
+    let skipping = unordered.claim(BATCH, &[], &[], &[]).await.expect("claim around it");
     assert_eq!(skipping.rows.len(), 15, "every row its own key: the locked ones are skipped");
     drop(skipping);
 
     let ordered = open_store(&db, &relay_config("payload.order_id".parse().unwrap(), OnPublish::Mark)).await;
-    match ordered.claim(BATCH, &[], &[]).await {
+    match ordered.claim(BATCH, &[], &[], &[]).await {
         Err(StoreError::Locked) => {}
         other => panic!("an ordered claim must not skip locked rows: {:?}", other.map(|b| b.rows.len())),
     }
     drop(holder);
-    let batch = ordered.claim(BATCH, &[], &[]).await.expect("claim once released");
+    let batch = ordered.claim(BATCH, &[], &[], &[]).await.expect("claim once released");
     assert_eq!(batch.rows.len(), 20);
 }
 
 #[tokio::test]
 async fn settling_marks_published_rows_and_writes_failures_cut_to_the_column() {
     let (db, inserted, store) = store_with_rows(3).await;
-    let batch = store.claim(BATCH, &[], &[]).await.expect("claim");
+    let batch = store.claim(BATCH, &[], &[], &[]).await.expect("claim");
     let failure = RowFailure { id: inserted[2], attempts: 4, last_error: "é".repeat(3000) };
     store.settle(batch, &inserted[..2], std::slice::from_ref(&failure)).await.expect("settle");
     assert_eq!(db.count("published_at IS NOT NULL").await, 2);
@@ -147,7 +147,7 @@ async fn rows_of_a_child_table_settle_by_id_and_deletes_remove_only_published_ro
     )
     .await;
     let store = open_store(&db, &relay_config(ShardKey::Id, OnPublish::Delete)).await;
-    let batch = store.claim(BATCH, &[], &[]).await.expect("claim");
+    let batch = store.claim(BATCH, &[], &[], &[]).await.expect("claim");
     let published: Vec<Uuid> = batch.rows.iter().step_by(2).map(|row| row.id).collect();
     store.settle(batch, &published, &[]).await.expect("settle");
     assert_eq!(db.count("true").await, 5, "the five published rows are gone, from either table");
@@ -214,4 +214,24 @@ async fn a_view_a_missing_table_and_nullable_columns_are_refused() {
     assert_eq!(problem("no_such_table").await, Some(TableProblem::Missing));
     db.execute("ALTER TABLE qx_outbox_events ALTER COLUMN attempts DROP NOT NULL").await;
     assert_eq!(problem("qx_outbox_events").await, Some(TableProblem::NullableColumns(vec!["attempts"])));
+}
+
+#[tokio::test]
+async fn an_assigned_scope_claims_the_assigned_shards_rows_only_in_one_scan() {
+    let (db, _, store) = store_with_rows(600).await;
+    let relay = relay_config(ShardKey::Id, OnPublish::Mark);
+    let assigned = store.for_scope(&relay, Scope::Assigned { count: 12 });
+    let shard_of = |ids: &[Uuid]| {
+        let sql = "SELECT DISTINCT (ABS(HASHTEXT(id::text)::bigint) % 12)::int FROM qx_outbox_events \
+                   WHERE id = ANY($1) ORDER BY 1";
+        let pool = db.pool.clone();
+        let ids = ids.to_vec();
+        async move { sqlx::query_scalar::<_, i32>(sql).bind(ids).fetch_all(&pool).await.expect("shards") }
+    };
+    let batch = assigned.claim(1000, &[], &[], &[1, 4]).await.expect("claim shards 1 and 4");
+    let expected = db.count("ABS(HASHTEXT(id::text)::bigint) % 12 IN (1, 4)").await;
+    assert_eq!(batch.rows.len() as i64, expected, "every row of the two shards, and no other");
+    assert_eq!(shard_of(&ids(&batch)).await, [1, 4]);
+    let none = assigned.claim(1000, &[], &[], &[]).await.expect("claim no shard");
+    assert!(none.rows.is_empty(), "no shard assigned, no row");
 }

@@ -202,8 +202,8 @@ pub async fn postgres_ceiling(
             };
             let claim = async {
                 match after {
-                    Some(after) => store.claim_after(BATCH_SIZE, &[], &[], after).await,
-                    None => store.claim(BATCH_SIZE, &[], &[]).await,
+                    Some(after) => store.claim_after(BATCH_SIZE, &[], &[], &[], after).await,
+                    None => store.claim(BATCH_SIZE, &[], &[], &[]).await,
                 }
             };
             let (claimed, settled) = tokio::join!(claim, settle);
@@ -219,7 +219,7 @@ pub async fn postgres_ceiling(
         }
     } else {
         loop {
-            let batch = store.claim(BATCH_SIZE, &[], &[]).await.expect("claim");
+            let batch = store.claim(BATCH_SIZE, &[], &[], &[]).await.expect("claim");
             if batch.rows.is_empty() {
                 break;
             }
@@ -368,7 +368,7 @@ pub async fn baseline(bench: &Bench, rows: u64) -> Throughput {
     let cpu_before = own_cpu();
     let started = Instant::now();
     loop {
-        let batch = store.claim(BASELINE_BATCH, &[], &[]).await.expect("claim");
+        let batch = store.claim(BASELINE_BATCH, &[], &[], &[]).await.expect("claim");
         if batch.rows.is_empty() {
             break;
         }

@@ -5,46 +5,58 @@
 //! learns who is alive, and moves towards its [`fair_share`]: above it, it releases shards gracefully (the batch
 //! in flight is published and marked, then the lease released); below it, it takes shards whose lease is free.
 //! A killed replica's leases and heartbeat expire within `leader_ttl`, and the others take its shards at their
-//! next tick. Each owned shard runs its own [`Engine`] on the shared pool and NATS connection.
+//! next tick.
+//!
+//! A replica runs one [`Engine`] over the shards it owns, whatever their number: its claims take rows of any
+//! owned shard in one scan of the pending index, so owning k shards costs what one unsharded relay costs (k
+//! loops would each walk the whole index). The engine acknowledges every change of its shards once nothing
+//! claimed before it is open; only then is a shard's lease released.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, warn};
 
 use super::config::{CacheConfig, Config};
-use super::engine::{Engine, EngineError, Parts};
+use super::engine::{Assigner, Engine, EngineError, Parts};
 use super::leader::{Kept, LeaderLock, LockError, RedisLock};
 use super::members::{fair_share, Membership};
 use super::metrics;
 use super::outage::OutageClock;
 use super::shard::Shard;
-use super::{error_chain, hold, Owned, RelayError};
+use super::{error_chain, Owned, RelayError};
 
 /// The longest time between two ticks: a free shard is taken, and a new member noticed, within about this.
 const TICK_MAX: Duration = Duration::from_millis(500);
 
-/// The smallest byte budget a shard loop gets (a row larger than its budget still goes, alone).
-const SHARD_BUDGET_MIN: u64 = 64 << 10;
+/// The engine's run, owned, so it can be dropped (abandoning its batches) and started anew.
+type EngineRun = Pin<Box<dyn Future<Output = Result<(), EngineError>> + Send>>;
 
-/// How a shard's loop ended.
-enum Ending {
-    /// Told to stop; the lease was released.
-    Released,
-    /// The lease could no longer be proven.
-    LostLease,
-    /// Postgres or NATS stayed unavailable past `give_up_after`: the replica exits.
-    Failed(EngineError),
+/// A shard lease's keeper: renews it until told to stop or until it is lost, then hands the lock back.
+type Keepers = JoinSet<(u32, LeaderLock, Kept)>;
+
+/// Why sharing ended.
+enum Shared {
+    /// Shutdown: the engine still runs, to finish its batch.
+    Stopped,
+    /// The engine ended by itself.
+    EngineEnded(Result<(), EngineError>),
 }
 
-/// A shard this replica publishes.
-struct Owner {
-    stop: CancellationToken,
-    /// Why it is being released, once it is.
-    releasing: Option<&'static str>,
+/// Where an owned shard is.
+enum Lease {
+    /// Published by the engine; its keeper renews the lease.
+    Held { stop: CancellationToken },
+    /// Taken out of the engine's shards at `generation`; the lease goes once the engine acknowledges it.
+    Releasing { stop: CancellationToken, generation: u64, reason: &'static str, stopping: bool },
+    /// The lease could no longer be proven: the engine must let go of the shard's rows by `fence`, or be
+    /// abandoned.
+    Lost { lock: LeaderLock, generation: u64, fence: Instant },
 }
 
 /// Shares the shards with the other replicas until stopped.
@@ -57,25 +69,22 @@ pub(super) struct Coordinator<'a> {
     give_up_after: Duration,
     shard_count: u32,
     members: Membership,
+    assigner: Assigner,
     /// Locks of shards not owned now, kept for their connection and token.
     idle: BTreeMap<u32, LeaderLock>,
-    owners: BTreeMap<u32, Owner>,
-    loops: JoinSet<(Shard, LeaderLock, Ending)>,
+    leases: BTreeMap<u32, Lease>,
+    keepers: Keepers,
     /// How many members the last tick saw, to tell a takeover from a rebalance.
     last_members: usize,
 }
 
 impl<'a> Coordinator<'a> {
-    /// A coordinator for the shards of `config`, running shard loops made of `parts`.
+    /// A coordinator for the shards of `config`, its engine made of `parts`.
     ///
     /// # Errors
     /// When `cache.url` is not a Redis URL, or its certificates cannot be read.
-    pub(super) fn new(config: &Config, mut parts: Parts, owned: &'a Owned) -> Result<Self, RelayError> {
+    pub(super) fn new(config: &Config, parts: Parts, owned: &'a Owned) -> Result<Self, RelayError> {
         let relay = &config.relay;
-        // The shard loops share the replica's byte budget, so its memory stays bounded by max_batch_bytes
-        // however many shards it owns.
-        parts.relay.max_batch_bytes =
-            (relay.max_batch_bytes / u64::from(relay.shard_count)).max(SHARD_BUDGET_MIN);
         Ok(Self {
             members: Membership::new(&config.cache, &relay.leader_key, relay.leader_ttl)?,
             cache: config.cache.clone(),
@@ -85,90 +94,133 @@ impl<'a> Coordinator<'a> {
             shard_count: relay.shard_count,
             parts,
             owned,
+            assigner: Assigner::default(),
             idle: BTreeMap::new(),
-            owners: BTreeMap::new(),
-            loops: JoinSet::new(),
+            leases: BTreeMap::new(),
+            keepers: JoinSet::new(),
             last_members: 0,
         })
     }
 
-    /// Joins the members and keeps this replica's share until `shutdown`; then stops every shard loop (each
-    /// finishes its batch and releases its lease) and leaves.
+    /// Joins the members and keeps this replica's share until `shutdown`; then stops the engine (its batch in
+    /// flight finishes), releases every lease and leaves.
     ///
     /// # Errors
-    /// A shard loop's [`EngineError`], or Redis unavailable for longer than `give_up_after`.
+    /// The engine's [`EngineError`], or Redis unavailable for longer than `give_up_after`.
     pub(super) async fn run(mut self, shutdown: &CancellationToken) -> Result<(), RelayError> {
         info!(
             shard_count = self.shard_count,
             member = self.members.token(),
             "sharing the shards with the other replicas"
         );
-        let result = self.share(shutdown).await;
-        for owner in self.owners.values_mut() {
-            owner.releasing.get_or_insert(if result.is_ok() { "stop" } else { "exit" });
-            owner.stop.cancel();
+        let engine_stop = CancellationToken::new();
+        let mut engine = self.start_engine(&engine_stop);
+        let shared = self.share(shutdown, &mut engine, &engine_stop).await;
+        engine_stop.cancel();
+        let (result, engine_result) = match shared {
+            // The engine ended by itself: nothing it claimed is open any more.
+            Ok(Shared::EngineEnded(ended)) => (ended.map_err(RelayError::from), Ok(())),
+            Ok(Shared::Stopped) => (Ok(()), engine.await),
+            Err(err) => (Err(err), engine.await),
+        };
+        let reason = if result.is_ok() { "stop" } else { "exit" };
+        for lease in self.leases.values_mut() {
+            if let Lease::Held { stop } | Lease::Releasing { stop, .. } = lease {
+                stop.cancel();
+            }
         }
-        let mut failed = None;
-        while let Some(ended) = self.loops.join_next().await {
-            if let Err(err) = self.ended(ended) {
-                failed.get_or_insert(err);
+        while let Some(kept) = self.keepers.join_next().await {
+            let (id, mut lock, kept) = kept.unwrap_or_else(|err| std::panic::resume_unwind(err.into_panic()));
+            if kept == Kept::Ours {
+                lock.release().await;
+            }
+            self.gone(id, lock, reason);
+        }
+        let lost: Vec<u32> = self.leases.keys().copied().collect();
+        for id in lost {
+            if let Some(Lease::Lost { lock, .. }) = self.leases.remove(&id) {
+                self.gone(id, lock, "lost lease");
             }
         }
         self.members.leave().await;
-        result.and(failed.map_or(Ok(()), Err))
+        result.and(engine_result.map_err(RelayError::from))
     }
 
-    async fn share(&mut self, shutdown: &CancellationToken) -> Result<(), RelayError> {
+    /// Ticks, and follows the keepers and the engine, until `shutdown` or a failure.
+    async fn share(
+        &mut self,
+        shutdown: &CancellationToken,
+        engine: &mut EngineRun,
+        engine_stop: &CancellationToken,
+    ) -> Result<Shared, RelayError> {
         let mut tick = tokio::time::interval((self.ttl / 3).min(TICK_MAX));
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut outage = OutageClock::new(self.give_up_after);
         loop {
+            let fence = self.next_fence();
             tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                Some(ended) = self.loops.join_next() => {
-                    self.ended(ended)?;
-                    continue;
+                () = shutdown.cancelled() => return Ok(Shared::Stopped),
+                // Not stopped, so only a failure ends it.
+                ended = &mut *engine => return Ok(Shared::EngineEnded(ended)),
+                Some(kept) = self.keepers.join_next() => {
+                    let kept = kept.unwrap_or_else(|err| std::panic::resume_unwind(err.into_panic()));
+                    self.keeper_ended(kept).await;
                 }
-                _ = tick.tick() => {}
+                () = self.assigner.acknowledged() => {}
+                () = sleep_until(fence) => {
+                    warn!("a lost shard's rows are still in flight at its fence: abandoning the batches in flight \
+                           (their rows will be published again) and starting anew");
+                    *engine = self.start_engine(engine_stop);
+                }
+                _ = tick.tick() => self.tick(&mut outage).await?,
             }
-            let started = Instant::now();
-            match self.members.beat().await {
-                Ok(live) => {
-                    if let Some(down_for) = outage.recovered() {
-                        info!(?down_for, "membership record available again");
-                    }
-                    metrics::set_members(live.len());
-                    self.rebalance(&live).await?;
-                    self.last_members = live.len();
+            self.release_acknowledged().await;
+        }
+    }
+
+    /// One tick: the heartbeat, and a step towards this replica's fair share.
+    async fn tick(&mut self, outage: &mut OutageClock) -> Result<(), RelayError> {
+        let started = Instant::now();
+        match self.members.beat().await {
+            Ok(live) => {
+                if let Some(down_for) = outage.recovered() {
+                    info!(?down_for, "membership record available again");
                 }
-                Err(err) if err.is_config_error() => return Err(err.into()),
-                Err(err) => {
-                    let first = !outage.is_down();
-                    outage.failed(started).map_err(|_| LockError::GaveUp(self.give_up_after))?;
-                    if first {
-                        warn!(error = %error_chain(&err), "membership record unavailable; keeping the shards whose leases hold");
-                    } else {
-                        debug!(error = %error_chain(&err), "membership record still unavailable");
-                    }
+                metrics::set_members(live.len());
+                self.rebalance(&live).await?;
+                self.last_members = live.len();
+            }
+            Err(err) if err.is_config_error() => return Err(err.into()),
+            Err(err) => {
+                let first = !outage.is_down();
+                outage.failed(started).map_err(|_| LockError::GaveUp(self.give_up_after))?;
+                if first {
+                    warn!(error = %error_chain(&err), "membership record unavailable; keeping the shards whose leases hold");
+                } else {
+                    debug!(error = %error_chain(&err), "membership record still unavailable");
                 }
             }
         }
+        Ok(())
     }
 
     /// Moves this replica towards its fair share of the shards among `live` members.
     async fn rebalance(&mut self, live: &[String]) -> Result<(), RelayError> {
         let share = fair_share(self.shard_count, live, self.members.token()) as usize;
-        let kept: Vec<u32> =
-            self.owners.iter().filter(|(_, owner)| owner.releasing.is_none()).map(|(id, _)| *id).collect();
-        if kept.len() > share {
-            for id in kept.iter().rev().take(kept.len() - share) {
-                let owner = self.owners.get_mut(id).expect("an owned shard");
-                owner.releasing = Some("rebalance");
-                owner.stop.cancel();
+        let held = self.held();
+        if held.len() > share {
+            let extra: Vec<u32> = held.iter().rev().take(held.len() - share).copied().collect();
+            let generation = self.assigner.assign(held.iter().copied().filter(|id| !extra.contains(id)));
+            for id in extra {
+                if let Some(Lease::Held { stop }) = self.leases.remove(&id) {
+                    let releasing =
+                        Lease::Releasing { stop, generation, reason: "rebalance", stopping: false };
+                    self.leases.insert(id, releasing);
+                }
             }
             return Ok(());
         }
-        let mut wanted = share - kept.len();
+        let mut wanted = share - held.len();
         if wanted == 0 {
             return Ok(());
         }
@@ -179,26 +231,31 @@ impl<'a> Coordinator<'a> {
         };
         // Members start looking at different shards, so they seldom race for the same free one.
         let rank = live.iter().position(|member| member == self.members.token()).unwrap_or(0);
-        let offset = rank * self.shard_count as usize / live.len().max(1);
-        for step in 0..self.shard_count as usize {
-            let id = u32::try_from((offset + step) % self.shard_count as usize).expect("below shard_count");
+        let count = self.shard_count as usize;
+        let offset = rank * count / live.len().max(1);
+        let mut acquired = false;
+        for id in (0..count).map(|step| u32::try_from((offset + step) % count).expect("below shard_count")) {
             if wanted == 0 {
                 break;
             }
-            if self.owners.contains_key(&id) {
+            if self.leases.contains_key(&id) {
                 continue;
             }
             let mut lock = match self.idle.remove(&id) {
                 Some(lock) => lock,
                 None => {
-                    let key = Shard { id, count: self.shard_count }.lock_key(&self.leader_key);
+                    let key = self.shard(id).lock_key(&self.leader_key);
                     LeaderLock::Redis(Box::new(RedisLock::new(&self.cache, key, self.ttl)?))
                 }
             };
-            let taken = lock.try_acquire().await;
-            match taken {
+            match lock.try_acquire().await {
                 Ok(true) => {
-                    self.start(Shard { id, count: self.shard_count }, lock, reason);
+                    info!(shard = id, reason, key = %lock.key(), "shard acquired");
+                    let stop = CancellationToken::new();
+                    self.keepers.spawn(keep(id, lock, stop.clone()));
+                    self.leases.insert(id, Lease::Held { stop });
+                    self.owned.insert(self.shard(id));
+                    acquired = true;
                     wanted -= 1;
                 }
                 Ok(false) => {
@@ -212,61 +269,105 @@ impl<'a> Coordinator<'a> {
                 }
             }
         }
+        if acquired {
+            self.assigner.assign(self.held());
+        }
         Ok(())
     }
 
-    /// Starts publishing `shard`, whose lock is ours.
-    fn start(&mut self, shard: Shard, mut lock: LeaderLock, reason: &'static str) {
-        info!(shard = shard.id, reason, key = %lock.key(), "shard acquired");
-        let stop = CancellationToken::new();
-        self.owners.insert(shard.id, Owner { stop: stop.clone(), releasing: None });
-        self.owned.insert(shard);
-        let mut engine = Engine::new(&self.parts, shard);
-        let span = tracing::info_span!("shard", shard = shard.id);
-        self.loops.spawn(
-            async move {
-                let (kept, result) = hold(&mut lock, &mut engine, &stop).await;
-                let ending = match (kept, result) {
-                    (_, Err(err)) => Ending::Failed(err),
-                    (Kept::Ours, Ok(())) => Ending::Released,
-                    (Kept::Lost { .. }, Ok(())) => Ending::LostLease,
-                };
-                if kept == Kept::Ours {
-                    lock.release().await;
-                }
-                (shard, lock, ending)
+    /// A keeper handed its lock back: released on request, or lost.
+    async fn keeper_ended(&mut self, (id, mut lock, kept): (u32, LeaderLock, Kept)) {
+        let lease = self.leases.remove(&id);
+        match (lease, kept) {
+            (Some(Lease::Releasing { reason, .. }), Kept::Ours) => {
+                lock.release().await;
+                self.gone(id, lock, reason);
             }
-            .instrument(span),
-        );
+            (Some(Lease::Held { .. } | Lease::Releasing { .. }), Kept::Lost { fence }) => {
+                warn!(shard = id, "shard lease lost; letting go of its rows");
+                let generation = self.assigner.assign(self.held());
+                self.leases.insert(id, Lease::Lost { lock, generation, fence });
+            }
+            // Stopped without being asked to: nothing else stops a keeper.
+            (lease, kept) => unreachable!("shard {id}: keeper ended {kept:?} in state {}", lease.is_some()),
+        }
     }
 
-    /// A shard loop ended: logs why, and hands the lock back to the idle ones.
-    fn ended(
-        &mut self,
-        ended: Result<(Shard, LeaderLock, Ending), tokio::task::JoinError>,
-    ) -> Result<(), RelayError> {
-        let (shard, lock, ending) = match ended {
-            Ok(ended) => ended,
-            // Only a panic (the set is never aborted while running): no shard loop may fail silently.
-            Err(err) => std::panic::resume_unwind(err.into_panic()),
-        };
-        let owner = self.owners.remove(&shard.id);
-        self.owned.remove(shard);
-        self.idle.insert(shard.id, lock);
-        let reason = owner.and_then(|owner| owner.releasing).unwrap_or("stop");
-        match ending {
-            Ending::Released => {
-                info!(shard = shard.id, reason, "shard released");
-                Ok(())
-            }
-            Ending::LostLease => {
-                warn!(shard = shard.id, reason = "lost lease", "shard released");
-                Ok(())
-            }
-            Ending::Failed(err) => {
-                warn!(shard = shard.id, reason = "failed", "shard released");
-                Err(err.into())
+    /// Lets go of the shards the engine no longer holds rows of: stops their keepers (which hand the locks back
+    /// for release), or, for lost leases, forgets them.
+    async fn release_acknowledged(&mut self) {
+        let ids: Vec<u32> = self.leases.keys().copied().collect();
+        for id in ids {
+            match self.leases.get_mut(&id) {
+                Some(Lease::Releasing { stop, generation, stopping, .. })
+                    if !*stopping && self.assigner.released(*generation) =>
+                {
+                    stop.cancel();
+                    *stopping = true;
+                }
+                Some(Lease::Lost { generation, .. }) if self.assigner.released(*generation) => {
+                    if let Some(Lease::Lost { lock, .. }) = self.leases.remove(&id) {
+                        self.gone(id, lock, "lost lease");
+                    }
+                }
+                _ => {}
             }
         }
+    }
+
+    /// The shard is no longer ours.
+    fn gone(&mut self, id: u32, lock: LeaderLock, reason: &'static str) {
+        if reason == "lost lease" {
+            warn!(shard = id, reason, "shard released");
+        } else {
+            info!(shard = id, reason, "shard released");
+        }
+        self.owned.remove(self.shard(id));
+        self.idle.insert(id, lock);
+    }
+
+    /// A new engine over the shards held now; the one before it, if any, is dropped by the caller.
+    fn start_engine(&mut self, stop: &CancellationToken) -> EngineRun {
+        let mut engine = Engine::assigned(&self.parts, self.shard_count, self.assigner.assignee());
+        let stop = stop.clone();
+        Box::pin(async move { engine.run(&stop).await })
+    }
+
+    /// The shards the engine publishes (not being released or lost), in order.
+    fn held(&self) -> Vec<u32> {
+        self.leases
+            .iter()
+            .filter(|(_, lease)| matches!(lease, Lease::Held { .. }))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The earliest fence of a lost lease the engine has not let go of yet.
+    fn next_fence(&self) -> Option<Instant> {
+        self.leases
+            .values()
+            .filter_map(|lease| match lease {
+                Lease::Lost { generation, fence, .. } if !self.assigner.released(*generation) => Some(*fence),
+                _ => None,
+            })
+            .min()
+    }
+
+    fn shard(&self, id: u32) -> Shard {
+        Shard { id, count: self.shard_count }
+    }
+}
+
+/// Renews shard `id`'s lease until `stop`, or until it is lost.
+async fn keep(id: u32, mut lock: LeaderLock, stop: CancellationToken) -> (u32, LeaderLock, Kept) {
+    let kept = lock.keep(&stop).await;
+    (id, lock, kept)
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -1,13 +1,14 @@
 //! The daemon: drains `qx_outbox_events` to JetStream (feature `relay`).
 //!
 //! Map: [`cli`] flags · [`config`] settings · [`preflight`] start-up checks · [`store`] all SQL · [`nats`] all
-//! NATS · [`engine`] the claim → publish → settle loop · [`leader`] one lock · [`shard`] which rows ·
+//! NATS · [`engine`] the claim → publish → settle loop of one shard · [`leader`] one lock · [`shard`] which rows
+//! · [`elastic`] shards shared by lease among replicas · [`members`] who is alive, and each one's fair share ·
 //! [`shutdown`] signals · [`notify`] wake-ups · [`housekeeping`] retention and gauges · [`telemetry`] logs ·
 //! [`escape`] control characters in text output · [`metrics`] Prometheus · [`health`] what the probes judge ·
 //! [`endpoint`] the HTTP endpoint · [`ops`] operator commands · [`exit`] exit codes · [`identity`] who holds a
 //! lock · [`spelling`] did-you-mean.
-//! This file is the task tree: [`run`] connects, checks, then relays under a leader lock (or not) until the
-//! token is cancelled.
+//! This file is the task tree: [`run`] connects, checks, then relays its shard under a leader lock (or not), or
+//! hands the shards to the elastic coordinator, until the token is cancelled.
 
 pub mod cli;
 pub mod config;
@@ -143,7 +144,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
         Some(shard) => {
             let engine = Engine::new(&parts, shard);
             let lock = leader_lock(&config, shard)?;
-            Box::pin(relay_one(engine, lock, &owned, &shutdown, &relay))
+            Box::pin(relay_one(engine, shard, lock, &owned, &shutdown, &relay))
         }
         None => {
             let coordinator = elastic::Coordinator::new(&config, parts, &owned)?;
@@ -182,18 +183,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
 /// One shard's loop, under its leader lock or without one.
 async fn relay_one(
     mut engine: Engine,
+    shard: Shard,
     lock: Option<LeaderLock>,
     owned: &Owned,
     shutdown: &CancellationToken,
     relay: &RelayConfig,
 ) -> Result<(), RelayError> {
-    let shard = engine.shard();
     let result = match lock {
         None => {
             owned.insert(shard);
             engine.run(shutdown).await.map_err(RelayError::from)
         }
-        Some(lock) => lead(lock, &mut engine, owned, shutdown, relay).await,
+        Some(lock) => lead(lock, &mut engine, shard, owned, shutdown, relay).await,
     };
     owned.remove(shard);
     result
@@ -203,11 +204,11 @@ async fn relay_one(
 async fn lead(
     mut lock: LeaderLock,
     engine: &mut Engine,
+    shard: Shard,
     owned: &Owned,
     shutdown: &CancellationToken,
     relay: &RelayConfig,
 ) -> Result<(), RelayError> {
-    let shard = engine.shard();
     loop {
         info!("standing by for the leader lock");
         if !lock.acquire(shutdown, relay.give_up_after).await? {

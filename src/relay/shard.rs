@@ -54,6 +54,31 @@ impl Shard {
     }
 }
 
+/// The rows one relay loop claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// One shard's (the whole table's, unsharded).
+    One(Shard),
+    /// Those of whichever of `count` shards the loop is assigned at each claim (elastic shards).
+    Assigned {
+        /// The shard count.
+        count: u32,
+    },
+}
+
+impl Scope {
+    /// The `AND …` clause selecting the scope's rows by `key_sql`; an assigned scope's shard ids are the
+    /// `int[]` parameter number `param`.
+    pub fn sql_clause(&self, key_sql: &str, param: usize) -> String {
+        match self {
+            Self::One(shard) => shard.sql_clause(key_sql),
+            Self::Assigned { count } => {
+                format!("AND ABS(HASHTEXT({key_sql})::bigint) % {count} = ANY(${param}::int[])")
+            }
+        }
+    }
+}
+
 impl std::fmt::Display for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.id, self.count)
@@ -77,5 +102,10 @@ mod tests {
         assert_eq!(shard.sql_clause("id::text"), "AND ABS(HASHTEXT(id::text)::bigint) % 3 = 1");
         assert_eq!(shard.lock_key("leader:outbox-relay"), "leader:outbox-relay:1");
         assert_eq!(Shard::all_of(3).count(), 3);
+        assert_eq!(
+            Scope::Assigned { count: 12 }.sql_clause("id::text", 5),
+            "AND ABS(HASHTEXT(id::text)::bigint) % 12 = ANY($5::int[])"
+        );
+        assert_eq!(Scope::One(shard).sql_clause("id::text", 5), shard.sql_clause("id::text"));
     }
 }

@@ -16,7 +16,7 @@ use sqlx::{Connection, PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::config::{OnPublish, RelayConfig, ShardKey};
-use super::shard::Shard;
+use super::shard::{Scope, Shard};
 
 /// Starts a claim transaction, in the same round trip as `BEGIN`:
 /// - the claim must walk the pending index in order and stop after `limit` rows; when few rows look pending,
@@ -323,6 +323,8 @@ pub struct OutboxStore {
     max_batch_bytes: usize,
     statement_timeout: Duration,
     claim_begin: String,
+    /// Whether claims take the assigned shards' ids as a parameter.
+    assigned: bool,
     claim_sql: String,
     claim_after_sql: String,
     settle_located_sql: String,
@@ -334,7 +336,7 @@ pub struct OutboxStore {
 
 impl OutboxStore {
     /// Connects a pool sized for `shards` claim/publish/settle pipelines, for `relay`'s table, shard key and
-    /// publish mode. Its claims take the whole table; [`Self::for_shard`] narrows them.
+    /// publish mode. Its claims take the whole table; [`Self::for_scope`] narrows them.
     ///
     /// # Errors
     /// When Postgres cannot be reached within `connect_timeout`.
@@ -366,18 +368,17 @@ impl OutboxStore {
             }
             result => result,
         }?;
-        Ok(Self::new(pool, relay, Shard::WHOLE))
+        Ok(Self::new(pool, relay, Scope::One(Shard::WHOLE)))
     }
 
-    /// The same pool, claiming `shard`'s rows only.
-    pub fn for_shard(&self, relay: &RelayConfig, shard: Shard) -> Self {
-        Self::new(self.pool.clone(), relay, shard)
+    /// The same pool, claiming the rows of `scope` only.
+    pub fn for_scope(&self, relay: &RelayConfig, scope: Scope) -> Self {
+        Self::new(self.pool.clone(), relay, scope)
     }
 
-    fn new(pool: PgPool, relay: &RelayConfig, shard: Shard) -> Self {
+    fn new(pool: PgPool, relay: &RelayConfig, scope: Scope) -> Self {
         let table = relay.table.clone();
         let key_sql = key_sql(&relay.shard_key);
-        let shard_clause = shard.sql_clause(&key_sql);
         let order_key_column = match relay.shard_key {
             ShardKey::Id => "NULL::text".to_owned(),
             _ => key_sql.clone(),
@@ -391,7 +392,8 @@ impl OutboxStore {
         };
         // `ORDER BY published_at, occurred_at` walks qx-db's (published_at, occurred_at) index instead of
         // sorting every pending row; `id` breaks ties with an incremental sort.
-        let claim_sql = |after: &str| {
+        let claim_sql = |after: &str, shards_param: usize| {
+            let shard_clause = scope.sql_clause(&key_sql, shards_param);
             format!(
                 "SELECT id, event_name, event_version, payload::text AS payload, correlation_id, tenant_id, \
                         occurred_at, attempts, {order_key_column} AS order_key, \
@@ -406,8 +408,8 @@ impl OutboxStore {
         };
         // `occurred_at >= $5` is an index condition: the scan starts after the batches in flight instead of
         // fetching and lock-checking their rows (and stepping over the dead entries of settled ones) again.
-        let claim_after_sql = claim_sql("AND occurred_at >= $5 AND (occurred_at, id) > ($5, $6)");
-        let claim_sql = claim_sql("");
+        let claim_after_sql = claim_sql("AND occurred_at >= $5 AND (occurred_at, id) > ($5, $6)", 7);
+        let claim_sql = claim_sql("", 5);
         // By `ctid` (a fifth of the cost of deleting by id, a tenth less for marking), in the table itself
         // only; by id for rows of partitions or child tables, and for rows whose claim has ended.
         let located = "ctid = ANY($1::text[]::tid[])";
@@ -436,6 +438,7 @@ impl OutboxStore {
             max_batch_bytes: usize::try_from(relay.max_batch_bytes).unwrap_or(usize::MAX),
             statement_timeout,
             claim_begin: claim_begin(relay.give_up_after, statement_timeout, lock_wait),
+            assigned: matches!(scope, Scope::Assigned { .. }),
             claim_sql,
             claim_after_sql,
             settle_located_sql,
@@ -462,10 +465,11 @@ impl OutboxStore {
         &self.pool
     }
 
-    /// Locks and returns up to `limit` pending rows of this relay's shard, oldest first, and no more bytes than
-    /// `max_batch_bytes` past the first row; leaves out rows whose order key is in `held` (keys waiting for a
-    /// failed row's retry) and rows of `skipped_names` (event names whose stream is missing). Rows other relays
-    /// hold are skipped when every row is its own key, and waited for otherwise.
+    /// Locks and returns up to `limit` pending rows of this store's scope (of the `assigned` shards, when its
+    /// shards are assigned), oldest first, and no more bytes than `max_batch_bytes` past the first row; leaves
+    /// out rows whose order key is in `held` (keys waiting for a failed row's retry) and rows of
+    /// `skipped_names` (event names whose stream is missing). Rows other relays hold are skipped when every row
+    /// is its own key, and waited for otherwise.
     ///
     /// # Errors
     /// Any database error, a timeout, or [`StoreError::Locked`]; nothing is locked then.
@@ -474,14 +478,18 @@ impl OutboxStore {
         limit: u32,
         held: &[String],
         skipped_names: &[String],
+        assigned: &[i32],
     ) -> Result<ClaimedBatch, StoreError> {
         self.bounded(async {
             let tx = self.pool.begin_with(self.claim_begin.clone()).await?;
-            let query = sqlx::query_as(&self.claim_sql)
+            let mut query = sqlx::query_as(&self.claim_sql)
                 .bind(self.max_attempts)
                 .bind(i64::from(limit))
                 .bind(held)
                 .bind(skipped_names);
+            if self.assigned {
+                query = query.bind(assigned);
+            }
             ClaimedBatch::read(tx, query, limit, self.max_batch_bytes).await
         })
         .await
@@ -498,17 +506,21 @@ impl OutboxStore {
         limit: u32,
         held: &[String],
         skipped_names: &[String],
+        assigned: &[i32],
         after: (DateTime<Utc>, Uuid),
     ) -> Result<ClaimedBatch, StoreError> {
         self.bounded(async {
             let tx = self.pool.begin_with(self.claim_begin.clone()).await?;
-            let query = sqlx::query_as(&self.claim_after_sql)
+            let mut query = sqlx::query_as(&self.claim_after_sql)
                 .bind(self.max_attempts)
                 .bind(i64::from(limit))
                 .bind(held)
                 .bind(skipped_names)
                 .bind(after.0)
                 .bind(after.1);
+            if self.assigned {
+                query = query.bind(assigned);
+            }
             ClaimedBatch::read(tx, query, limit, self.max_batch_bytes).await
         })
         .await

@@ -1,4 +1,5 @@
-//! The relay loop of one shard: claim → publish → settle → next pause, pipelined, over the pure decisions of
+//! The relay loop of one shard (or of the shards assigned to this replica): claim → publish → settle → next
+//! pause, pipelined, over the pure decisions of
 //! [`verdict`] (what an outcome means for its row) and [`holds`] (what waits), with one [`OutageClock`] per
 //! server.
 //!
@@ -10,6 +11,7 @@
 //! rows of the same key are neither claimed nor published until the row's retry comes up, so consumers never
 //! see one key's events out of order while other keys keep flowing.
 
+mod assignment;
 mod holds;
 mod progress;
 mod verdict;
@@ -29,9 +31,10 @@ use super::health::Heartbeat;
 use super::metrics;
 use super::nats::RelayPublisher;
 use super::outage::OutageClock;
-use super::shard::Shard;
+use super::shard::{Scope, Shard};
 use super::store::{Backlog, ClaimedBatch, OutboxRow, OutboxStore, StoreError};
 use crate::backoff::Backoff;
+pub use assignment::{Assignee, Assigner};
 use holds::Holds;
 use progress::Progress;
 pub use progress::PROGRESS_EVERY;
@@ -141,7 +144,10 @@ pub struct Engine {
     /// more rows than the byte budget keeps.
     claim_limit: u32,
     tally: Tally,
-    shard: Shard,
+    /// Where the shards to claim come from, when they are assigned (elastic shards).
+    assignee: Option<Assignee>,
+    /// The assigned shards claims take now.
+    assigned: Vec<i32>,
     /// Rows published since the last progress line.
     progress: Progress,
     /// The last outbox sample (housekeeping's), for the progress line: the hot path runs no count.
@@ -153,6 +159,15 @@ pub struct Engine {
 impl Engine {
     /// An engine for `shard`.
     pub fn new(parts: &Parts, shard: Shard) -> Self {
+        Self::with_scope(parts, Scope::One(shard), None)
+    }
+
+    /// An engine for the shards of `count` that `assignee` assigns it.
+    pub fn assigned(parts: &Parts, count: u32, assignee: Assignee) -> Self {
+        Self::with_scope(parts, Scope::Assigned { count }, Some(assignee))
+    }
+
+    fn with_scope(parts: &Parts, scope: Scope, assignee: Option<Assignee>) -> Self {
         let relay = parts.relay.clone();
         let rules = Rules {
             max_attempts: relay.max_attempts,
@@ -162,7 +177,7 @@ impl Engine {
             subject_prefix: relay.subject_prefix().to_owned(),
         };
         Self {
-            store: parts.store.for_shard(&relay, shard),
+            store: parts.store.for_scope(&relay, scope),
             publisher: parts.publisher.clone(),
             rules,
             wake: parts.wake.clone(),
@@ -175,16 +190,12 @@ impl Engine {
             waiting_for_locked: false,
             rescanned_at: Instant::now(),
             tally: parts.tally.clone(),
-            shard,
+            assigned: assignee.as_ref().map(Assignee::shards).unwrap_or_default(),
+            assignee,
             progress: Progress::default(),
             backlog: parts.backlog.clone(),
             heartbeat: parts.heartbeat.clone(),
         }
-    }
-
-    /// The shard this loop publishes.
-    pub fn shard(&self) -> Shard {
-        self.shard
     }
 
     /// Relays until `stop` is cancelled, then finishes the batch in flight (acks awaited, marks committed).
@@ -199,12 +210,26 @@ impl Engine {
         let mut pause = Duration::ZERO;
         while !stop.is_cancelled() {
             self.heartbeat.beat();
+            if self.assignee.as_ref().is_some_and(Assignee::changed) {
+                // Nothing claimed under the old assignment may stay open once it is acknowledged.
+                prefetched = None;
+                self.settle(unsettled.take()).await?;
+                self.take_assignment();
+            }
+            if self.assignee.is_some() && self.assigned.is_empty() {
+                self.pause(self.relay.idle_poll_interval, stop).await;
+                continue;
+            }
             // Claim (unless the previous round did already).
             let mut batch = match prefetched.take() {
                 Some(batch) => batch,
                 None => {
                     self.settle(unsettled.take()).await?;
                     if !pause.is_zero() && !self.pause(pause, stop).await {
+                        continue;
+                    }
+                    if self.assignee.as_ref().is_some_and(Assignee::changed) {
+                        pause = Duration::ZERO; // claim under the new assignment at once
                         continue;
                     }
                     match self.claim().await? {
@@ -236,10 +261,14 @@ impl Engine {
                     let limit = self.claim_limit;
                     match prefetch {
                         Prefetch::No => Ok(None),
-                        Prefetch::Rescan => self.store.claim(limit, &held, &skipped_names).await.map(Some),
-                        Prefetch::After(at, id) => {
-                            self.store.claim_after(limit, &held, &skipped_names, (at, id)).await.map(Some)
+                        Prefetch::Rescan => {
+                            self.store.claim(limit, &held, &skipped_names, &self.assigned).await.map(Some)
                         }
+                        Prefetch::After(at, id) => self
+                            .store
+                            .claim_after(limit, &held, &skipped_names, &self.assigned, (at, id))
+                            .await
+                            .map(Some),
                     }
                 },
                 self.store_settle(unsettled.take()),
@@ -330,7 +359,7 @@ impl Engine {
         }
         let (held, skipped_names) = self.left_out();
         self.rescanned_at = started;
-        match self.store.claim(self.claim_limit, &held, &skipped_names).await {
+        match self.store.claim(self.claim_limit, &held, &skipped_names, &self.assigned).await {
             Ok(batch) => {
                 self.store_recovered();
                 if std::mem::take(&mut self.waiting_for_locked) {
@@ -497,7 +526,7 @@ impl Engine {
         );
     }
 
-    /// Sleeps `delay`, waking early on NOTIFY; false when `stop` fired.
+    /// Sleeps `delay`, waking early on NOTIFY or a new assignment; false when `stop` fired.
     async fn pause(&mut self, delay: Duration, stop: &CancellationToken) -> bool {
         let woken = async {
             // Without a listener nothing ever wakes us.
@@ -505,11 +534,27 @@ impl Engine {
                 std::future::pending::<()>().await;
             }
         };
+        let reassigned = async {
+            match &self.assignee {
+                Some(assignee) => assignee.reassigned().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             _ = stop.cancelled() => false,
             () = woken => true,
+            () = reassigned => true,
             _ = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    /// Claims follow the new assignment from now on.
+    fn take_assignment(&mut self) {
+        if let Some(assignee) = &mut self.assignee {
+            assignee.acknowledge();
+            self.assigned = assignee.shards();
+            debug!(shards = ?self.assigned, "claiming the assigned shards");
         }
     }
 
