@@ -6,7 +6,8 @@
 //! Each replica publishes under its own sub-prefix, so the stream shows who published each event and when the
 //! server stored it; the shard terms read from the replicas' JSON logs ("shard acquired" until "shard
 //! released", "relay stopped" or the kill) must not overlap per shard, and every event must fall in a term of
-//! its publisher for its shard. Times are printed: run with `--nocapture`.
+//! its publisher for its shard. A replica frozen past its leases loses its shards and gets its share back
+//! once thawed, with each key still in order. Times are printed: run with `--nocapture`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +25,9 @@ use uuid::Uuid;
 const SHARDS: u32 = 12;
 const TTL: Duration = Duration::from_secs(3);
 const DRAIN: Duration = Duration::from_secs(60);
+
+/// The tests that time takeovers run one at a time, so they do not compete with each other for CPU.
+static TIMED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Settings of replica `name` (its sub-prefix of the stream's prefix), sharing the shards under `key`.
 fn elastic_env(db: &TestDb, stream: &TestStream, name: &str, key: &str) -> RelayEnv {
@@ -86,6 +90,33 @@ async fn wait_for_shares(redis: &mut RedisKeys, key: &str, pids: &[u32], expecte
             "shares of {pids:?} not {expected:?} within {limit:?}: {owners:?}"
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Keyed events coming throughout: 100 orders, 5 events each, every 50 ms.
+struct Producer {
+    producing: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Producer {
+    fn start(db: &Arc<TestDb>) -> Self {
+        let producing = Arc::new(AtomicBool::new(true));
+        let task = tokio::spawn({
+            let (db, producing) = (db.clone(), producing.clone());
+            async move {
+                while producing.load(Ordering::Relaxed) {
+                    insert_keyed(&db, 100, 500).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+        Self { producing, task }
+    }
+
+    async fn stop(self) {
+        self.producing.store(false, Ordering::Relaxed);
+        self.task.await.expect("producer");
     }
 }
 
@@ -168,22 +199,13 @@ async fn assert_one_owner_per_shard(
 
 #[tokio::test]
 async fn replicas_share_the_shards_take_over_and_rebalance_keeping_each_key_in_order() {
+    let _timed = TIMED.lock().await;
     let (db, stream) = (Arc::new(TestDb::create().await), TestStream::create().await);
     let key = format!("test:{}:elastic", Uuid::new_v4().simple());
     let mut redis = RedisKeys::connect(&env_var("REDIS_URL")).await;
     let env = |name: &str| elastic_env(&db, &stream, name, &key);
 
-    // Keyed events keep coming throughout: 100 orders, 5 events each, every 50 ms.
-    let producing = Arc::new(AtomicBool::new(true));
-    let producer = tokio::spawn({
-        let (db, producing) = (db.clone(), producing.clone());
-        async move {
-            while producing.load(Ordering::Relaxed) {
-                insert_keyed(&db, 100, 500).await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    });
+    let producer = Producer::start(&db);
 
     let (a, b, c) =
         (Relay::spawn(&env("a"), &[]), Relay::spawn(&env("b"), &[]), Relay::spawn(&env("c"), &[]));
@@ -209,8 +231,7 @@ async fn replicas_share_the_shards_take_over_and_rebalance_keeping_each_key_in_o
     let handover = wait_for_shares(&mut redis, &key, &[a.pid(), d.pid()], &[6, 6]).await;
     eprintln!("b stopped: a and d own all 12 shards {handover:?} after it exited");
 
-    producing.store(false, Ordering::Relaxed);
-    producer.await.expect("producer");
+    producer.stop().await;
     a.stop_when_drained(&db, DRAIN).await;
     d.stop().await;
 
@@ -326,4 +347,37 @@ async fn operators_see_each_shards_owner_and_the_members_and_postgres_refuses_au
     let (code, _, stderr) = run_command(&postgres, &["run"]);
     assert_eq!(code, Some(78), "{stderr}");
     assert!(stderr.contains("relay.shard_id") && stderr.contains("auto needs relay.leader"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_replica_frozen_past_its_leases_loses_its_shards_and_rejoins_keeping_each_key_in_order() {
+    let _timed = TIMED.lock().await;
+    let (db, stream) = (Arc::new(TestDb::create().await), TestStream::create().await);
+    let key = format!("test:{}:elastic", Uuid::new_v4().simple());
+    let mut redis = RedisKeys::connect(&env_var("REDIS_URL")).await;
+    let env = |name: &str| elastic_env(&db, &stream, name, &key);
+    let producer = Producer::start(&db);
+
+    let (a, b, c) =
+        (Relay::spawn(&env("a"), &[]), Relay::spawn(&env("b"), &[]), Relay::spawn(&env("c"), &[]));
+    let pids = [a.pid(), b.pid(), c.pid()];
+    wait_for_shares(&mut redis, &key, &pids, &[4, 4, 4]).await;
+    c.signal("STOP");
+    let takeover = wait_for_shares(&mut redis, &key, &[a.pid(), b.pid()], &[6, 6]).await;
+    eprintln!("c frozen: a and b own all 12 shards {takeover:?} later");
+    tokio::time::sleep(TTL).await;
+    c.signal("CONT");
+    let rejoined = wait_for_shares(&mut redis, &key, &pids, &[4, 4, 4]).await;
+    eprintln!("c thawed: 4/4/4 again {rejoined:?} later");
+    let lost = log_lines(&c).iter().filter(|line| line.fields["reason"] == "lost lease").count();
+    assert_eq!(lost, 4, "c let go of the four shards whose leases ran out:\n{}", c.log());
+
+    producer.stop().await;
+    a.stop_when_drained(&db, DRAIN).await;
+    b.stop().await;
+    c.stop().await;
+    let stored = stored(&stream).await;
+    eprintln!("{} events, {} inversions", stored.len(), inversions(&stored));
+    assert_each_row_once(&db, &stored).await;
+    assert_eq!(inversions(&stored), 0, "per-key order across the freeze");
 }

@@ -539,7 +539,8 @@ pub struct RelayConfig {
     pub notify_channel: Option<String>,
     /// Leader election.
     pub leader: LeaderMode,
-    /// Redis key of the leader lock (suffixed with `:<shard_id>` when sharded).
+    /// Redis key of the leader lock (suffixed with `:<shard_id>` when sharded); with `shard_id = "auto"`,
+    /// `<leader_key>:members` is the membership record.
     pub leader_key: String,
     /// Lease of the Redis leader lock; renewed every third of it.
     #[serde(with = "humantime_serde")]
