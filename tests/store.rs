@@ -193,7 +193,7 @@ async fn requeue_touches_parked_rows_only_and_the_backlog_counts_them_apart() {
         .await
         .expect("fail one row");
     let store = default_store(&db).await;
-    let backlog = store.backlog(Shard { id: 0, count: 1 }).await.expect("backlog");
+    let backlog = store.backlog(&[Shard { id: 0, count: 1 }]).await.expect("backlog");
     assert_eq!((backlog.pending, backlog.parked), (2, 2));
     assert_eq!(store.requeue(&Requeue::All).await.expect("requeue"), 2);
     assert_eq!(db.count("attempts = 3 AND last_error = 'failing'").await, 1, "a failing row is not parked");
@@ -217,7 +217,7 @@ async fn a_view_a_missing_table_and_nullable_columns_are_refused() {
 }
 
 #[tokio::test]
-async fn an_assigned_scope_claims_the_assigned_shards_rows_only_in_one_scan() {
+async fn assigned_shards_are_claimed_and_counted_in_one_scan() {
     let (db, _, store) = store_with_rows(600).await;
     let relay = relay_config(ShardKey::Id, OnPublish::Mark);
     let assigned = store.for_scope(&relay, Scope::Assigned { count: 12 });
@@ -228,8 +228,10 @@ async fn an_assigned_scope_claims_the_assigned_shards_rows_only_in_one_scan() {
         let ids = ids.to_vec();
         async move { sqlx::query_scalar::<_, i32>(sql).bind(ids).fetch_all(&pool).await.expect("shards") }
     };
-    let batch = assigned.claim(1000, &[], &[], &[1, 4]).await.expect("claim shards 1 and 4");
     let expected = db.count("ABS(HASHTEXT(id::text)::bigint) % 12 IN (1, 4)").await;
+    let two = [Shard { id: 1, count: 12 }, Shard { id: 4, count: 12 }];
+    assert_eq!(store.backlog(&two).await.expect("backlog").pending, expected, "the two shards' backlog");
+    let batch = assigned.claim(1000, &[], &[], &[1, 4]).await.expect("claim shards 1 and 4");
     assert_eq!(batch.rows.len() as i64, expected, "every row of the two shards, and no other");
     assert_eq!(shard_of(&ids(&batch)).await, [1, 4]);
     let none = assigned.claim(1000, &[], &[], &[]).await.expect("claim no shard");

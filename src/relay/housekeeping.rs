@@ -13,7 +13,7 @@ use super::engine::PROGRESS_EVERY;
 use super::metrics;
 use super::nats::RelayPublisher;
 use super::shard::Shard;
-use super::store::{Backlog, OutboxStore, StoreError};
+use super::store::{Backlog, OutboxStore};
 
 /// Published rows deleted per retention statement, and statements per pass.
 const RETENTION_BATCH: (i64, u32) = (1000, 20);
@@ -50,7 +50,7 @@ pub async fn run(
                 metrics::set_outbox(&Backlog::default());
             }
         } else if sampled_at.is_none_or(|at| at.elapsed() >= sample_every) {
-            if let Ok(backlog) = backlog_of(&store, &shards).await {
+            if let Ok(backlog) = store.backlog(&shards).await {
                 sampled_at = Some(Instant::now());
                 if gauges {
                     metrics::set_outbox(&backlog);
@@ -66,15 +66,6 @@ pub async fn run(
 }
 
 /// One retention pass: a bounded number of small deletes, so it never holds long locks.
-/// The backlog of the shards this relay publishes.
-async fn backlog_of(store: &OutboxStore, shards: &[Shard]) -> Result<Backlog, StoreError> {
-    let mut total = Backlog::default();
-    for shard in shards {
-        total.add(&store.backlog(*shard).await?);
-    }
-    Ok(total)
-}
-
 async fn delete_expired(store: &OutboxStore, retention: Duration, shutdown: &CancellationToken) {
     let (batch, passes) = RETENTION_BATCH;
     let mut deleted = 0;

@@ -39,6 +39,19 @@ impl Shard {
         format!("AND ABS(HASHTEXT({key_sql})::bigint) % {} = {}", self.count, self.id)
     }
 
+    /// The `AND …` clause selecting the rows of any of `shards` (of one split) by `key_sql`; empty when they
+    /// are the whole table.
+    pub fn set_clause(shards: &[Shard], key_sql: &str) -> String {
+        match shards {
+            [] => "AND false".to_owned(),
+            [one] => one.sql_clause(key_sql),
+            [first, ..] => {
+                let ids: Vec<String> = shards.iter().map(|shard| shard.id.to_string()).collect();
+                format!("AND ABS(HASHTEXT({key_sql})::bigint) % {} IN ({})", first.count, ids.join(", "))
+            }
+        }
+    }
+
     /// The leader-lock key of this shard: one lock per shard, so each shard can have a hot standby.
     pub fn lock_key(&self, base: &str) -> String {
         if self.count <= 1 {
@@ -107,5 +120,9 @@ mod tests {
             "AND ABS(HASHTEXT(id::text)::bigint) % 12 = ANY($5::int[])"
         );
         assert_eq!(Scope::One(shard).sql_clause("id::text", 5), shard.sql_clause("id::text"));
+        let two = [Shard { id: 1, count: 12 }, Shard { id: 4, count: 12 }];
+        assert_eq!(Shard::set_clause(&two, "id::text"), "AND ABS(HASHTEXT(id::text)::bigint) % 12 IN (1, 4)");
+        assert_eq!(Shard::set_clause(&two[..1], "id::text"), two[0].sql_clause("id::text"));
+        assert_eq!(Shard::set_clause(&[Shard::WHOLE], "id::text"), "");
     }
 }

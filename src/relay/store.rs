@@ -233,18 +233,6 @@ pub struct Backlog {
     pub parked: i64,
 }
 
-impl Backlog {
-    /// Adds `other`'s rows: the backlog of two shards.
-    pub fn add(&mut self, other: &Backlog) {
-        self.pending += other.pending;
-        self.parked += other.parked;
-        self.oldest_pending_seconds = match (self.oldest_pending_seconds, other.oldest_pending_seconds) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-    }
-}
-
 /// Counts for `qx-relay status`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct OutboxStats {
@@ -645,19 +633,19 @@ impl OutboxStore {
         Ok(None)
     }
 
-    /// Pending and parked rows of `shard`. Reads only the unpublished end of the `(published_at, occurred_at)`
+    /// Pending and parked rows of `shards` (of one split), in one scan. Reads only the unpublished end of the `(published_at, occurred_at)`
     /// index, so its cost follows the backlog, not the table (which only grows in mark mode).
     ///
     /// # Errors
     /// Any database error or a timeout.
-    pub async fn backlog(&self, shard: Shard) -> Result<Backlog, StoreError> {
+    pub async fn backlog(&self, shards: &[Shard]) -> Result<Backlog, StoreError> {
         let sql = format!(
             "SELECT count(*) FILTER (WHERE attempts < $1), \
                     EXTRACT(EPOCH FROM now() - min(occurred_at) FILTER (WHERE attempts < $1))::float8, \
                     count(*) FILTER (WHERE attempts >= $1) \
              FROM {} WHERE published_at IS NULL {}",
             self.table,
-            shard.sql_clause(&self.key_sql)
+            Shard::set_clause(shards, &self.key_sql)
         );
         let (pending, oldest_pending_seconds, parked) =
             self.bounded(sqlx::query_as(&sql).bind(self.max_attempts).fetch_one(&self.pool)).await?;
@@ -669,7 +657,7 @@ impl OutboxStore {
     /// # Errors
     /// Any database error or a timeout.
     pub async fn stats(&self, shard: Shard) -> Result<OutboxStats, StoreError> {
-        let backlog = self.backlog(shard).await?;
+        let backlog = self.backlog(&[shard]).await?;
         let sql = format!(
             "SELECT count(*) FROM {} WHERE published_at > now() - interval '5 minutes' {}",
             self.table,
