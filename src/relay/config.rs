@@ -701,13 +701,7 @@ impl Config {
             (ShardId::Auto, LeaderMode::None) => {
                 return Err(ConfigError::invalid(
                     "relay.shard_id",
-                    "auto needs relay.leader = \"redis\": shards are shared by Redis leases",
-                ))
-            }
-            (ShardId::Auto, LeaderMode::Postgres) => {
-                return Err(ConfigError::invalid(
-                    "relay.shard_id",
-                    "auto needs relay.leader = \"redis\": the Postgres backend has no membership record yet",
+                    "auto needs relay.leader = \"redis\" or \"postgres\": shards are shared by lease",
                 ))
             }
             _ => {}
@@ -1311,10 +1305,6 @@ mod tests {
             ("[relay]\nsubject_prefix = \"o\"\nshard_id = 3\nshard_count = 3\n", "relay.shard_id"),
             ("[relay]\nsubject_prefix = \"o\"\nshard_id = \"one\"\n", "relay.shard_id"),
             ("[relay]\nsubject_prefix = \"o\"\nshard_id = \"auto\"\n", "relay.shard_id"),
-            (
-                "[relay]\nsubject_prefix = \"o\"\nshard_id = \"auto\"\nleader = \"postgres\"\n",
-                "relay.shard_id",
-            ),
             ("[relay]\nsubject_prefix = \"o\"\ngive_up_after = \"1ms\"\n", "relay.give_up_after"),
             ("[relay]\nsubject_prefix = \"o\"\nack_timeout = \"40s\"\n", "relay.give_up_after"),
             ("[relay]\nsubject_prefix = \"o\"\ngive_up_after = \"500000000000y\"\n", "relay.give_up_after"),

@@ -22,9 +22,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::config::{CacheConfig, Config};
+use super::config::{Config, LeaderMode};
 use super::engine::{Assigner, Engine, EngineError, Parts};
-use super::leader::{Kept, LeaderLock, LockError, RedisLock};
+use super::leader::{AdvisoryLock, Kept, LeaderLock, LockError, RedisLock};
 use super::members::{fair_share, Membership};
 use super::metrics;
 use super::outage::OutageClock;
@@ -63,8 +63,7 @@ enum Lease {
 pub(super) struct Coordinator<'a> {
     parts: Parts,
     owned: &'a Owned,
-    cache: CacheConfig,
-    leader_key: String,
+    config: Config,
     ttl: Duration,
     give_up_after: Duration,
     shard_count: u32,
@@ -86,9 +85,8 @@ impl<'a> Coordinator<'a> {
     pub(super) fn new(config: &Config, parts: Parts, owned: &'a Owned) -> Result<Self, RelayError> {
         let relay = &config.relay;
         Ok(Self {
-            members: Membership::new(&config.cache, &relay.leader_key, relay.leader_ttl)?,
-            cache: config.cache.clone(),
-            leader_key: relay.leader_key.clone(),
+            members: Membership::new(config)?,
+            config: config.clone(),
             ttl: relay.leader_ttl,
             give_up_after: relay.give_up_after,
             shard_count: relay.shard_count,
@@ -131,15 +129,15 @@ impl<'a> Coordinator<'a> {
         }
         while let Some(kept) = self.keepers.join_next().await {
             let (id, mut lock, kept) = kept.unwrap_or_else(|err| std::panic::resume_unwind(err.into_panic()));
+            self.gone(id, reason);
             if kept == Kept::Ours {
                 lock.release().await;
             }
-            self.gone(id, lock, reason);
         }
         let lost: Vec<u32> = self.leases.keys().copied().collect();
         for id in lost {
-            if let Some(Lease::Lost { lock, .. }) = self.leases.remove(&id) {
-                self.gone(id, lock, "lost lease");
+            if let Some(Lease::Lost { .. }) = self.leases.remove(&id) {
+                self.gone(id, "lost lease");
             }
         }
         self.members.leave().await;
@@ -206,7 +204,8 @@ impl<'a> Coordinator<'a> {
 
     /// Moves this replica towards its fair share of the shards among `live` members.
     async fn rebalance(&mut self, live: &[String]) -> Result<(), RelayError> {
-        let share = fair_share(self.shard_count, live, self.members.token()) as usize;
+        let me = self.members.token();
+        let share = fair_share(self.shard_count, live, &me) as usize;
         let held = self.held();
         if held.len() > share {
             let extra: Vec<u32> = held.iter().rev().take(held.len() - share).copied().collect();
@@ -230,7 +229,7 @@ impl<'a> Coordinator<'a> {
             _ => "rebalance",
         };
         // Members start looking at different shards, so they seldom race for the same free one.
-        let rank = live.iter().position(|member| member == self.members.token()).unwrap_or(0);
+        let rank = live.iter().position(|member| *member == me).unwrap_or(0);
         let count = self.shard_count as usize;
         let offset = rank * count / live.len().max(1);
         let mut acquired = false;
@@ -243,10 +242,7 @@ impl<'a> Coordinator<'a> {
             }
             let mut lock = match self.idle.remove(&id) {
                 Some(lock) => lock,
-                None => {
-                    let key = self.shard(id).lock_key(&self.leader_key);
-                    LeaderLock::Redis(Box::new(RedisLock::new(&self.cache, key, self.ttl)?))
-                }
+                None => self.lock(id)?,
             };
             match lock.try_acquire().await {
                 Ok(true) => {
@@ -280,8 +276,10 @@ impl<'a> Coordinator<'a> {
         let lease = self.leases.remove(&id);
         match (lease, kept) {
             (Some(Lease::Releasing { reason, .. }), Kept::Ours) => {
+                // Said first: once released, another replica may take the shard at once.
+                self.gone(id, reason);
                 lock.release().await;
-                self.gone(id, lock, reason);
+                self.idle.insert(id, lock);
             }
             (Some(Lease::Held { .. } | Lease::Releasing { .. }), Kept::Lost { fence }) => {
                 warn!(shard = id, "shard lease lost; letting go of its rows");
@@ -307,7 +305,8 @@ impl<'a> Coordinator<'a> {
                 }
                 Some(Lease::Lost { generation, .. }) if self.assigner.released(*generation) => {
                     if let Some(Lease::Lost { lock, .. }) = self.leases.remove(&id) {
-                        self.gone(id, lock, "lost lease");
+                        self.gone(id, "lost lease");
+                        self.idle.insert(id, lock);
                     }
                 }
                 _ => {}
@@ -315,15 +314,14 @@ impl<'a> Coordinator<'a> {
         }
     }
 
-    /// The shard is no longer ours.
-    fn gone(&mut self, id: u32, lock: LeaderLock, reason: &'static str) {
+    /// The engine no longer publishes the shard.
+    fn gone(&self, id: u32, reason: &'static str) {
         if reason == "lost lease" {
             warn!(shard = id, reason, "shard released");
         } else {
             info!(shard = id, reason, "shard released");
         }
         self.owned.remove(self.shard(id));
-        self.idle.insert(id, lock);
     }
 
     /// A new engine over the shards held now; the one before it, if any, is dropped by the caller.
@@ -351,6 +349,22 @@ impl<'a> Coordinator<'a> {
                 _ => None,
             })
             .min()
+    }
+
+    /// Shard `id`'s lock: the leader mode's, leased.
+    fn lock(&self, id: u32) -> Result<LeaderLock, LockError> {
+        let (relay, shard) = (&self.config.relay, self.shard(id));
+        Ok(match relay.leader {
+            LeaderMode::Postgres => LeaderLock::Postgres(AdvisoryLock::leased(
+                self.config.db.sqlx_url(),
+                &shard.advisory_lock_name(&relay.table),
+                self.ttl,
+            )),
+            LeaderMode::Redis | LeaderMode::None => {
+                let key = shard.lock_key(&relay.leader_key);
+                LeaderLock::Redis(Box::new(RedisLock::new(&self.config.cache, key, self.ttl)?))
+            }
+        })
     }
 
     fn shard(&self, id: u32) -> Shard {

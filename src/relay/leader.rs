@@ -580,34 +580,46 @@ pub struct AdvisoryLock {
     key: i64,
     connection: Option<PgConnection>,
     check_every: Duration,
+    /// A leased lock's session ends on the server after this long without a check, so a frozen holder lets go.
+    lease: Option<Duration>,
 }
 
 impl AdvisoryLock {
     /// A lock identified by `name` (hashed to the advisory lock's 64-bit key).
     pub fn new(url: String, name: &str, check_every: Duration) -> Self {
-        Self { url, key: advisory_key(name), connection: None, check_every }
+        Self { url, key: advisory_key(name), connection: None, check_every, lease: None }
+    }
+
+    /// A lock as [`AdvisoryLock::new`] whose session Postgres ends after `ttl` without a check
+    /// (`idle_session_timeout`, PostgreSQL 14 and later), so a holder that stops answering loses it like a Redis
+    /// lease; and which holds no session while it is not held.
+    pub fn leased(url: String, name: &str, ttl: Duration) -> Self {
+        let check_every = (ttl / 3).min(STANDBY_POLL_MAX);
+        Self { lease: Some(ttl), ..Self::new(url, name, check_every) }
     }
 
     async fn try_acquire(&mut self) -> Result<Acquired, LockError> {
         if self.connection.is_none() {
-            // Named after this process, so `status` (through pg_stat_activity) can say who holds the lock.
-            let options = self
-                .url
-                .parse::<PgConnectOptions>()?
-                .application_name(&Identity::current().application_name());
-            let connect = PgConnection::connect_with(&options);
-            self.connection =
-                Some(timeout(self.check_every * 2, connect).await.map_err(|_| LockError::TimedOut)??);
+            self.connection = Some(session(&self.url, self.lease, self.check_every * 2).await?);
         }
         let connection = self.connection.as_mut().expect("just connected");
-        let locked: Result<bool, sqlx::Error> =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(self.key).fetch_one(connection).await;
-        match locked {
-            Ok(true) => Ok(Acquired::Yes),
-            Ok(false) => Ok(Acquired::No { retry_in: STANDBY_POLL_MAX }),
-            Err(err) => {
+        let locked =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(self.key).fetch_one(connection);
+        match timeout(self.check_every * 2, locked).await {
+            Ok(Ok(true)) => Ok(Acquired::Yes),
+            Ok(Ok(false)) => {
+                if self.lease.is_some() {
+                    self.connection = None;
+                }
+                Ok(Acquired::No { retry_in: STANDBY_POLL_MAX })
+            }
+            Ok(Err(err)) => {
                 self.connection = None;
                 Err(err.into())
+            }
+            Err(_) => {
+                self.connection = None;
+                Err(LockError::TimedOut)
             }
         }
     }
@@ -635,6 +647,27 @@ impl AdvisoryLock {
         }
         Ok(())
     }
+}
+
+/// A session of its own on `url`, named after this process so that `status` (through `pg_stat_activity`) can
+/// say who holds its locks; ended by the server after `lease` idle, when given.
+///
+/// # Errors
+/// When `url` is not a Postgres URL, or no session opens within `limit`.
+pub(crate) async fn session(
+    url: &str,
+    lease: Option<Duration>,
+    limit: Duration,
+) -> Result<PgConnection, LockError> {
+    let mut options =
+        url.parse::<PgConnectOptions>()?.application_name(&Identity::current().application_name());
+    if let Some(lease) = lease {
+        options = options.options([("idle_session_timeout", lease.as_millis().to_string())]);
+    }
+    timeout(limit, PgConnection::connect_with(&options))
+        .await
+        .map_err(|_| LockError::TimedOut)?
+        .map_err(Into::into)
 }
 
 /// Who holds the advisory lock `name` in the database of `pool`: the session from `pg_locks`, named by
@@ -693,7 +726,7 @@ fn renew_limit(lease_left: Duration, ttl: Duration) -> Duration {
 }
 
 /// A stable 64-bit key for `name` (FNV-1a), so every relay of a table and shard picks the same lock.
-fn advisory_key(name: &str) -> i64 {
+pub(crate) fn advisory_key(name: &str) -> i64 {
     let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
     });

@@ -118,25 +118,17 @@ pub async fn status(config: &Config, json: bool) -> ExitCode {
             Err(err) => return unavailable("postgres", &err),
         }
     }
-    let redis_failed = |err: LockError| {
-        eprintln!("redis: {}", error_chain(&err));
+    let lock_backend_failed = |err: LockError| {
+        eprintln!("{}: {}", config.relay.leader.as_str(), error_chain(&err));
         exit_code(err.is_config_error())
     };
-    let mut members = None;
     match config.relay.leader {
         LeaderMode::None => {}
         LeaderMode::Redis => {
             for status in &mut shards {
                 match lock_holder(config, status.shard).await {
                     Ok(holder) => status.leader_lock = Some(holder),
-                    Err(err) => return redis_failed(err),
-                }
-            }
-            if config.relay.shard_id == ShardId::Auto {
-                let limit = config.relay.leader_ttl / 3;
-                match members::live_members(&config.cache, &config.relay.leader_key, limit).await {
-                    Ok(live) => members = Some(live),
-                    Err(err) => return redis_failed(err),
+                    Err(err) => return lock_backend_failed(err),
                 }
             }
         }
@@ -151,6 +143,13 @@ pub async fn status(config: &Config, json: bool) -> ExitCode {
             }
         }
     }
+    let members = match config.relay.shard_id {
+        ShardId::Fixed(_) => None,
+        ShardId::Auto => match members::live_members(config, store.pool()).await {
+            Ok(live) => Some(live),
+            Err(err) => return lock_backend_failed(err),
+        },
+    };
     let status = Status {
         table: config.relay.table.clone(),
         shard_id: config.relay.shard_id.to_string(),
