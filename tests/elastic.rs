@@ -401,11 +401,21 @@ async fn operators_see_each_shards_owner_and_the_members_and_none_refuses_auto()
 
 #[tokio::test]
 async fn a_replica_frozen_past_its_leases_loses_its_shards_and_rejoins_keeping_each_key_in_order() {
+    freeze_and_thaw("redis").await;
+}
+
+#[tokio::test]
+async fn a_replica_frozen_past_its_postgres_sessions_loses_its_shards_alike() {
+    freeze_and_thaw("postgres").await;
+}
+
+/// One of 3 replicas leasing in `leader` frozen (SIGSTOP) past its leases, then thawed.
+async fn freeze_and_thaw(leader: &str) {
     let _timed = TIMED.lock().await;
     let (db, stream) = (Arc::new(TestDb::create().await), TestStream::create().await);
     let key = format!("test:{}:elastic", Uuid::new_v4().simple());
-    let env = |name: &str| elastic_env(&db, &stream, name, &key);
-    let mut observer = Observer::new("redis", env("observer"), &key).await;
+    let env = |name: &str| backend_env(&db, &stream, name, &key, leader);
+    let mut observer = Observer::new(leader, env("observer"), &key).await;
     let producer = Producer::start(&db);
 
     let (a, b, c) =
@@ -414,11 +424,11 @@ async fn a_replica_frozen_past_its_leases_loses_its_shards_and_rejoins_keeping_e
     wait_for_shares(&mut observer, &pids, &[4, 4, 4]).await;
     c.signal("STOP");
     let takeover = wait_for_shares(&mut observer, &[a.pid(), b.pid()], &[6, 6]).await;
-    eprintln!("c frozen: a and b own all 12 shards {takeover:?} later");
+    eprintln!("{leader}: c frozen: a and b own all 12 shards {takeover:?} later");
     tokio::time::sleep(TTL).await;
     c.signal("CONT");
     let rejoined = wait_for_shares(&mut observer, &pids, &[4, 4, 4]).await;
-    eprintln!("c thawed: 4/4/4 again {rejoined:?} later");
+    eprintln!("{leader}: c thawed: 4/4/4 again {rejoined:?} later");
     let lost = log_lines(&c).iter().filter(|line| line.fields["reason"] == "lost lease").count();
     assert_eq!(lost, 4, "c let go of the four shards whose leases ran out:\n{}", c.log());
 
@@ -427,7 +437,7 @@ async fn a_replica_frozen_past_its_leases_loses_its_shards_and_rejoins_keeping_e
     b.stop().await;
     c.stop().await;
     let stored = stored(&stream).await;
-    eprintln!("{} events, {} inversions", stored.len(), inversions(&stored));
+    eprintln!("{leader}: {} events, {} inversions", stored.len(), inversions(&stored));
     assert_each_row_once(&db, &stored).await;
     assert_eq!(inversions(&stored), 0, "per-key order across the freeze");
 }
