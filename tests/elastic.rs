@@ -126,6 +126,33 @@ async fn wait_for_shares(observer: &mut Observer, pids: &[u32], expected: &[usiz
     }
 }
 
+/// A database, a stream and a lock key of a test's own, for replicas leasing in `leader`.
+struct Cluster {
+    leader: &'static str,
+    db: Arc<TestDb>,
+    stream: TestStream,
+    key: String,
+}
+
+impl Cluster {
+    /// A new cluster, who publishes what as the leases say, and keyed events coming in.
+    async fn start(leader: &'static str) -> (Self, Observer, Producer) {
+        let (db, stream) = (Arc::new(TestDb::create().await), TestStream::create().await);
+        let cluster = Self { leader, db, stream, key: format!("test:{}:elastic", Uuid::new_v4().simple()) };
+        let observer = Observer::new(leader, cluster.env("observer"), &cluster.key).await;
+        let producer = Producer::start(&cluster.db);
+        (cluster, observer, producer)
+    }
+
+    fn env(&self, name: &str) -> RelayEnv {
+        backend_env(&self.db, &self.stream, name, &self.key, self.leader)
+    }
+
+    fn spawn(&self, name: &str) -> Relay {
+        Relay::spawn(&self.env(name), &[])
+    }
+}
+
 /// Keyed events coming throughout: 100 orders, 5 events each, every 50 ms.
 struct Producer {
     producing: Arc<AtomicBool>,
@@ -244,17 +271,11 @@ async fn replicas_share_the_shards_by_postgres_advisory_locks_alike() {
 
 /// 3 replicas leasing in `leader` split 12 shards 4/4/4; one killed, the other two own all 12 within
 /// `leader_ttl` + 1 s; a fourth joins, 4/4/4 within 2 × `leader_ttl`; one stops, the others own all 12.
-async fn share_take_over_and_rebalance(leader: &str) {
+async fn share_take_over_and_rebalance(leader: &'static str) {
     let _timed = TIMED.lock().await;
-    let (db, stream) = (Arc::new(TestDb::create().await), TestStream::create().await);
-    let key = format!("test:{}:elastic", Uuid::new_v4().simple());
-    let env = |name: &str| backend_env(&db, &stream, name, &key, leader);
-    let mut observer = Observer::new(leader, env("observer"), &key).await;
-
-    let producer = Producer::start(&db);
-
-    let (a, b, c) =
-        (Relay::spawn(&env("a"), &[]), Relay::spawn(&env("b"), &[]), Relay::spawn(&env("c"), &[]));
+    let (cluster, mut observer, producer) = Cluster::start(leader).await;
+    let (db, stream, env) = (&cluster.db, &cluster.stream, |name: &str| cluster.env(name));
+    let (a, b, c) = (cluster.spawn("a"), cluster.spawn("b"), cluster.spawn("c"));
     let split = wait_for_shares(&mut observer, &[a.pid(), b.pid(), c.pid()], &[4, 4, 4]).await;
     eprintln!("{leader}: 3 replicas split 12 shards 4/4/4 {split:?} after starting");
     let (code, stdout, stderr) = run_command(&env("observer"), &["status", "--json"]);
@@ -282,10 +303,10 @@ async fn share_take_over_and_rebalance(leader: &str) {
     eprintln!("{leader}: b stopped: a and d own all 12 shards {handover:?} after it exited");
 
     producer.stop().await;
-    a.stop_when_drained(&db, DRAIN).await;
+    a.stop_when_drained(db, DRAIN).await;
     d.stop().await;
 
-    let stored = stored(&stream).await;
+    let stored = stored(stream).await;
     let by = |relay: &str| stored.iter().filter(|m| m.relay == relay).count();
     eprintln!(
         "{leader}: {} events: {} by a, {} by b, {} by c, {} by d; {} inversions",
@@ -296,7 +317,7 @@ async fn share_take_over_and_rebalance(leader: &str) {
         by("d"),
         inversions(&stored)
     );
-    assert_each_row_once(&db, &stored).await;
+    assert_each_row_once(db, &stored).await;
     assert_eq!(inversions(&stored), 0, "per-key order across every handover");
     let terms = [
         ("a", shard_terms(&a, None)),
@@ -304,7 +325,7 @@ async fn share_take_over_and_rebalance(leader: &str) {
         ("c", shard_terms(&c, Some(killed_at))),
         ("d", shard_terms(&d, None)),
     ];
-    assert_one_owner_per_shard(&db, &terms, &stored).await;
+    assert_one_owner_per_shard(db, &terms, &stored).await;
     for (name, terms) in &terms {
         assert!(!terms.is_empty(), "{name} owned shards");
     }
@@ -410,16 +431,11 @@ async fn a_replica_frozen_past_its_postgres_sessions_loses_its_shards_alike() {
 }
 
 /// One of 3 replicas leasing in `leader` frozen (SIGSTOP) past its leases, then thawed.
-async fn freeze_and_thaw(leader: &str) {
+async fn freeze_and_thaw(leader: &'static str) {
     let _timed = TIMED.lock().await;
-    let (db, stream) = (Arc::new(TestDb::create().await), TestStream::create().await);
-    let key = format!("test:{}:elastic", Uuid::new_v4().simple());
-    let env = |name: &str| backend_env(&db, &stream, name, &key, leader);
-    let mut observer = Observer::new(leader, env("observer"), &key).await;
-    let producer = Producer::start(&db);
-
-    let (a, b, c) =
-        (Relay::spawn(&env("a"), &[]), Relay::spawn(&env("b"), &[]), Relay::spawn(&env("c"), &[]));
+    let (cluster, mut observer, producer) = Cluster::start(leader).await;
+    let (db, stream) = (&cluster.db, &cluster.stream);
+    let (a, b, c) = (cluster.spawn("a"), cluster.spawn("b"), cluster.spawn("c"));
     let pids = [a.pid(), b.pid(), c.pid()];
     wait_for_shares(&mut observer, &pids, &[4, 4, 4]).await;
     c.signal("STOP");
@@ -433,11 +449,11 @@ async fn freeze_and_thaw(leader: &str) {
     assert_eq!(lost, 4, "c let go of the four shards whose leases ran out:\n{}", c.log());
 
     producer.stop().await;
-    a.stop_when_drained(&db, DRAIN).await;
+    a.stop_when_drained(db, DRAIN).await;
     b.stop().await;
     c.stop().await;
-    let stored = stored(&stream).await;
+    let stored = stored(stream).await;
     eprintln!("{leader}: {} events, {} inversions", stored.len(), inversions(&stored));
-    assert_each_row_once(&db, &stored).await;
+    assert_each_row_once(db, &stored).await;
     assert_eq!(inversions(&stored), 0, "per-key order across the freeze");
 }

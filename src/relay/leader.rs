@@ -605,45 +605,27 @@ impl AdvisoryLock {
         let connection = self.connection.as_mut().expect("just connected");
         let locked =
             sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(self.key).fetch_one(connection);
-        match timeout(self.check_every * 2, locked).await {
-            Ok(Ok(true)) => Ok(Acquired::Yes),
-            Ok(Ok(false)) => {
-                if self.lease.is_some() {
-                    self.connection = None;
-                }
-                Ok(Acquired::No { retry_in: STANDBY_POLL_MAX })
-            }
-            Ok(Err(err)) => {
-                self.connection = None;
-                Err(err.into())
-            }
-            Err(_) => {
-                self.connection = None;
-                Err(LockError::TimedOut)
-            }
+        let locked = timeout(self.check_every * 2, locked).await;
+        if session_outcome(&mut self.connection, locked)? {
+            return Ok(Acquired::Yes);
         }
+        if self.lease.is_some() {
+            self.connection = None;
+        }
+        Ok(Acquired::No { retry_in: STANDBY_POLL_MAX })
     }
 
     /// The session is alive, so the lock is still ours.
     async fn check(&mut self, limit: Duration) -> Result<bool, LockError> {
         let Some(connection) = self.connection.as_mut() else { return Ok(false) };
-        match timeout(limit, connection.ping()).await {
-            Ok(Ok(())) => Ok(true),
-            Ok(Err(err)) => {
-                self.connection = None;
-                Err(err.into())
-            }
-            Err(_) => {
-                self.connection = None;
-                Err(LockError::TimedOut)
-            }
-        }
+        let pinged = timeout(limit, connection.ping()).await;
+        session_outcome(&mut self.connection, pinged).map(|()| true)
     }
 
     async fn release(&mut self) -> Result<(), LockError> {
         if let Some(connection) = self.connection.take() {
             // Closing the session releases the lock; no unlock call needed.
-            connection.close().await?;
+            timeout(self.check_every * 2, connection.close()).await.map_err(|_| LockError::TimedOut)??;
         }
         Ok(())
     }
@@ -668,6 +650,24 @@ pub(crate) async fn session(
         .await
         .map_err(|_| LockError::TimedOut)?
         .map_err(Into::into)
+}
+
+/// The outcome of a step on the session in `slot`, given its deadline: a session that failed or did not answer
+/// is dropped, so the next step opens a new one.
+///
+/// # Errors
+/// The step's error, or [`LockError::TimedOut`].
+pub(crate) fn session_outcome<T>(
+    slot: &mut Option<PgConnection>,
+    outcome: Result<Result<T, sqlx::Error>, tokio::time::error::Elapsed>,
+) -> Result<T, LockError> {
+    let result = match outcome {
+        Ok(Ok(value)) => return Ok(value),
+        Ok(Err(err)) => Err(err.into()),
+        Err(_) => Err(LockError::TimedOut),
+    };
+    *slot = None;
+    result
 }
 
 /// Who holds the advisory lock `name` in the database of `pool`: the session from `pg_locks`, named by

@@ -16,7 +16,7 @@ use tracing::debug;
 use uuid::Uuid;
 
 use super::config::{CacheConfig, Config, LeaderMode};
-use super::leader::{advisory_key, session, LockError, RedisLink};
+use super::leader::{advisory_key, session, session_outcome, LockError, RedisLink};
 
 /// The live members of a Postgres membership: the granted two-key advisory locks of its class, in order.
 const PG_MEMBERS_SQL: &str = "SELECT objid::bigint FROM pg_locks \
@@ -152,17 +152,9 @@ impl PgMembership {
         }
         let connection = self.connection.as_mut().expect("just connected");
         let members = sqlx::query_scalar::<_, i64>(PG_MEMBERS_SQL).bind(self.class).fetch_all(connection);
-        match timeout(limit, members).await {
-            Ok(Ok(members)) => Ok(members.iter().map(i64::to_string).collect()),
-            Ok(Err(err)) => {
-                self.connection = None;
-                Err(err.into())
-            }
-            Err(_) => {
-                self.connection = None;
-                Err(LockError::TimedOut)
-            }
-        }
+        let members = timeout(limit, members).await;
+        let members = session_outcome(&mut self.connection, members)?;
+        Ok(members.iter().map(i64::to_string).collect())
     }
 }
 
@@ -173,8 +165,10 @@ impl PgMembership {
 pub async fn live_members(config: &Config, pool: &PgPool) -> Result<usize, LockError> {
     let relay = &config.relay;
     if relay.leader == LeaderMode::Postgres {
-        let members: Vec<i64> =
-            sqlx::query_scalar(PG_MEMBERS_SQL).bind(members_class(&relay.table)).fetch_all(pool).await?;
+        let members =
+            sqlx::query_scalar::<_, i64>(PG_MEMBERS_SQL).bind(members_class(&relay.table)).fetch_all(pool);
+        let members =
+            timeout(relay.statement_timeout(), members).await.map_err(|_| LockError::TimedOut)??;
         return Ok(members.len());
     }
     redis_live_members(&config.cache, &relay.leader_key, relay.leader_ttl / 3).await
