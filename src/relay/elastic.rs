@@ -1,7 +1,8 @@
 //! Elastic shards (`shard_id = "auto"`): replicas started alike share the `shard_count` shards by lease.
 //!
-//! Each shard is owned through its own leader lock (`<leader_key>:N`, the leader mode's protocol), so no shard
-//! is ever published by two replicas. Every tick a replica renews its heartbeat in the membership record,
+//! Each shard is owned through its own leader lock, the leader mode's (the Redis lease `<leader_key>:N`, or the
+//! shard's advisory lock on a session Postgres ends after `leader_ttl` idle), so no shard is ever published by
+//! two replicas. Every tick a replica renews its heartbeat in the membership record,
 //! learns who is alive, and moves towards its [`fair_share`]: above it, it releases shards gracefully (the batch
 //! in flight is published and marked, then the lease released); below it, it takes shards whose lease is free.
 //! A killed replica's leases and heartbeat expire within `leader_ttl`, and the others take its shards at their
@@ -104,7 +105,7 @@ impl<'a> Coordinator<'a> {
     /// flight finishes), releases every lease and leaves.
     ///
     /// # Errors
-    /// The engine's [`EngineError`], or Redis unavailable for longer than `give_up_after`.
+    /// The engine's [`EngineError`], or the lock backend unavailable for longer than `give_up_after`.
     pub(super) async fn run(mut self, shutdown: &CancellationToken) -> Result<(), RelayError> {
         info!(
             shard_count = self.shard_count,
