@@ -3,7 +3,7 @@
 //! Afterwards every committed event must be in the stream exactly once and every row marked.
 //!
 //! ```text
-//! scripts/chaos [--cycles 8] [--leader redis|none] [--relays 2] [--shards 0] [--seed N] [--rate 500]
+//! scripts/chaos [--cycles 8] [--leader redis|postgres|none] [--relays 2] [--shards 0] [--seed N] [--rate 500]
 //! ```
 //! Everything runs on private servers (nats-server, redis-server, a Postgres cluster from initdb) on free
 //! loopback ports, in temporary directories, so the shared services are never touched. Prints one line per
@@ -43,13 +43,14 @@ struct Args {
     /// Faults to inject.
     #[arg(long, default_value_t = 8)]
     cycles: u32,
-    /// Leader mode: `redis` runs several relays on one lock and adds Redis to the faults.
-    #[arg(long, default_value = "redis", value_parser = ["redis", "none"])]
+    /// Leader mode: `redis` runs several relays on one lock and adds Redis to the faults; `postgres` runs them
+    /// on advisory locks.
+    #[arg(long, default_value = "redis", value_parser = ["redis", "postgres", "none"])]
     leader: String,
     /// Relay processes.
     #[arg(long, default_value_t = 2)]
     relays: usize,
-    /// Elastic mode: the relays share this many shards (`--shard-id auto`); needs `--leader redis`. 0: off.
+    /// Elastic mode: the relays share this many shards (`--shard-id auto`); needs a leader mode. 0: off.
     #[arg(long, default_value_t = 0)]
     shards: u32,
     /// Events per second the producer commits.
@@ -299,8 +300,8 @@ async fn main() -> ExitCode {
     let deadline =
         started + Duration::from_secs(args.max_seconds.unwrap_or(60 + 15 * u64::from(args.cycles)));
     let leader = args.leader == "redis";
-    if args.shards > 0 && !leader {
-        eprintln!("--shards needs --leader redis");
+    if args.shards > 0 && args.leader == "none" {
+        eprintln!("--shards needs --leader redis or postgres");
         return ExitCode::FAILURE;
     }
     println!(
@@ -342,6 +343,9 @@ async fn main() -> ExitCode {
             ("QX_CACHE__URL", &redis.url()),
             ("QX_RELAY__LEADER_TTL", "3s"),
         ]);
+    }
+    if args.leader == "postgres" {
+        env = env.with(&[("QX_RELAY__LEADER", "postgres"), ("QX_RELAY__LEADER_TTL", "3s")]);
     }
     if args.shards > 0 {
         env =
