@@ -101,8 +101,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
 
     let connect_timeout = Duration::from_secs_f64(config.nats.connect_timeout_seconds);
     let db_url = config.db.sqlx_url();
-    let shard_loops = u32::try_from(eligible.len()).unwrap_or(u32::MAX);
-    let store = OutboxStore::connect(&db_url, &relay, shard_loops, connect_timeout)
+    // One relay loop, elastic or not: its claims cover every shard it publishes.
+    let store = OutboxStore::connect(&db_url, &relay, 1, connect_timeout)
         .await
         .map_err(|err| PostgresError::connecting(&db_url, err))?;
     metrics::set_store_up(true); // standbys too; the relay loop updates it once it leads

@@ -12,7 +12,7 @@ use super::store::OutboxStore;
 /// Wait before listening again after LISTEN failed.
 const RELISTEN_AFTER: Duration = Duration::from_secs(2);
 
-/// Wakes the shard loops on every NOTIFY; polling covers notifications lost while reconnecting.
+/// Wakes the relay loop on every NOTIFY; polling covers notifications lost while reconnecting.
 pub async fn listen(
     store: OutboxStore,
     channel: String,

@@ -46,7 +46,7 @@ const RESCAN_EVERY: Duration = Duration::from_secs(1);
 const OUTAGE_BACKOFF: Backoff =
     Backoff::new(Duration::from_millis(100), Duration::from_secs(5)).with_jitter(0.5);
 
-/// Why a shard loop stopped before being told to.
+/// Why a relay loop stopped before being told to.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// Postgres kept failing (or not answering) for longer than `give_up_after`.
@@ -57,7 +57,7 @@ pub enum EngineError {
     NatsUnavailable(Duration, String),
 }
 
-/// What a shard loop did, for the log line at stop.
+/// What a relay loop did, for the log line at stop.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Totals {
     /// Rows acknowledged by JetStream and marked (or deleted).
@@ -70,7 +70,8 @@ pub struct Totals {
     pub parked: u64,
 }
 
-/// The totals of every shard loop of a relay, added up as batches settle.
+/// The totals of a relay's loops, added up as batches settle: they outlive a loop that is dropped at the
+/// drain deadline, or abandoned and started anew after a lost lease (elastic shards).
 #[derive(Debug, Default, Clone)]
 pub struct Tally(Arc<Mutex<Totals>>);
 
@@ -103,11 +104,11 @@ enum Prefetch {
     After(DateTime<Utc>, Uuid),
 }
 
-/// What every shard loop of a relay shares: one pool, one NATS connection, the wake-ups, the outbox sample
-/// and the heartbeat.
+/// What a relay loop is made of, kept to start a new one: one pool, one NATS connection, the wake-ups, the
+/// outbox sample and the heartbeat.
 #[derive(Clone)]
 pub struct Parts {
-    /// The pool, claiming the whole table; each engine narrows it to its shard.
+    /// The pool, claiming the whole table; each engine narrows it to its shard or its assigned shards.
     pub store: OutboxStore,
     /// The NATS connection.
     pub publisher: RelayPublisher,
