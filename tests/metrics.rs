@@ -140,13 +140,12 @@ async fn a_claim_blocked_by_a_table_lock_does_not_wedge_the_loop() {
     let (relay, port) = Relay::spawn_serving(&env);
     wait_until_ready(&relay, port, "ready").await;
 
-    // The claim (SELECT … FOR UPDATE) cannot take its lock while this is held. It gives up after its
-    // lock_timeout and tries again, so the loop keeps stepping and /livez stays 200; before, the claim
-    // waited for as long as the lock was held and nothing timed it out.
+    // The claim (SELECT … FOR UPDATE) cannot take its lock on the table while this is held. It gives up
+    // after its lock_timeout and tries again, so the loop keeps stepping and /livez stays 200.
     let mut blocker = db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE qx_outbox_events IN EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
     relay
-        .eventually("the wait logged", WAIT, || async { relay.log().contains("locked by another relay") })
+        .eventually("the wait logged", WAIT, || async { relay.log().contains("locked by another session") })
         .await;
     assert_eq!(get(port, "/livez").await.map(|r| r.0), Some(200));
     assert!(!relay.log().contains("the relay loop has stalled"), "{}", relay.log());

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use qx_relay::relay::config::{OnPublish, RelayConfig, ShardKey};
 use qx_relay::relay::shard::{Scope, Shard};
-use qx_relay::relay::store::{OutboxStore, Requeue, RowFailure, StoreError, TableProblem};
+use qx_relay::relay::store::{OutboxStore, Requeue, RowFailure, TableProblem, SAMPLE_ROWS};
 use qx_relay_testkit::TestDb;
 use uuid::Uuid;
 
@@ -88,35 +88,46 @@ async fn the_byte_budget_cuts_a_batch_but_the_first_row_always_fits() {
     let store = open_store(&db, &relay).await;
     let batch = store.claim(BATCH, &[], &[], &[]).await.expect("claim");
     assert_eq!(batch.rows.len(), 3, "40 KB rows while the bytes before them are under 100 KB");
-    assert!(batch.cut_by_bytes, "the rows left out are said to be");
+    assert!(batch.left_out, "the rows left out are said to be");
     drop(batch);
 
     let huge = TestDb::create().await;
     huge.insert_raw("order.placed", &blob(300_000)).await;
     let batch = open_store(&huge, &relay).await.claim(BATCH, &[], &[], &[]).await.expect("claim");
     assert_eq!(batch.rows.len(), 1, "a row larger than the budget still goes out alone");
-    assert!(!batch.cut_by_bytes);
+    assert!(!batch.left_out);
     drop(batch);
 }
 
 #[tokio::test]
-async fn ordered_claims_wait_for_rows_another_relay_holds_and_unordered_ones_skip_them() {
+async fn claims_never_wait_for_rows_another_relay_holds() {
     let db = TestDb::create().await;
     db.insert_events(20, "order.placed").await;
     let unordered = default_store(&db).await;
     let holder = unordered.claim(5, &[], &[], &[]).await.expect("the other relay's claim");
     let skipping = unordered.claim(BATCH, &[], &[], &[]).await.expect("claim around it");
     assert_eq!(skipping.rows.len(), 15, "every row its own key: the locked ones are skipped");
-    drop(skipping);
+    assert!(skipping.held_elsewhere.is_empty());
+    drop((holder, skipping));
 
-    let ordered = open_store(&db, &relay_config("payload.order_id".parse().unwrap(), OnPublish::Mark)).await;
-    match ordered.claim(BATCH, &[], &[], &[]).await {
-        Err(StoreError::Locked) => {}
-        other => panic!("an ordered claim must not skip locked rows: {:?}", other.map(|b| b.rows.len())),
-    }
-    drop(holder);
+    // Two orders, their events interleaved: the other relay holds the first event of order `a`.
+    let keyed = TestDb::create().await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let events = (0..10).map(|step| (if step % 2 == 0 { a } else { b }, step, "order.placed"));
+    qx_relay_testkit::handover::insert_order_events(&keyed, events).await;
+    let ordered =
+        open_store(&keyed, &relay_config("payload.order_id".parse().unwrap(), OnPublish::Mark)).await;
+    let holder = ordered.claim(1, &[], &[], &[]).await.expect("the other relay's claim");
+    let batch = ordered.claim(BATCH, &[], &[], &[]).await.expect("claim around it, without waiting");
+    let keys: HashSet<String> = batch.rows.iter().map(|row| row.order_key()).collect();
+    assert_eq!(keys, HashSet::from([b.to_string()]), "order b goes on; a's later events wait for its first");
+    assert_eq!(batch.rows.len(), 5);
+    assert_eq!(batch.held_elsewhere, vec![a.to_string()]);
+    assert!(batch.left_out, "a's later events are locked by this claim but not in it");
+    drop((holder, batch));
     let batch = ordered.claim(BATCH, &[], &[], &[]).await.expect("claim once released");
-    assert_eq!(batch.rows.len(), 20);
+    assert_eq!(batch.rows.len(), 10);
+    assert!(batch.held_elsewhere.is_empty());
 }
 
 #[tokio::test]
@@ -198,6 +209,38 @@ async fn requeue_touches_parked_rows_only_and_the_backlog_counts_them_apart() {
     assert_eq!(store.requeue(&Requeue::All).await.expect("requeue"), 2);
     assert_eq!(db.count("attempts = 3 AND last_error = 'failing'").await, 1, "a failing row is not parked");
     assert_eq!(db.count("attempts = 0 AND last_error IS NULL").await, 3);
+}
+
+#[tokio::test]
+async fn a_backlog_sample_reads_a_bounded_number_of_rows_and_still_finds_the_oldest_pending() {
+    // Two orders in different shards of two: `a`'s backlog is older than the whole sample, `b` comes after.
+    let db = TestDb::create().await;
+    let pool = &db.pool;
+    let hash = |key: Uuid| async move {
+        sqlx::query_scalar::<_, i64>("SELECT ABS(HASHTEXT($1)::bigint) % 2")
+            .bind(key.to_string())
+            .fetch_one(pool)
+            .await
+            .expect("hash")
+    };
+    let a = Uuid::new_v4();
+    let b = loop {
+        let b = Uuid::new_v4();
+        if hash(b).await != hash(a).await {
+            break b;
+        }
+    };
+    let ahead = SAMPLE_ROWS as usize + 100;
+    let events = (0..ahead + 10).map(|n| (if n < ahead { a } else { b }, n, "order.placed"));
+    qx_relay_testkit::handover::insert_order_events(&db, events).await;
+    let store = open_store(&db, &relay_config("payload.order_id".parse().unwrap(), OnPublish::Mark)).await;
+
+    let whole = store.backlog(&[Shard::WHOLE]).await.expect("sample the table");
+    assert_eq!((whole.pending, whole.parked, whole.more), (SAMPLE_ROWS, 0, true), "the oldest rows only");
+    let b_shard = Shard { id: hash(b).await as u32, count: 2 };
+    let behind = store.backlog(&[b_shard]).await.expect("sample b's shard");
+    assert_eq!((behind.pending, behind.more), (0, true), "none of b's rows is among the sampled ones");
+    assert!(behind.oldest_pending_seconds.is_some(), "b's oldest pending row is still found");
 }
 
 #[tokio::test]

@@ -13,7 +13,10 @@ use super::nats::RelayPublisher;
 use super::preflight::{self, PreflightError};
 use super::refusal::PostgresError;
 use super::shard::Shard;
-use super::store::{OutboxStats, OutboxStore, ParkedRow, Requeue, StoreError, StoredRow, PARKED, PUBLISHED};
+use super::store::{
+    OutboxStats, OutboxStore, ParkedRow, Requeue, StoreError, StoredRow, PARKED, PUBLISHED,
+    PUBLISHED_COUNT_MAX, SAMPLE_ROWS,
+};
 use super::{error_chain, ExitCode};
 
 /// Runs every check, printing one line each; the exit code of the worst failure.
@@ -168,10 +171,21 @@ pub async fn status(config: &Config, json: bool) -> ExitCode {
     for s in &status.shards {
         let backlog = &s.stats.backlog;
         let oldest = backlog.oldest_pending_seconds.map_or("-".to_owned(), |secs| format!("{secs:.1}s"));
+        // Counts that stopped at their bound say "at least".
+        let at_least =
+            |count: i64, capped: bool| if capped { format!("{count}+") } else { count.to_string() };
+        let recent = s.stats.published_last_5m;
         println!(
             "shard {}/{}: pending {}  oldest pending {oldest}  parked {}  published (5m) {}",
-            s.shard, s.shard_count, backlog.pending, backlog.parked, s.stats.published_last_5m
+            s.shard,
+            s.shard_count,
+            at_least(backlog.pending, backlog.more),
+            at_least(backlog.parked, backlog.more),
+            at_least(recent, recent >= PUBLISHED_COUNT_MAX)
         );
+        if backlog.more {
+            println!("  counts are of the {SAMPLE_ROWS} oldest unpublished rows of the table");
+        }
         if let Some(lock) = &s.leader_lock {
             println!("  {}", lock_line(lock));
         }
@@ -384,7 +398,7 @@ fn unavailable(what: &str, err: &StoreError) -> ExitCode {
         StoreError::Database(err) => {
             err.as_database_error().and_then(|e| e.code()).is_some_and(|c| c == "42P01")
         }
-        StoreError::TimedOut(_) | StoreError::Locked => false,
+        StoreError::TimedOut(_) | StoreError::TableLocked => false,
     };
     if undefined_table {
         ExitCode::Config

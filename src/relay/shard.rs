@@ -39,15 +39,14 @@ impl Shard {
         format!("AND ABS(HASHTEXT({key_sql})::bigint) % {} = {}", self.count, self.id)
     }
 
-    /// The `AND …` clause selecting the rows of any of `shards` (of one split) by `key_sql`; empty when they
-    /// are the whole table.
-    pub fn set_clause(shards: &[Shard], key_sql: &str) -> String {
+    /// The condition selecting the rows of any of `shards` (of one split) by `key_sql`.
+    pub fn set_condition(shards: &[Shard], key_sql: &str) -> String {
         match shards {
-            [] => "AND false".to_owned(),
-            [one] => one.sql_clause(key_sql),
+            [] => "false".to_owned(),
+            [one] if one.count <= 1 => "true".to_owned(),
             [first, ..] => {
                 let ids: Vec<String> = shards.iter().map(|shard| shard.id.to_string()).collect();
-                format!("AND ABS(HASHTEXT({key_sql})::bigint) % {} IN ({})", first.count, ids.join(", "))
+                format!("ABS(HASHTEXT({key_sql})::bigint) % {} IN ({})", first.count, ids.join(", "))
             }
         }
     }
@@ -121,8 +120,12 @@ mod tests {
         );
         assert_eq!(Scope::One(shard).sql_clause("id::text", 5), shard.sql_clause("id::text"));
         let two = [Shard { id: 1, count: 12 }, Shard { id: 4, count: 12 }];
-        assert_eq!(Shard::set_clause(&two, "id::text"), "AND ABS(HASHTEXT(id::text)::bigint) % 12 IN (1, 4)");
-        assert_eq!(Shard::set_clause(&two[..1], "id::text"), two[0].sql_clause("id::text"));
-        assert_eq!(Shard::set_clause(&[Shard::WHOLE], "id::text"), "");
+        assert_eq!(Shard::set_condition(&two, "id::text"), "ABS(HASHTEXT(id::text)::bigint) % 12 IN (1, 4)");
+        assert_eq!(
+            Shard::set_condition(&two[..1], "id::text"),
+            "ABS(HASHTEXT(id::text)::bigint) % 12 IN (1)"
+        );
+        assert_eq!(Shard::set_condition(&[Shard::WHOLE], "id::text"), "true");
+        assert_eq!(Shard::set_condition(&[], "id::text"), "false");
     }
 }

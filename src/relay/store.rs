@@ -15,35 +15,50 @@ use sqlx::query::QueryAs;
 use sqlx::{Connection, PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::config::{OnPublish, RelayConfig, ShardKey};
+use super::config::{LeaderMode, OnPublish, RelayConfig, ShardKey};
 use super::shard::{Scope, Shard};
 
 /// Starts a claim transaction, in the same round trip as `BEGIN`:
-/// - the claim must walk the pending index in order and stop after `limit` rows; when few rows look pending,
-///   the planner may otherwise choose a bitmap or sequential scan that sorts every pending row (80-200 ms
-///   instead of 3 ms per claim near the end of a 200k-row drain);
+/// - the claim must walk the pending index in order and stop after `limit` rows, whatever the statistics
+///   say. A burst leaves them stale (the planner then expects one pending row per shard), and the cheapest
+///   plan for one row is to read every pending row of the shard and sort them: 4.7 s instead of 6 ms for a
+///   1,000-row claim with 1M rows pending. With sequential, bitmap and full sorts off, the only plan left
+///   is the index walk with an incremental sort of ties;
 /// - its commit (the marks) need not wait for the WAL flush: a mark lost in a Postgres crash only means the
 ///   row is published again, and the stream's dedupe drops the repeat;
 /// - a relay that stops answering (frozen, partitioned) must not keep its rows locked for as long as TCP
-///   takes to notice: Postgres ends a claim left idle for `give_up_after`, which releases the rows to the
+///   takes to notice: Postgres ends a claim left idle for `idle_limit`, which releases the rows to the
 ///   other relays. A live relay never idles that long inside a claim; if it did, its marks would fail and the
 ///   rows would be published again;
 /// - a statement of a live but overloaded server ends at `statement_timeout` on its side too, and a claim
-///   that waits for rows another relay has locked (ordered claims do not skip them) gives up after
-///   `lock_wait`, to be tried again.
-fn claim_begin(give_up_after: Duration, statement_timeout: Duration, lock_wait: Duration) -> String {
+///   that waits for the table itself (a schema change, `LOCK TABLE`) gives up after `lock_wait`, to be
+///   tried again. Claims never wait for rows: they skip or report rows other relays hold.
+fn claim_begin(idle_limit: Duration, statement_timeout: Duration, lock_wait: Duration) -> String {
     let ms = |d: Duration| d.as_millis().clamp(1, i32::MAX as u128);
     format!(
-        "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
+        "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off; \
          SET LOCAL synchronous_commit = off; SET LOCAL idle_in_transaction_session_timeout = {}; \
          SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
-        ms(give_up_after),
+        ms(idle_limit),
         ms(statement_timeout),
         ms(lock_wait),
     )
 }
 
-/// How long an ordered claim waits for a row another relay has locked before trying again later.
+/// How long a claim may sit idle in Postgres before it ends it. A claimed batch idles while the batch
+/// before it and then itself are published (two `ack_timeout`s at most). Without a lease, that is all
+/// that bounds it: `give_up_after`. With one, a frozen relay's rows go back once its lease has ended, so
+/// the shard's next owner waits for them no longer than for the lease.
+fn claim_idle_limit(relay: &RelayConfig) -> Duration {
+    match relay.leader {
+        LeaderMode::None => relay.give_up_after,
+        LeaderMode::Redis | LeaderMode::Postgres => {
+            relay.give_up_after.min(relay.leader_ttl.max(relay.ack_timeout * 2))
+        }
+    }
+}
+
+/// How long a claim waits for a lock on the table before trying again later.
 const LOCK_WAIT_MAX: Duration = Duration::from_secs(1);
 
 /// After the pool timed out connecting, how long the one attempt that looks for the cause may take.
@@ -94,9 +109,10 @@ pub enum StoreError {
     /// Postgres did not answer in time: hung, frozen or cut off. An outage like a refused connection.
     #[error("Postgres did not answer within {}", humantime::format_duration(*.0))]
     TimedOut(Duration),
-    /// An ordered claim met rows another relay holds and waited `lock_wait` for them; not an outage.
-    #[error("rows are locked by another relay")]
-    Locked,
+    /// A claim waited `lock_wait` for a lock on the table another session holds (a schema change,
+    /// `LOCK TABLE`); not an outage.
+    #[error("the table is locked by another session")]
+    TableLocked,
     /// Anything else from the driver or the server.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
@@ -104,10 +120,9 @@ pub enum StoreError {
 
 impl StoreError {
     fn from_driver(err: sqlx::Error) -> Self {
-        // lock_not_available (our lock_timeout) and deadlock_detected: two relays met on the same rows.
-        let code = err.as_database_error().and_then(|e| e.code());
-        match code.as_deref() {
-            Some("55P03" | "40P01") => Self::Locked,
+        // lock_not_available: our lock_timeout.
+        match err.as_database_error().and_then(|e| e.code()).as_deref() {
+            Some("55P03") => Self::TableLocked,
             _ => Self::Database(err),
         }
     }
@@ -155,9 +170,14 @@ pub struct ClaimedBatch {
     pub rows: Vec<OutboxRow>,
     /// The claim took as many rows as it asked for: more are likely pending.
     pub filled: bool,
-    /// The byte budget cut the batch: later rows are locked by this claim but not in `rows`; they are pending
-    /// again once the batch settles.
-    pub cut_by_bytes: bool,
+    /// Rows locked by this claim are not in `rows` (the byte budget cut the batch, or their key is held
+    /// elsewhere); they are pending again once the batch settles.
+    pub left_out: bool,
+    /// Order keys of rows another relay holds, met by an ordered claim. That key's later rows are locked by
+    /// this claim but left out of `rows`, so they cannot overtake the held one.
+    pub held_elsewhere: Vec<String>,
+    /// `occurred_at` of the first row the claim met, its own or held elsewhere (unseen when skipped).
+    pub first_seen: Option<DateTime<Utc>>,
 }
 
 impl ClaimedBatch {
@@ -165,18 +185,36 @@ impl ClaimedBatch {
     /// once, at the first row, instead of growing a list of rows and copying it into another. Rows are kept
     /// while the bytes before them are under `budget` (so the first row always fits); the rest are read and
     /// dropped one by one, so memory is bounded by bytes, not rows, whatever the rows weigh.
+    /// With `ordered` rows, a row held elsewhere keeps its key's later rows out of the batch; otherwise it
+    /// is only passed over.
     async fn read(
         mut tx: Transaction<'static, Postgres>,
         query: QueryAs<'_, Postgres, ClaimedRow, PgArguments>,
         limit: u32,
         budget: usize,
+        ordered: bool,
     ) -> Result<Self, sqlx::Error> {
-        let (mut rows, mut locations) = (Vec::new(), HashMap::new());
-        let (mut bytes, mut locked) = (0, 0);
+        let (mut rows, mut locations, mut held_elsewhere) = (Vec::new(), HashMap::new(), Vec::new());
+        let (mut bytes, mut seen, mut left_out, mut first_seen) = (0, 0, false, None);
         let mut claimed = query.fetch(&mut *tx);
-        while let Some(ClaimedRow { row, location }) = claimed.try_next().await? {
-            locked += 1;
+        while let Some(ClaimedRow { row, location, elsewhere }) = claimed.try_next().await? {
+            seen += 1;
+            first_seen.get_or_insert(row.occurred_at);
+            if elsewhere && !ordered {
+                continue;
+            }
+            if elsewhere || !held_elsewhere.is_empty() {
+                let key = row.order_key();
+                if elsewhere || held_elsewhere.contains(&key) {
+                    if !held_elsewhere.contains(&key) {
+                        held_elsewhere.push(key);
+                    }
+                    left_out |= !elsewhere;
+                    continue;
+                }
+            }
             if bytes >= budget {
+                left_out = true;
                 continue;
             }
             if rows.is_empty() {
@@ -190,8 +228,8 @@ impl ClaimedBatch {
             rows.push(row);
         }
         drop(claimed);
-        let (filled, cut_by_bytes) = (locked >= limit as usize, locked > rows.len());
-        Ok(Self { tx, locations, rows, filled, cut_by_bytes })
+        let filled = seen >= limit as usize;
+        Ok(Self { tx, locations, rows, filled, left_out, held_elsewhere, first_seen })
     }
 
     /// Frees the rows' payloads once published: settling needs only the ids and locations, and the next
@@ -201,14 +239,17 @@ impl ClaimedBatch {
     }
 }
 
-/// A claimed row and where its locked version is.
+/// A row an ordered or unordered claim met.
 #[derive(sqlx::FromRow)]
 struct ClaimedRow {
+    /// Only the id, order key and `occurred_at` when `elsewhere`.
     #[sqlx(flatten)]
     row: OutboxRow,
     /// `ctid` as text (the driver has no `tid` type); `None` for a row of a partition or child table, where
     /// a `ctid` alone does not name one row.
     location: Option<String>,
+    /// Another relay holds the row (ordered claims only; unordered ones skip such rows unseen).
+    elsewhere: bool,
 }
 
 /// How a row that was not published is written back.
@@ -222,15 +263,24 @@ pub struct RowFailure {
     pub last_error: String,
 }
 
+/// Unpublished rows one outbox sample reads at most, oldest first.
+pub const SAMPLE_ROWS: i64 = 5_000;
+
+/// Rows published in the last five minutes that `status` counts at most.
+pub const PUBLISHED_COUNT_MAX: i64 = 1_000_000;
+
 /// What waits in a shard: the outbox gauges.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Backlog {
-    /// Rows waiting to be published (not parked).
+    /// Rows waiting to be published (not parked); of the sampled rows only when `more`.
     pub pending: i64,
     /// Age of the oldest pending row.
     pub oldest_pending_seconds: Option<f64>,
-    /// Rows at `max_attempts`: parked until requeued.
+    /// Rows at `max_attempts`: parked until requeued; of the sampled rows only when `more`.
     pub parked: i64,
+    /// More rows are unpublished than one sample reads ([`SAMPLE_ROWS`], oldest first): `pending` and
+    /// `parked` count those only.
+    pub more: bool,
 }
 
 /// Counts for `qx-relay status`.
@@ -239,7 +289,7 @@ pub struct OutboxStats {
     /// Pending and parked rows.
     #[serde(flatten)]
     pub backlog: Backlog,
-    /// Rows whose `published_at` is within the last five minutes.
+    /// Rows whose `published_at` is within the last five minutes, up to [`PUBLISHED_COUNT_MAX`].
     pub published_last_5m: i64,
 }
 
@@ -310,9 +360,12 @@ pub struct OutboxStore {
     max_attempts: i32,
     max_batch_bytes: usize,
     statement_timeout: Duration,
-    claim_begin: String,
+    /// `BEGIN` with the plan pinned to the walk of the pending index, and the claim's limits.
+    pinned_begin: String,
     /// Whether claims take the assigned shards' ids as a parameter.
     assigned: bool,
+    /// Whether rows are ordered by a key (not each its own).
+    ordered: bool,
     claim_sql: String,
     claim_after_sql: String,
     settle_located_sql: String,
@@ -367,37 +420,59 @@ impl OutboxStore {
     fn new(pool: PgPool, relay: &RelayConfig, scope: Scope) -> Self {
         let table = relay.table.clone();
         let key_sql = key_sql(&relay.shard_key);
-        let order_key_column = match relay.shard_key {
-            ShardKey::Id => "NULL::text".to_owned(),
-            _ => key_sql.clone(),
-        };
-        // Rows ordered by a key are never skipped: a row another relay holds (a frozen or stepped-down
-        // leader's batch) is waited for, briefly and then again, so its key's later rows cannot overtake it.
-        // Every row being its own key, the default skips them and goes on.
-        let lock = match relay.shard_key {
-            ShardKey::Id => "FOR UPDATE SKIP LOCKED",
-            _ => "FOR UPDATE",
-        };
-        // `ORDER BY published_at, occurred_at` walks qx-db's (published_at, occurred_at) index instead of
-        // sorting every pending row; `id` breaks ties with an incremental sort.
-        let claim_sql = |after: &str, shards_param: usize| {
-            let shard_clause = scope.sql_clause(&key_sql, shards_param);
+        let ordered = relay.shard_key != ShardKey::Id;
+        let order_key = if ordered { key_sql.as_str() } else { "NULL::text" };
+        // The pending rows of the scope from `from`, after `$1..$4` (see `claim`); the shards' ids are the
+        // parameter after `from`'s.
+        let pending = |from: &str, shards_param: usize| {
             format!(
-                "SELECT id, event_name, event_version, payload::text AS payload, correlation_id, tenant_id, \
-                        occurred_at, attempts, {order_key_column} AS order_key, \
-                        CASE WHEN tableoid = '{table}'::regclass THEN ctid::text END AS location \
-                 FROM {table} \
-                 WHERE published_at IS NULL AND attempts < $1 AND {key_sql} <> ALL($3) AND event_name <> ALL($4) \
-                       {after} {shard_clause} \
-                 ORDER BY published_at, occurred_at, id \
-                 LIMIT $2 \
-                 {lock}"
+                "published_at IS NULL AND attempts < $1 AND {key_sql} <> ALL($3) AND event_name <> ALL($4) \
+                 {from} {}",
+                scope.sql_clause(&key_sql, shards_param)
             )
         };
-        // `occurred_at >= $5` is an index condition: the scan starts after the batches in flight instead of
-        // fetching and lock-checking their rows (and stepping over the dead entries of settled ones) again.
-        let claim_after_sql = claim_sql("AND occurred_at >= $5 AND (occurred_at, id) > ($5, $6)", 7);
-        let claim_sql = claim_sql("", 5);
+        let columns =
+            "event_name, event_version, payload::text AS payload, correlation_id, tenant_id, attempts";
+        let location = format!("CASE WHEN tableoid = '{table}'::regclass THEN ctid::text END AS location");
+        // `ORDER BY published_at, occurred_at` walks qx-db's (published_at, occurred_at) index instead of
+        // sorting every pending row; `id` breaks ties with an incremental sort.
+        //
+        // A claim that sees every row reads the pending rows in order (no lock), then locks each one it can,
+        // without waiting. A row another relay holds (a frozen or stepping-down owner's batch) comes back as
+        // `elsewhere`: an ordered claim leaves out its key's later rows instead of letting them overtake it,
+        // and no other key waits for it; a rescan knows where the oldest pending row is, held or not.
+        let seeing = |pending: String| {
+            format!(
+                "WITH pending AS MATERIALIZED (\
+                   SELECT ctid AS at, tableoid AS part, id, occurred_at, {order_key} AS order_key \
+                   FROM {table} WHERE {pending} \
+                   ORDER BY published_at, occurred_at, id LIMIT $2) \
+                 SELECT p.id, COALESCE(c.event_name, '') AS event_name, \
+                        COALESCE(c.event_version, 0) AS event_version, COALESCE(c.payload, '') AS payload, \
+                        c.correlation_id, c.tenant_id, COALESCE(c.attempts, 0) AS attempts, p.occurred_at, \
+                        p.order_key, c.location, c.payload IS NULL AS elsewhere \
+                 FROM pending p LEFT JOIN LATERAL (\
+                   SELECT {columns}, {location} FROM {table} t \
+                   WHERE t.ctid = p.at AND t.tableoid = p.part AND t.published_at IS NULL AND t.attempts < $1 \
+                   FOR UPDATE SKIP LOCKED) c ON true \
+                 ORDER BY p.occurred_at, p.id"
+            )
+        };
+        // One walk that skips rows other relays hold unseen: the cheapest claim, for the next batch of a
+        // backlog when every row is its own key.
+        let skipping = |pending: String| {
+            format!(
+                "SELECT id, {columns}, occurred_at, NULL::text AS order_key, {location}, false AS elsewhere \
+                 FROM {table} WHERE {pending} \
+                 ORDER BY published_at, occurred_at, id LIMIT $2 FOR UPDATE SKIP LOCKED"
+            )
+        };
+        // A rescan from `$5` (from the oldest row when NULL), an index condition.
+        let claim_sql = seeing(pending("AND occurred_at >= COALESCE($5::timestamptz, '-infinity')", 6));
+        // After the batches in flight: the scan starts there instead of fetching and lock-checking their rows
+        // (and stepping over the dead entries of settled ones) again.
+        let after = pending("AND occurred_at >= $5 AND (occurred_at, id) > ($5, $6)", 7);
+        let claim_after_sql = if ordered { seeing(after) } else { skipping(after) };
         // By `ctid` (a fifth of the cost of deleting by id, a tenth less for marking), in the table itself
         // only; by id for rows of partitions or child tables, and for rows whose claim has ended.
         let located = "ctid = ANY($1::text[]::tid[])";
@@ -425,8 +500,9 @@ impl OutboxStore {
             max_attempts: relay.max_attempts,
             max_batch_bytes: usize::try_from(relay.max_batch_bytes).unwrap_or(usize::MAX),
             statement_timeout,
-            claim_begin: claim_begin(relay.give_up_after, statement_timeout, lock_wait),
+            pinned_begin: claim_begin(claim_idle_limit(relay), statement_timeout, lock_wait),
             assigned: matches!(scope, Scope::Assigned { .. }),
+            ordered,
             claim_sql,
             claim_after_sql,
             settle_located_sql,
@@ -457,10 +533,11 @@ impl OutboxStore {
     /// shards are assigned), oldest first, and no more bytes than `max_batch_bytes` past the first row; leaves
     /// out rows whose order key is in `held` (keys waiting for a failed row's retry) and rows of
     /// `skipped_names` (event names whose stream is missing). Rows other relays hold are skipped when every row
-    /// is its own key, and waited for otherwise.
+    /// is its own key; otherwise their keys come back in [`ClaimedBatch::held_elsewhere`], with those keys'
+    /// later rows left out.
     ///
     /// # Errors
-    /// Any database error, a timeout, or [`StoreError::Locked`]; nothing is locked then.
+    /// Any database error, a timeout, or [`StoreError::TableLocked`]; nothing is locked then.
     pub async fn claim(
         &self,
         limit: u32,
@@ -468,17 +545,66 @@ impl OutboxStore {
         skipped_names: &[String],
         assigned: &[i32],
     ) -> Result<ClaimedBatch, StoreError> {
+        self.claim_from(limit, held, skipped_names, assigned, None).await
+    }
+
+    /// As [`OutboxStore::claim`], but only rows that occurred at `from` or later, when given: a rescan that
+    /// starts where the scope's oldest pending row was, instead of walking again over rows of other shards
+    /// (or parked ones) ahead of it.
+    ///
+    /// # Errors
+    /// Any database error, a timeout, or [`StoreError::TableLocked`]; nothing is locked then.
+    pub async fn claim_from(
+        &self,
+        limit: u32,
+        held: &[String],
+        skipped_names: &[String],
+        assigned: &[i32],
+        from: Option<DateTime<Utc>>,
+    ) -> Result<ClaimedBatch, StoreError> {
         self.bounded(async {
-            let tx = self.pool.begin_with(self.claim_begin.clone()).await?;
+            let tx = self.pool.begin_with(self.pinned_begin.clone()).await?;
             let mut query = sqlx::query_as(&self.claim_sql)
                 .bind(self.max_attempts)
                 .bind(i64::from(limit))
                 .bind(held)
-                .bind(skipped_names);
+                .bind(skipped_names)
+                .bind(from);
             if self.assigned {
                 query = query.bind(assigned);
             }
-            ClaimedBatch::read(tx, query, limit, self.max_batch_bytes).await
+            ClaimedBatch::read(tx, query, limit, self.max_batch_bytes, self.ordered).await
+        })
+        .await
+    }
+
+    /// The plan of [`OutboxStore::claim_from`] (nothing held or skipped) as `EXPLAIN (ANALYZE, COSTS OFF)`
+    /// prints it, in a claim transaction that is then rolled back: what a claim costs on the table as it is.
+    ///
+    /// # Errors
+    /// Any database error or a timeout.
+    pub async fn explain_claim(
+        &self,
+        limit: u32,
+        assigned: &[i32],
+        from: Option<DateTime<Utc>>,
+    ) -> Result<String, StoreError> {
+        let none: &[String] = &[];
+        self.bounded(async {
+            let mut tx = self.pool.begin_with(self.pinned_begin.clone()).await?;
+            let explain = format!("EXPLAIN (ANALYZE, COSTS OFF) {}", self.claim_sql);
+            let mut query = sqlx::query_scalar(&explain)
+                .bind(self.max_attempts)
+                .bind(i64::from(limit))
+                .bind(none)
+                .bind(none)
+                .bind(from);
+            if self.assigned {
+                query = query.bind(assigned);
+            }
+            let lines: Vec<String> = query.fetch_all(&mut *tx).await?;
+            tx.rollback().await?;
+            Ok(lines.join("\n"))
         })
         .await
     }
@@ -488,7 +614,7 @@ impl OutboxStore {
     /// pending (committed late, or locked by another relay) are left to the next [`OutboxStore::claim`].
     ///
     /// # Errors
-    /// Any database error, a timeout, or [`StoreError::Locked`]; nothing is locked then.
+    /// Any database error, a timeout, or [`StoreError::TableLocked`]; nothing is locked then.
     pub async fn claim_after(
         &self,
         limit: u32,
@@ -498,7 +624,7 @@ impl OutboxStore {
         after: (DateTime<Utc>, Uuid),
     ) -> Result<ClaimedBatch, StoreError> {
         self.bounded(async {
-            let tx = self.pool.begin_with(self.claim_begin.clone()).await?;
+            let tx = self.pool.begin_with(self.pinned_begin.clone()).await?;
             let mut query = sqlx::query_as(&self.claim_after_sql)
                 .bind(self.max_attempts)
                 .bind(i64::from(limit))
@@ -509,7 +635,7 @@ impl OutboxStore {
             if self.assigned {
                 query = query.bind(assigned);
             }
-            ClaimedBatch::read(tx, query, limit, self.max_batch_bytes).await
+            ClaimedBatch::read(tx, query, limit, self.max_batch_bytes, self.ordered).await
         })
         .await
     }
@@ -633,37 +759,69 @@ impl OutboxStore {
         Ok(None)
     }
 
-    /// Pending and parked rows of `shards` (of one split), in one scan. Reads only the unpublished end of the `(published_at, occurred_at)`
-    /// index, so its cost follows the backlog, not the table (which only grows in mark mode).
+    /// Pending and parked rows of `shards` (of one split) among the [`SAMPLE_ROWS`] oldest unpublished rows
+    /// of the table, in one walk of the pending index, and the age of the shards' oldest pending row: a
+    /// sample costs the same few milliseconds whatever the backlog. Past that many rows, the counts are those
+    /// of the oldest and [`Backlog::more`] says so; the age is always exact.
     ///
     /// # Errors
     /// Any database error or a timeout.
     pub async fn backlog(&self, shards: &[Shard]) -> Result<Backlog, StoreError> {
-        let sql = format!(
-            "SELECT count(*) FILTER (WHERE attempts < $1), \
-                    EXTRACT(EPOCH FROM now() - min(occurred_at) FILTER (WHERE attempts < $1))::float8, \
-                    count(*) FILTER (WHERE attempts >= $1) \
-             FROM {} WHERE published_at IS NULL {}",
-            self.table,
-            Shard::set_clause(shards, &self.key_sql)
+        let in_scope = Shard::set_condition(shards, &self.key_sql);
+        let sample = format!(
+            "SELECT count(*) FILTER (WHERE attempts < $1 AND in_scope), \
+                    min(occurred_at) FILTER (WHERE attempts < $1 AND in_scope), \
+                    count(*) FILTER (WHERE attempts >= $1 AND in_scope), count(*) \
+             FROM (SELECT occurred_at, attempts, {in_scope} AS in_scope FROM {table} \
+                   WHERE published_at IS NULL ORDER BY published_at, occurred_at LIMIT $2) oldest",
+            table = self.table
         );
-        let (pending, oldest_pending_seconds, parked) =
-            self.bounded(sqlx::query_as(&sql).bind(self.max_attempts).fetch_one(&self.pool)).await?;
-        Ok(Backlog { pending, oldest_pending_seconds, parked })
+        // Only when the shards' rows are all younger than the sample (other shards' backlog is ahead).
+        let oldest_pending = format!(
+            "SELECT occurred_at FROM {table} WHERE published_at IS NULL AND attempts < $1 AND {in_scope} \
+             ORDER BY published_at, occurred_at LIMIT 1",
+            table = self.table
+        );
+        let (pending, oldest, parked, sampled, now) = self
+            .bounded(async {
+                let mut tx = self.pool.begin_with(self.pinned_begin.clone()).await?;
+                let (pending, mut oldest, parked, sampled): (i64, Option<DateTime<Utc>>, i64, i64) =
+                    sqlx::query_as(&sample)
+                        .bind(self.max_attempts)
+                        .bind(SAMPLE_ROWS)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                if oldest.is_none() && sampled >= SAMPLE_ROWS {
+                    oldest = sqlx::query_scalar(&oldest_pending)
+                        .bind(self.max_attempts)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                }
+                let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&mut *tx).await?;
+                tx.rollback().await?;
+                Ok((pending, oldest, parked, sampled, now))
+            })
+            .await?;
+        let oldest_pending_seconds =
+            oldest.map(|at| (now - at).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6);
+        Ok(Backlog { pending, oldest_pending_seconds, parked, more: sampled >= SAMPLE_ROWS })
     }
 
-    /// The backlog of `shard` and its rows published in the last five minutes (a range of the same index).
+    /// The backlog of `shard` and its rows published in the last five minutes (a range of the same index),
+    /// counted up to [`PUBLISHED_COUNT_MAX`].
     ///
     /// # Errors
     /// Any database error or a timeout.
     pub async fn stats(&self, shard: Shard) -> Result<OutboxStats, StoreError> {
         let backlog = self.backlog(&[shard]).await?;
         let sql = format!(
-            "SELECT count(*) FROM {} WHERE published_at > now() - interval '5 minutes' {}",
+            "SELECT count(*) FROM (SELECT 1 FROM {} WHERE published_at > now() - interval '5 minutes' {} \
+             LIMIT $1) recent",
             self.table,
             shard.sql_clause(&self.key_sql)
         );
-        let published_last_5m = self.bounded(sqlx::query_scalar(&sql).fetch_one(&self.pool)).await?;
+        let published_last_5m =
+            self.bounded(sqlx::query_scalar(&sql).bind(PUBLISHED_COUNT_MAX).fetch_one(&self.pool)).await?;
         Ok(OutboxStats { backlog, published_last_5m })
     }
 

@@ -19,7 +19,7 @@ mod verdict;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -40,8 +40,18 @@ use progress::Progress;
 pub use progress::PROGRESS_EVERY;
 use verdict::{Notice, Rules, Settlement};
 
-/// During a backlog, claims continue after the batch in flight; this often one starts from the oldest row.
+/// During a backlog, claims continue after the batch in flight; this often one starts again from the scope's
+/// oldest pending row (a rescan).
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
+/// A rescan starts this long before where the scope's oldest pending row was at the last rescan that saw the
+/// whole scope, for rows committed a little after rows that occurred later.
+const LATE_COMMIT_MARGIN: TimeDelta = TimeDelta::seconds(10);
+/// This often a rescan starts from the very oldest row of the table instead: for rows committed later than
+/// the margin, and rows requeued by an operator. The rescans between them never walk over the rows of other
+/// shards (a stopped relay's backlog) or parked rows ahead of the scope's own.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// How long a key whose oldest pending row another relay holds is left out of claims before it is tried again.
+const HELD_ELSEWHERE_RETRY: Duration = Duration::from_secs(1);
 /// Pauses while Postgres or NATS is failing.
 const OUTAGE_BACKOFF: Backoff =
     Backoff::new(Duration::from_millis(100), Duration::from_secs(5)).with_jitter(0.5);
@@ -98,8 +108,8 @@ type Unsettled = (ClaimedBatch, Settlement);
 enum Prefetch {
     /// Not at all: the next claim waits until this batch settles.
     No,
-    /// From the oldest pending row.
-    Rescan,
+    /// From the scope's oldest pending row, at or after this time when given.
+    Rescan(Option<DateTime<Utc>>),
     /// After this batch's last row.
     After(DateTime<Utc>, Uuid),
 }
@@ -137,10 +147,18 @@ pub struct Engine {
     /// Rows JetStream acknowledged whose batch could not be settled: marked by id before the next claim, so
     /// a Postgres outage between PubAck and mark does not publish them again.
     unmarked: Vec<Uuid>,
-    /// Whether the last claim waited in vain for rows another relay holds (logged once per wait).
-    waiting_for_locked: bool,
+    /// Whether claims are leaving out keys whose oldest pending row another relay holds (logged once per
+    /// wait).
+    waiting_for_held: bool,
+    /// Whether the last claim waited in vain for a lock on the table (logged once per wait).
+    waiting_for_table: bool,
     /// When a claim last started from the oldest pending row.
     rescanned_at: Instant,
+    /// Where rescans start: the scope has no pending row older than this, but for rows committed late, rows
+    /// requeued by an operator and the keys and event names claims leave out. `None`: from the oldest row.
+    floor: Option<DateTime<Utc>>,
+    /// When a rescan last started from the oldest row of the table.
+    swept_at: Instant,
     /// Rows to ask for per claim: `batch_size`, or fewer when rows are large, so a claim seldom returns
     /// more rows than the byte budget keeps.
     claim_limit: u32,
@@ -188,8 +206,11 @@ impl Engine {
             nats_outage: OutageClock::new(relay.give_up_after),
             relay,
             unmarked: Vec::new(),
-            waiting_for_locked: false,
+            waiting_for_held: false,
+            waiting_for_table: false,
             rescanned_at: Instant::now(),
+            floor: None,
+            swept_at: Instant::now(),
             tally: parts.tally.clone(),
             assigned: assignee.as_ref().map(Assignee::shards).unwrap_or_default(),
             assignee,
@@ -252,19 +273,22 @@ impl Engine {
             // Publish it, claiming the next and settling the previous meanwhile.
             let started = Instant::now();
             self.fit_claim_limit(&batch);
-            let backlog = (batch.filled || batch.cut_by_bytes) && !stop.is_cancelled();
+            let backlog = (batch.filled || batch.left_out) && !stop.is_cancelled();
             let prefetch = if backlog { self.prefetch_plan(&batch) } else { Prefetch::No };
             self.drop_held_rows(&mut batch);
             let (held, skipped_names) = self.left_out();
+            let (claimed_at, sees_whole_scope) = (Utc::now(), held.is_empty() && skipped_names.is_empty());
             let (outcomes, next, settled) = tokio::join!(
                 self.publisher.publish_batch(&batch.rows),
                 async {
                     let limit = self.claim_limit;
                     match prefetch {
                         Prefetch::No => Ok(None),
-                        Prefetch::Rescan => {
-                            self.store.claim(limit, &held, &skipped_names, &self.assigned).await.map(Some)
-                        }
+                        Prefetch::Rescan(from) => self
+                            .store
+                            .claim_from(limit, &held, &skipped_names, &self.assigned, from)
+                            .await
+                            .map(Some),
                         Prefetch::After(at, id) => self
                             .store
                             .claim_after(limit, &held, &skipped_names, &self.assigned, (at, id))
@@ -280,6 +304,9 @@ impl Engine {
                 verdict::judge(&batch.rows, outcomes, &mut self.holds, &self.rules, now, wall_now);
             self.report(&batch.rows, &settlement, started);
             batch.release_payloads();
+            if let (Prefetch::Rescan(_), Ok(Some(next))) = (prefetch, &next) {
+                self.move_floor(next, claimed_at, sees_whole_scope);
+            }
             prefetched = self.after_prefetch(next, started)?;
             let (unavailable, wait) = (settlement.unavailable, settlement.wait);
             let unavailable_reason = settlement.unavailable_reason.clone();
@@ -307,11 +334,11 @@ impl Engine {
     }
 
     /// How to claim the next batch of a backlog while `batch` is published: after it, and now and then from
-    /// the oldest row again, for rows that committed after younger ones. Not after a batch the byte budget
-    /// cut (its left-out rows stay locked until it settles), and an ordered rescan waits until this batch
-    /// settles, since it would wait for this batch's own rows.
+    /// the oldest row again, for rows that committed after younger ones. Not after a batch that left rows
+    /// out (they stay locked until it settles), and an ordered rescan waits until this batch settles, since
+    /// it would find this batch's own rows held.
     fn prefetch_plan(&mut self, batch: &ClaimedBatch) -> Prefetch {
-        if batch.cut_by_bytes {
+        if batch.left_out {
             return Prefetch::No;
         }
         match batch.rows.last() {
@@ -321,7 +348,7 @@ impl Engine {
             _ if self.rules.ordered => Prefetch::No,
             _ => {
                 self.rescanned_at = Instant::now();
-                Prefetch::Rescan
+                Prefetch::Rescan(self.rescan_from())
             }
         }
     }
@@ -346,8 +373,8 @@ impl Engine {
     }
 
     /// Claims a batch from the oldest pending row, or `None` after a database error (the outage clock is
-    /// running) or a wait for rows another relay holds. Rows published but left unmarked by an outage are
-    /// marked first.
+    /// running) or a wait for a lock on the table. Rows published but left unmarked by an outage are marked
+    /// first.
     async fn claim(&mut self) -> Result<Option<ClaimedBatch>, EngineError> {
         let started = Instant::now();
         if !self.unmarked.is_empty() {
@@ -359,22 +386,23 @@ impl Engine {
             self.unmarked = Vec::new();
         }
         let (held, skipped_names) = self.left_out();
+        let (claimed_at, sees_whole_scope) = (Utc::now(), held.is_empty() && skipped_names.is_empty());
         self.rescanned_at = started;
-        match self.store.claim(self.claim_limit, &held, &skipped_names, &self.assigned).await {
+        let from = self.rescan_from();
+        match self.store.claim_from(self.claim_limit, &held, &skipped_names, &self.assigned, from).await {
             Ok(batch) => {
+                self.move_floor(&batch, claimed_at, sees_whole_scope);
                 self.store_recovered();
-                if std::mem::take(&mut self.waiting_for_locked) {
-                    info!("rows another relay held are free again; claiming in order");
+                if std::mem::take(&mut self.waiting_for_table) {
+                    info!("the outbox table is free again");
                 }
+                self.hold_keys_held_elsewhere(&batch, started);
                 Ok(Some(batch))
             }
-            Err(StoreError::Locked) => {
+            Err(StoreError::TableLocked) => {
                 self.store_recovered();
-                if !std::mem::replace(&mut self.waiting_for_locked, true) {
-                    info!(
-                        "the oldest pending rows are locked by another relay (a stopped or stepping-down \
-                         leader's batch); waiting for them, so no key's later events overtake them"
-                    );
+                if !std::mem::replace(&mut self.waiting_for_table, true) {
+                    info!("the outbox table is locked by another session (a schema change, LOCK TABLE); waiting");
                 }
                 Ok(None)
             }
@@ -382,6 +410,44 @@ impl Engine {
                 self.store_failed(err, started)?;
                 Ok(None)
             }
+        }
+    }
+
+    /// Where the next rescan starts: at the floor, or from the oldest row once every `SWEEP_EVERY`.
+    fn rescan_from(&mut self) -> Option<DateTime<Utc>> {
+        if self.floor.is_some() && self.swept_at.elapsed() < SWEEP_EVERY {
+            return self.floor;
+        }
+        self.swept_at = Instant::now();
+        None
+    }
+
+    /// After a rescan that began at `claimed_at`: when it left out none of the scope's rows, none is older
+    /// than the first row it met (or than its start, when it met none), but for rows committed late.
+    fn move_floor(&mut self, rescan: &ClaimedBatch, claimed_at: DateTime<Utc>, saw_whole_scope: bool) {
+        if saw_whole_scope {
+            self.floor = Some(rescan.first_seen.unwrap_or(claimed_at) - LATE_COMMIT_MARGIN);
+        }
+    }
+
+    /// Keys whose oldest pending row another relay holds (a frozen or stepping-down owner's batch) are left
+    /// out of claims for a while, so no key's later events overtake it and no other key waits for it.
+    fn hold_keys_held_elsewhere(&mut self, batch: &ClaimedBatch, claimed_at: Instant) {
+        if batch.held_elsewhere.is_empty() {
+            if !self.holds.any_keys() && std::mem::take(&mut self.waiting_for_held) {
+                info!("rows another relay held are free again; claiming their keys in order");
+            }
+            return;
+        }
+        if !std::mem::replace(&mut self.waiting_for_held, true) {
+            info!(
+                keys = batch.held_elsewhere.len(),
+                "pending rows are held by another relay (a stopped or stepping-down owner's batch); their keys \
+                 wait for them, so no key's later events overtake them, and the other keys go on"
+            );
+        }
+        for key in &batch.held_elsewhere {
+            self.holds.hold(key.clone(), claimed_at + HELD_ELSEWHERE_RETRY);
         }
     }
 
@@ -393,12 +459,13 @@ impl Engine {
     ) -> Result<Option<ClaimedBatch>, EngineError> {
         match next {
             Ok(next) => {
-                if next.is_some() {
+                if let Some(batch) = &next {
                     self.store_recovered();
+                    self.hold_keys_held_elsewhere(batch, started);
                 }
                 Ok(next)
             }
-            Err(StoreError::Locked) => Ok(None),
+            Err(StoreError::TableLocked) => Ok(None),
             Err(err) => {
                 self.store_failed(err, started)?;
                 Ok(None)
@@ -555,6 +622,7 @@ impl Engine {
         if let Some(assignee) = &mut self.assignee {
             assignee.acknowledge();
             self.assigned = assignee.shards();
+            self.floor = None; // the new shards' rows may be anywhere
             debug!(shards = ?self.assigned, "claiming the assigned shards");
         }
     }
