@@ -12,6 +12,7 @@
 //! see one key's events out of order while other keys keep flowing.
 
 mod assignment;
+mod floor;
 mod holds;
 mod progress;
 mod verdict;
@@ -19,7 +20,7 @@ mod verdict;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +36,7 @@ use super::shard::{Scope, Shard};
 use super::store::{Backlog, ClaimedBatch, OutboxRow, OutboxStore, StoreError};
 use crate::backoff::Backoff;
 pub use assignment::{Assignee, Assigner};
+use floor::Floor;
 use holds::Holds;
 use progress::Progress;
 pub use progress::PROGRESS_EVERY;
@@ -43,13 +45,6 @@ use verdict::{Notice, Rules, Settlement};
 /// During a backlog, claims continue after the batch in flight; this often one starts again from the scope's
 /// oldest pending row (a rescan).
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
-/// A rescan starts this long before where the scope's oldest pending row was at the last rescan that saw the
-/// whole scope, for rows committed a little after rows that occurred later.
-const LATE_COMMIT_MARGIN: TimeDelta = TimeDelta::seconds(10);
-/// This often a rescan starts from the very oldest row of the table instead: for rows committed later than
-/// the margin, and rows requeued by an operator. The rescans between them never walk over the rows of other
-/// shards (a stopped relay's backlog) or parked rows ahead of the scope's own.
-const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// How long a key whose oldest pending row another relay holds is left out of claims before it is tried again.
 const HELD_ELSEWHERE_RETRY: Duration = Duration::from_secs(1);
 /// Pauses while Postgres or NATS is failing.
@@ -154,11 +149,8 @@ pub struct Engine {
     waiting_for_table: bool,
     /// When a claim last started from the oldest pending row.
     rescanned_at: Instant,
-    /// Where rescans start: the scope has no pending row older than this, but for rows committed late, rows
-    /// requeued by an operator and the keys and event names claims leave out. `None`: from the oldest row.
-    floor: Option<DateTime<Utc>>,
-    /// When a rescan last started from the oldest row of the table.
-    swept_at: Instant,
+    /// Where rescans start.
+    floor: Floor,
     /// Rows to ask for per claim: `batch_size`, or fewer when rows are large, so a claim seldom returns
     /// more rows than the byte budget keeps.
     claim_limit: u32,
@@ -209,8 +201,7 @@ impl Engine {
             waiting_for_held: false,
             waiting_for_table: false,
             rescanned_at: Instant::now(),
-            floor: None,
-            swept_at: Instant::now(),
+            floor: Floor::new(Instant::now()),
             tally: parts.tally.clone(),
             assigned: assignee.as_ref().map(Assignee::shards).unwrap_or_default(),
             assignee,
@@ -305,7 +296,7 @@ impl Engine {
             self.report(&batch.rows, &settlement, started);
             batch.release_payloads();
             if let (Prefetch::Rescan(_), Ok(Some(next))) = (prefetch, &next) {
-                self.move_floor(next, claimed_at, sees_whole_scope);
+                self.floor.rescanned(next.first_seen, claimed_at, sees_whole_scope);
             }
             prefetched = self.after_prefetch(next, started)?;
             let (unavailable, wait) = (settlement.unavailable, settlement.wait);
@@ -348,7 +339,7 @@ impl Engine {
             _ if self.rules.ordered => Prefetch::No,
             _ => {
                 self.rescanned_at = Instant::now();
-                Prefetch::Rescan(self.rescan_from())
+                Prefetch::Rescan(self.floor.rescan_from(Instant::now()))
             }
         }
     }
@@ -388,10 +379,10 @@ impl Engine {
         let (held, skipped_names) = self.left_out();
         let (claimed_at, sees_whole_scope) = (Utc::now(), held.is_empty() && skipped_names.is_empty());
         self.rescanned_at = started;
-        let from = self.rescan_from();
+        let from = self.floor.rescan_from(started);
         match self.store.claim_from(self.claim_limit, &held, &skipped_names, &self.assigned, from).await {
             Ok(batch) => {
-                self.move_floor(&batch, claimed_at, sees_whole_scope);
+                self.floor.rescanned(batch.first_seen, claimed_at, sees_whole_scope);
                 self.store_recovered();
                 if std::mem::take(&mut self.waiting_for_table) {
                     info!("the outbox table is free again");
@@ -410,23 +401,6 @@ impl Engine {
                 self.store_failed(err, started)?;
                 Ok(None)
             }
-        }
-    }
-
-    /// Where the next rescan starts: at the floor, or from the oldest row once every `SWEEP_EVERY`.
-    fn rescan_from(&mut self) -> Option<DateTime<Utc>> {
-        if self.floor.is_some() && self.swept_at.elapsed() < SWEEP_EVERY {
-            return self.floor;
-        }
-        self.swept_at = Instant::now();
-        None
-    }
-
-    /// After a rescan that began at `claimed_at`: when it left out none of the scope's rows, none is older
-    /// than the first row it met (or than its start, when it met none), but for rows committed late.
-    fn move_floor(&mut self, rescan: &ClaimedBatch, claimed_at: DateTime<Utc>, saw_whole_scope: bool) {
-        if saw_whole_scope {
-            self.floor = Some(rescan.first_seen.unwrap_or(claimed_at) - LATE_COMMIT_MARGIN);
         }
     }
 
@@ -622,7 +596,7 @@ impl Engine {
         if let Some(assignee) = &mut self.assignee {
             assignee.acknowledge();
             self.assigned = assignee.shards();
-            self.floor = None; // the new shards' rows may be anywhere
+            self.floor.reset();
             debug!(shards = ?self.assigned, "claiming the assigned shards");
         }
     }
