@@ -3,6 +3,8 @@
 //! show (faults, exit codes, failover).
 
 use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
 use std::time::Duration;
 
 use qx_relay::relay::config::{OnPublish, RelayConfig, ShardKey};
@@ -108,6 +110,11 @@ async fn claims_never_wait_for_rows_another_relay_holds() {
     let skipping = unordered.claim(BATCH, &[], &[], &[]).await.expect("claim around it");
     assert_eq!(skipping.rows.len(), 15, "every row its own key: the locked ones are skipped");
     assert!(skipping.held_elsewhere.is_empty());
+    let oldest: DateTime<Utc> = sqlx::query_scalar("SELECT min(occurred_at) FROM qx_outbox_events")
+        .fetch_one(&db.pool)
+        .await
+        .expect("the oldest row");
+    assert_eq!(skipping.first_seen, Some(oldest), "where the scope's oldest pending row is, held or not");
     drop((holder, skipping));
 
     // Two orders, their events interleaved: the other relay holds the first event of order `a`.
@@ -204,7 +211,7 @@ async fn requeue_touches_parked_rows_only_and_the_backlog_counts_them_apart() {
         .await
         .expect("fail one row");
     let store = default_store(&db).await;
-    let backlog = store.backlog(&[Shard { id: 0, count: 1 }]).await.expect("backlog");
+    let backlog = store.backlog(&[Shard { id: 0, count: 1 }], None).await.expect("backlog");
     assert_eq!((backlog.pending, backlog.parked), (2, 2));
     assert_eq!(store.requeue(&Requeue::All).await.expect("requeue"), 2);
     assert_eq!(db.count("attempts = 3 AND last_error = 'failing'").await, 1, "a failing row is not parked");
@@ -235,12 +242,24 @@ async fn a_backlog_sample_reads_a_bounded_number_of_rows_and_still_finds_the_old
     qx_relay_testkit::handover::insert_order_events(&db, events).await;
     let store = open_store(&db, &relay_config("payload.order_id".parse().unwrap(), OnPublish::Mark)).await;
 
-    let whole = store.backlog(&[Shard::WHOLE]).await.expect("sample the table");
+    let whole = store.backlog(&[Shard::WHOLE], None).await.expect("sample the table");
     assert_eq!((whole.pending, whole.parked, whole.more), (SAMPLE_ROWS, 0, true), "the oldest rows only");
     let b_shard = Shard { id: hash(b).await as u32, count: 2 };
-    let behind = store.backlog(&[b_shard]).await.expect("sample b's shard");
+    let behind = store.backlog(&[b_shard], None).await.expect("sample b's shard");
     assert_eq!((behind.pending, behind.more), (0, true), "none of b's rows is among the sampled ones");
     assert!(behind.oldest_pending_seconds.is_some(), "b's oldest pending row is still found");
+    // From the relay loop's floor, the look for it starts after a's backlog.
+    let b_first: DateTime<Utc> = sqlx::query_scalar(
+        "SELECT min(occurred_at) FROM qx_outbox_events WHERE payload #>> '{payload,order_id}' = $1",
+    )
+    .bind(b.to_string())
+    .fetch_one(&db.pool)
+    .await
+    .expect("b's first row");
+    let from_floor = store.backlog(&[b_shard], Some(b_first)).await.expect("sample from the floor");
+    assert!(from_floor.oldest_pending_seconds.is_some());
+    let past = store.backlog(&[b_shard], Some(b_first + chrono::TimeDelta::hours(1))).await.expect("sample");
+    assert_eq!(past.oldest_pending_seconds, None, "nothing of b's shard is pending after its floor");
 }
 
 #[tokio::test]
@@ -273,7 +292,11 @@ async fn assigned_shards_are_claimed_and_counted_in_one_scan() {
     };
     let expected = db.count("ABS(HASHTEXT(id::text)::bigint) % 12 IN (1, 4)").await;
     let two = [Shard { id: 1, count: 12 }, Shard { id: 4, count: 12 }];
-    assert_eq!(store.backlog(&two).await.expect("backlog").pending, expected, "the two shards' backlog");
+    assert_eq!(
+        store.backlog(&two, None).await.expect("backlog").pending,
+        expected,
+        "the two shards' backlog"
+    );
     let batch = assigned.claim(1000, &[], &[], &[1, 4]).await.expect("claim shards 1 and 4");
     assert_eq!(batch.rows.len() as i64, expected, "every row of the two shards, and no other");
     assert_eq!(shard_of(&ids(&batch)).await, [1, 4]);

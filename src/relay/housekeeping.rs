@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -20,18 +21,27 @@ const RETENTION_BATCH: (i64, u32) = (1000, 20);
 /// How often retention and the outbox gauges run.
 const EVERY: Duration = Duration::from_secs(5);
 
+/// Where the outbox sample goes, and what it starts from.
+pub struct Sampling {
+    /// The latest sample, for the relay loop's progress line.
+    pub sample: watch::Sender<Option<Backlog>>,
+    /// Where the relay loop's rescans start: its scope's oldest pending row is no older (but for a few).
+    pub floor: watch::Receiver<Option<DateTime<Utc>>>,
+}
+
 /// Retention (delete old published rows in small batches), the NATS gauge and the outbox sample, off the hot
 /// path. Only the relay publishing the shard samples the outbox (standbys report zero), so a shard is read
-/// once per period however many replicas stand by. The sample goes to the gauges and to `sample` for the
-/// engine's progress line; without metrics it is taken only as often as that line is written.
+/// once per period however many replicas stand by. The sample goes to the gauges and to the relay loop's
+/// progress line; without metrics it is taken only as often as that line is written.
 pub async fn run(
     store: OutboxStore,
     publisher: RelayPublisher,
     relay: RelayConfig,
     owned: watch::Receiver<Vec<Shard>>,
-    sample: watch::Sender<Option<Backlog>>,
+    sampling: Sampling,
     shutdown: CancellationToken,
 ) {
+    let Sampling { sample, floor } = sampling;
     let gauges = relay.metrics_addr.is_some();
     let sample_every = if gauges { EVERY } else { PROGRESS_EVERY };
     let mut sampled_at: Option<Instant> = None;
@@ -50,7 +60,8 @@ pub async fn run(
                 metrics::set_outbox(&Backlog::default());
             }
         } else if sampled_at.is_none_or(|at| at.elapsed() >= sample_every) {
-            if let Ok(backlog) = store.backlog(&shards).await {
+            let from = *floor.borrow();
+            if let Ok(backlog) = store.backlog(&shards, from).await {
                 sampled_at = Some(Instant::now());
                 if gauges {
                     metrics::set_outbox(&backlog);

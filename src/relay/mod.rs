@@ -118,13 +118,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
         background.spawn(notify::listen(store.clone(), channel.clone(), wake_up, shutdown.clone()));
     }
     let (sample, backlog) = watch::channel(None);
+    let (floor, floor_seen) = watch::channel(None);
     let owned = Owned::new(health.clone());
     background.spawn(housekeeping::run(
         store.clone(),
         publisher.clone(),
         relay.clone(),
         owned.subscribe(),
-        sample,
+        housekeeping::Sampling { sample, floor: floor_seen },
         shutdown.clone(),
     ));
     background.close();
@@ -135,6 +136,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
         relay: relay.clone(),
         wake,
         backlog,
+        floor,
         heartbeat: health.heartbeat(),
         tally: engine::Tally::default(),
     };

@@ -176,7 +176,7 @@ pub struct ClaimedBatch {
     /// Order keys of rows another relay holds, met by an ordered claim. That key's later rows are locked by
     /// this claim but left out of `rows`, so they cannot overtake the held one.
     pub held_elsewhere: Vec<String>,
-    /// `occurred_at` of the first row the claim met, its own or held elsewhere (unseen when skipped).
+    /// `occurred_at` of the scope's oldest pending row the claim met, its own or held elsewhere.
     pub first_seen: Option<DateTime<Utc>>,
 }
 
@@ -185,14 +185,12 @@ impl ClaimedBatch {
     /// once, at the first row, instead of growing a list of rows and copying it into another. Rows are kept
     /// while the bytes before them are under `budget` (so the first row always fits); the rest are read and
     /// dropped one by one, so memory is bounded by bytes, not rows, whatever the rows weigh.
-    /// With `ordered` rows, a row held elsewhere keeps its key's later rows out of the batch; otherwise it
-    /// is only passed over.
+    /// A row held elsewhere keeps its key's later rows out of the batch.
     async fn read(
         mut tx: Transaction<'static, Postgres>,
         query: QueryAs<'_, Postgres, ClaimedRow, PgArguments>,
         limit: u32,
         budget: usize,
-        ordered: bool,
     ) -> Result<Self, sqlx::Error> {
         let (mut rows, mut locations, mut held_elsewhere) = (Vec::new(), HashMap::new(), Vec::new());
         let (mut bytes, mut seen, mut left_out, mut first_seen) = (0, 0, false, None);
@@ -200,9 +198,6 @@ impl ClaimedBatch {
         while let Some(ClaimedRow { row, location, elsewhere }) = claimed.try_next().await? {
             seen += 1;
             first_seen.get_or_insert(row.occurred_at);
-            if elsewhere && !ordered {
-                continue;
-            }
             if elsewhere || !held_elsewhere.is_empty() {
                 let key = row.order_key();
                 if elsewhere || held_elsewhere.contains(&key) {
@@ -239,7 +234,7 @@ impl ClaimedBatch {
     }
 }
 
-/// A row an ordered or unordered claim met.
+/// A row a claim met.
 #[derive(sqlx::FromRow)]
 struct ClaimedRow {
     /// Only the id, order key and `occurred_at` when `elsewhere`.
@@ -248,7 +243,7 @@ struct ClaimedRow {
     /// `ctid` as text (the driver has no `tid` type); `None` for a row of a partition or child table, where
     /// a `ctid` alone does not name one row.
     location: Option<String>,
-    /// Another relay holds the row (ordered claims only; unordered ones skip such rows unseen).
+    /// Another relay holds the row (ordered claims only; the others skip such rows unseen).
     elsewhere: bool,
 }
 
@@ -364,9 +359,9 @@ pub struct OutboxStore {
     pinned_begin: String,
     /// Whether claims take the assigned shards' ids as a parameter.
     assigned: bool,
-    /// Whether rows are ordered by a key (not each its own).
-    ordered: bool,
     claim_sql: String,
+    /// The oldest pending row of a rescan's scope, when its claim skips rows unseen.
+    oldest_pending_sql: Option<String>,
     claim_after_sql: String,
     settle_located_sql: String,
     settle_by_id_sql: String,
@@ -437,10 +432,10 @@ impl OutboxStore {
         // `ORDER BY published_at, occurred_at` walks qx-db's (published_at, occurred_at) index instead of
         // sorting every pending row; `id` breaks ties with an incremental sort.
         //
-        // A claim that sees every row reads the pending rows in order (no lock), then locks each one it can,
-        // without waiting. A row another relay holds (a frozen or stepping-down owner's batch) comes back as
-        // `elsewhere`: an ordered claim leaves out its key's later rows instead of letting them overtake it,
-        // and no other key waits for it; a rescan knows where the oldest pending row is, held or not.
+        // An ordered claim reads the pending rows in order (no lock), then locks each one it can, without
+        // waiting. A row another relay holds (a frozen or stepping-down owner's batch) comes back as
+        // `elsewhere`, so its key's later rows are left out instead of overtaking it, and no other key waits
+        // for it.
         let seeing = |pending: String| {
             format!(
                 "WITH pending AS MATERIALIZED (\
@@ -458,8 +453,8 @@ impl OutboxStore {
                  ORDER BY p.occurred_at, p.id"
             )
         };
-        // One walk that skips rows other relays hold unseen: the cheapest claim, for the next batch of a
-        // backlog when every row is its own key.
+        // When every row is its own key, one walk skips the rows other relays hold unseen, so relays sharing
+        // a shard split its rows between them.
         let skipping = |pending: String| {
             format!(
                 "SELECT id, {columns}, occurred_at, NULL::text AS order_key, {location}, false AS elsewhere \
@@ -467,12 +462,17 @@ impl OutboxStore {
                  ORDER BY published_at, occurred_at, id LIMIT $2 FOR UPDATE SKIP LOCKED"
             )
         };
-        // A rescan from `$5` (from the oldest row when NULL), an index condition.
-        let claim_sql = seeing(pending("AND occurred_at >= COALESCE($5::timestamptz, '-infinity')", 6));
+        let claim = |pending: String| if ordered { seeing(pending) } else { skipping(pending) };
+        // A rescan from `$5` (from the oldest row when NULL), an index condition. Where it skips rows unseen,
+        // a second look finds the oldest pending row, held or not (`$2` = 1).
+        let rescan = pending("AND occurred_at >= COALESCE($5::timestamptz, '-infinity')", 6);
+        let oldest_pending_sql = (!ordered).then(|| {
+            format!("SELECT occurred_at FROM {table} WHERE {rescan} ORDER BY published_at, occurred_at, id LIMIT $2")
+        });
+        let claim_sql = claim(rescan);
         // After the batches in flight: the scan starts there instead of fetching and lock-checking their rows
         // (and stepping over the dead entries of settled ones) again.
-        let after = pending("AND occurred_at >= $5 AND (occurred_at, id) > ($5, $6)", 7);
-        let claim_after_sql = if ordered { seeing(after) } else { skipping(after) };
+        let claim_after_sql = claim(pending("AND occurred_at >= $5 AND (occurred_at, id) > ($5, $6)", 7));
         // By `ctid` (a fifth of the cost of deleting by id, a tenth less for marking), in the table itself
         // only; by id for rows of partitions or child tables, and for rows whose claim has ended.
         let located = "ctid = ANY($1::text[]::tid[])";
@@ -502,8 +502,8 @@ impl OutboxStore {
             statement_timeout,
             pinned_begin: claim_begin(claim_idle_limit(relay), statement_timeout, lock_wait),
             assigned: matches!(scope, Scope::Assigned { .. }),
-            ordered,
             claim_sql,
+            oldest_pending_sql,
             claim_after_sql,
             settle_located_sql,
             settle_by_id_sql,
@@ -573,7 +573,20 @@ impl OutboxStore {
             if self.assigned {
                 query = query.bind(assigned);
             }
-            ClaimedBatch::read(tx, query, limit, self.max_batch_bytes, self.ordered).await
+            let mut batch = ClaimedBatch::read(tx, query, limit, self.max_batch_bytes).await?;
+            if let Some(sql) = &self.oldest_pending_sql {
+                let mut query = sqlx::query_scalar(sql)
+                    .bind(self.max_attempts)
+                    .bind(1_i64)
+                    .bind(held)
+                    .bind(skipped_names)
+                    .bind(from);
+                if self.assigned {
+                    query = query.bind(assigned);
+                }
+                batch.first_seen = query.fetch_optional(&mut *batch.tx).await?;
+            }
+            Ok(batch)
         })
         .await
     }
@@ -635,7 +648,7 @@ impl OutboxStore {
             if self.assigned {
                 query = query.bind(assigned);
             }
-            ClaimedBatch::read(tx, query, limit, self.max_batch_bytes, self.ordered).await
+            ClaimedBatch::read(tx, query, limit, self.max_batch_bytes).await
         })
         .await
     }
@@ -762,11 +775,17 @@ impl OutboxStore {
     /// Pending and parked rows of `shards` (of one split) among the [`SAMPLE_ROWS`] oldest unpublished rows
     /// of the table, in one walk of the pending index, and the age of the shards' oldest pending row: a
     /// sample costs the same few milliseconds whatever the backlog. Past that many rows, the counts are those
-    /// of the oldest and [`Backlog::more`] says so; the age is always exact.
+    /// of the oldest and [`Backlog::more`] says so; the age is always exact. When the shards' rows are all
+    /// younger than the sample (another shard's backlog is ahead), their oldest is looked for from `from`, the
+    /// relay loop's floor, when there is one.
     ///
     /// # Errors
     /// Any database error or a timeout.
-    pub async fn backlog(&self, shards: &[Shard]) -> Result<Backlog, StoreError> {
+    pub async fn backlog(
+        &self,
+        shards: &[Shard],
+        from: Option<DateTime<Utc>>,
+    ) -> Result<Backlog, StoreError> {
         let in_scope = Shard::set_condition(shards, &self.key_sql);
         let sample = format!(
             "SELECT count(*) FILTER (WHERE attempts < $1 AND in_scope), \
@@ -776,9 +795,10 @@ impl OutboxStore {
                    WHERE published_at IS NULL ORDER BY published_at, occurred_at LIMIT $2) oldest",
             table = self.table
         );
-        // Only when the shards' rows are all younger than the sample (other shards' backlog is ahead).
         let oldest_pending = format!(
-            "SELECT occurred_at FROM {table} WHERE published_at IS NULL AND attempts < $1 AND {in_scope} \
+            "SELECT occurred_at FROM {table} \
+             WHERE published_at IS NULL AND occurred_at >= COALESCE($2::timestamptz, '-infinity') \
+                   AND attempts < $1 AND {in_scope} \
              ORDER BY published_at, occurred_at LIMIT 1",
             table = self.table
         );
@@ -794,6 +814,7 @@ impl OutboxStore {
                 if oldest.is_none() && sampled >= SAMPLE_ROWS {
                     oldest = sqlx::query_scalar(&oldest_pending)
                         .bind(self.max_attempts)
+                        .bind(from)
                         .fetch_optional(&mut *tx)
                         .await?;
                 }
@@ -813,7 +834,7 @@ impl OutboxStore {
     /// # Errors
     /// Any database error or a timeout.
     pub async fn stats(&self, shard: Shard) -> Result<OutboxStats, StoreError> {
-        let backlog = self.backlog(&[shard]).await?;
+        let backlog = self.backlog(&[shard], None).await?;
         let sql = format!(
             "SELECT count(*) FROM (SELECT 1 FROM {} WHERE published_at > now() - interval '5 minutes' {} \
              LIMIT $1) recent",

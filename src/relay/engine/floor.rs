@@ -50,6 +50,11 @@ impl Floor {
         }
     }
 
+    /// Where rescans start now; `None`: from the oldest row.
+    pub(super) fn at(&self) -> Option<DateTime<Utc>> {
+        self.at
+    }
+
     /// The scope changed: its new rows may be anywhere.
     pub(super) fn reset(&mut self) {
         self.at = None;

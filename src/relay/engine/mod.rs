@@ -123,6 +123,9 @@ pub struct Parts {
     pub wake: watch::Receiver<()>,
     /// The latest outbox sample, if any.
     pub backlog: watch::Receiver<Option<Backlog>>,
+    /// Where the loop's rescans start (see [`Floor`]), for the outbox sample: the scope has no pending row
+    /// older than this but for a few, so a sample need not walk another shard's backlog to find its oldest.
+    pub floor: watch::Sender<Option<DateTime<Utc>>>,
     /// Beaten once per iteration of any loop, so `/livez` can tell a wedged relay from a busy one.
     pub heartbeat: Heartbeat,
     /// What the loops have done.
@@ -151,6 +154,8 @@ pub struct Engine {
     rescanned_at: Instant,
     /// Where rescans start.
     floor: Floor,
+    /// Where the floor is told, as it moves.
+    floor_shown: watch::Sender<Option<DateTime<Utc>>>,
     /// Rows to ask for per claim: `batch_size`, or fewer when rows are large, so a claim seldom returns
     /// more rows than the byte budget keeps.
     claim_limit: u32,
@@ -187,6 +192,7 @@ impl Engine {
             outage_hold: relay.poll_interval,
             subject_prefix: relay.subject_prefix().to_owned(),
         };
+        parts.floor.send_replace(None); // a new loop rescans from the oldest row
         Self {
             store: parts.store.for_scope(&relay, scope),
             publisher: parts.publisher.clone(),
@@ -202,6 +208,7 @@ impl Engine {
             waiting_for_table: false,
             rescanned_at: Instant::now(),
             floor: Floor::new(Instant::now()),
+            floor_shown: parts.floor.clone(),
             tally: parts.tally.clone(),
             assigned: assignee.as_ref().map(Assignee::shards).unwrap_or_default(),
             assignee,
@@ -297,6 +304,7 @@ impl Engine {
             batch.release_payloads();
             if let (Prefetch::Rescan(_), Ok(Some(next))) = (prefetch, &next) {
                 self.floor.rescanned(next.first_seen, claimed_at, sees_whole_scope);
+                self.floor_shown.send_replace(self.floor.at());
             }
             prefetched = self.after_prefetch(next, started)?;
             let (unavailable, wait) = (settlement.unavailable, settlement.wait);
@@ -383,6 +391,7 @@ impl Engine {
         match self.store.claim_from(self.claim_limit, &held, &skipped_names, &self.assigned, from).await {
             Ok(batch) => {
                 self.floor.rescanned(batch.first_seen, claimed_at, sees_whole_scope);
+                self.floor_shown.send_replace(self.floor.at());
                 self.store_recovered();
                 if std::mem::take(&mut self.waiting_for_table) {
                     info!("the outbox table is free again");
@@ -597,6 +606,7 @@ impl Engine {
             assignee.acknowledge();
             self.assigned = assignee.shards();
             self.floor.reset();
+            self.floor_shown.send_replace(None);
             debug!(shards = ?self.assigned, "claiming the assigned shards");
         }
     }
