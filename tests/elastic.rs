@@ -438,6 +438,7 @@ async fn freeze_and_thaw(leader: &'static str) {
     let (a, b, c) = (cluster.spawn("a"), cluster.spawn("b"), cluster.spawn("c"));
     let pids = [a.pid(), b.pid(), c.pid()];
     wait_for_shares(&mut observer, &pids, &[4, 4, 4]).await;
+    let frozen_at = Utc::now();
     c.signal("STOP");
     let takeover = wait_for_shares(&mut observer, &[a.pid(), b.pid()], &[6, 6]).await;
     eprintln!("{leader}: c frozen: a and b own all 12 shards {takeover:?} later");
@@ -456,4 +457,13 @@ async fn freeze_and_thaw(leader: &'static str) {
     eprintln!("{leader}: {} events, {} inversions", stored.len(), inversions(&stored));
     assert_each_row_once(db, &stored).await;
     assert_eq!(inversions(&stored), 0, "per-key order across the freeze");
+    // No shard waits for another: while c is frozen and its shards move to them, a and b keep publishing
+    // (the keys whose oldest row c holds wait for it; the others go on).
+    let frozen = frozen_at..frozen_at + TimeDelta::from_std(4 * TTL).expect("TTL");
+    let mut healthy: Vec<DateTime<Utc>> =
+        stored.iter().filter(|s| s.relay != "c" && frozen.contains(&s.at)).map(|s| s.at).collect();
+    healthy.sort();
+    let gap = healthy.windows(2).map(|pair| pair[1] - pair[0]).max().unwrap_or(TimeDelta::MAX);
+    eprintln!("{leader}: longest pause of a and b while c was frozen: {gap}");
+    assert!(gap < TimeDelta::from_std(2 * TTL).expect("TTL"), "a and b paused {gap} while c was frozen");
 }
