@@ -2,7 +2,7 @@
 
 use super::config::ConfigError;
 use super::engine::EngineError;
-use super::leader::LockError;
+use super::lease::LockError;
 use super::nats::ConnectError;
 use super::preflight::PreflightError;
 use super::refusal::PostgresError;

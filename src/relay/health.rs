@@ -130,11 +130,6 @@ impl Health {
         )
     }
 
-    /// Whether this relay currently publishes its shard.
-    pub fn is_leading(&self) -> bool {
-        self.inner.leading.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// Ready: Postgres answers and NATS is connected. A standby is ready too: it can take over at once.
     pub(super) async fn readiness(&self) -> (StatusCode, String) {
         let Some((store, publisher)) = self.inner.dependencies.get() else {

@@ -128,9 +128,9 @@ pub fn install(shutdown: CancellationToken) -> Result<Exporter, BuildError> {
     Ok(Exporter { handle })
 }
 
-/// Exports every family for `shard` before its first event: `increase(qx_relay_parked_total[1h]) > 0` must
-/// see the first row parked after a restart, which it cannot when the series starts at 1.
-/// Describes every family and exports the counters at 0; `shards` are those this relay may publish.
+/// Describes every family and exports every series before its first event, counters at 0, for the `shards`
+/// this relay may publish: `increase(qx_relay_parked_total[1h]) > 0` must see the first row parked after a
+/// restart, which it cannot when the series starts at 1.
 pub(super) fn register(shard_id: &ShardId, shard_count: u32, shards: impl Iterator<Item = Shard>) {
     describe();
     for name in [PUBLISHED, DUPLICATES, PARKED, LOCK_RENEWAL_FAILURES] {

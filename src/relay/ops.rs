@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::config::{Config, LeaderMode, ShardId};
+use super::config::{Config, ShardId};
 use super::escape::Escaped;
-use super::leader::{self, Holder, LockError, RedisLock};
-use super::members;
+use super::exit::{error_chain, ExitCode};
+use super::lease::{Backend, Holder, LockError};
 use super::nats::RelayPublisher;
 use super::preflight::{self, PreflightError};
 use super::refusal::PostgresError;
@@ -17,7 +17,6 @@ use super::store::{
     OutboxStats, OutboxStore, ParkedRow, Requeue, StoreError, StoredRow, PARKED, PUBLISHED,
     PUBLISHED_COUNT_MAX, SAMPLE_ROWS,
 };
-use super::{error_chain, ExitCode};
 
 /// Runs every check, printing one line each; the exit code of the worst failure.
 pub async fn check(config: &Config) -> ExitCode {
@@ -30,16 +29,20 @@ pub async fn check(config: &Config) -> ExitCode {
         }
     };
     let relay = &config.relay;
-    match connect_store(config).await {
+    let store = match connect_store(config).await {
         Ok(store) => {
             println!("ok    postgres: connected");
             match preflight::table(&store, relay, None).await {
                 Ok(()) => println!("ok    table: {} has the outbox columns", relay.table),
                 Err(err) => fail((&err).into(), format!("table: {}", error_chain(&err))),
             }
+            Some(store)
         }
-        Err(err) => fail(exit_code(err.is_config_error()), format!("postgres: {}", error_chain(&err))),
-    }
+        Err(err) => {
+            fail(exit_code(err.is_config_error()), format!("postgres: {}", error_chain(&err)));
+            None
+        }
+    };
     let prefix = relay.subject_prefix();
     match RelayPublisher::connect(&config.nats, relay).await {
         Ok(publisher) => {
@@ -59,10 +62,14 @@ pub async fn check(config: &Config) -> ExitCode {
         }
         Err(err) => fail(exit_code(err.is_config_error()), format!("nats: {}", error_chain(&err))),
     }
-    if relay.leader == LeaderMode::Redis {
-        match lock_holder(config, 0).await {
-            Ok(_) => println!("ok    redis: connected"),
-            Err(err) => fail(exit_code(err.is_config_error()), format!("redis: {}", error_chain(&err))),
+    // The leader locks: a lookup of who holds the first shard's.
+    if let (Some(backend), Some(store)) = (Backend::of(config), &store) {
+        let first = Shard { id: 0, count: relay.shard_count };
+        match backend.holder(first, store.pool()).await {
+            Ok(_) => println!("ok    {}: leader locks reachable", backend.name()),
+            Err(err) => {
+                fail(exit_code(err.is_config_error()), format!("{}: {}", backend.name(), error_chain(&err)))
+            }
         }
     }
     worst
@@ -121,38 +128,27 @@ pub async fn status(config: &Config, json: bool) -> ExitCode {
             Err(err) => return unavailable("postgres", &err),
         }
     }
-    let lock_backend_failed = |err: LockError| {
-        eprintln!("{}: {}", config.relay.leader.as_str(), error_chain(&err));
+    let backend = Backend::of(config);
+    let lock_backend_failed = |name: &str, err: LockError| {
+        eprintln!("{name}: {}", error_chain(&err));
         exit_code(err.is_config_error())
     };
-    match config.relay.leader {
-        LeaderMode::None => {}
-        LeaderMode::Redis => {
-            for status in &mut shards {
-                match lock_holder(config, status.shard).await {
-                    Ok(holder) => status.leader_lock = Some(holder),
-                    Err(err) => return lock_backend_failed(err),
-                }
+    let mut members = None;
+    if let Some(backend) = &backend {
+        for status in &mut shards {
+            let shard = Shard { id: status.shard, count: status.shard_count };
+            match backend.holder(shard, store.pool()).await {
+                Ok(holder) => status.leader_lock = Some(holder),
+                Err(err) => return lock_backend_failed(backend.name(), err),
             }
         }
-        LeaderMode::Postgres => {
-            for status in &mut shards {
-                let shard = Shard { id: status.shard, count: status.shard_count };
-                let name = shard.advisory_lock_name(&config.relay.table);
-                match leader::advisory_holder(store.pool(), &name).await {
-                    Ok(holder) => status.leader_lock = Some(holder),
-                    Err(err) => return unavailable("postgres", &StoreError::Database(err)),
-                }
+        if config.relay.shard_id == ShardId::Auto {
+            match backend.live_members(store.pool()).await {
+                Ok(live) => members = Some(live),
+                Err(err) => return lock_backend_failed(backend.name(), err),
             }
         }
     }
-    let members = match config.relay.shard_id {
-        ShardId::Fixed(_) => None,
-        ShardId::Auto => match members::live_members(config, store.pool()).await {
-            Ok(live) => Some(live),
-            Err(err) => return lock_backend_failed(err),
-        },
-    };
     let status = Status {
         table: config.relay.table.clone(),
         shard_id: config.relay.shard_id.to_string(),
@@ -375,11 +371,6 @@ async fn connect_store(config: &Config) -> Result<OutboxStore, PostgresError> {
     OutboxStore::connect(&url, &config.relay, 1, timeout)
         .await
         .map_err(|err| PostgresError::connecting(&url, err))
-}
-
-async fn lock_holder(config: &Config, shard: u32) -> Result<Holder, LockError> {
-    let key = Shard { id: shard, count: config.relay.shard_count }.lock_key(&config.relay.leader_key);
-    RedisLock::new(&config.cache, key, config.relay.leader_ttl)?.holder().await
 }
 
 /// A server that refuses our settings is a configuration error (78); one that fails, an outage (69).

@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{error, info, warn};
 
 use super::config::RelayConfig;
+use super::exit::error_chain;
 use super::nats::RelayPublisher;
 use super::store::{OutboxStore, StoreError, TableProblem};
 
@@ -110,4 +111,36 @@ pub async fn stream(
 /// or lease, and a Postgres outage up to `give_up_after`. The stream's duplicate window should cover it.
 pub fn republish_horizon(relay: &RelayConfig) -> Duration {
     relay.ack_timeout + relay.drain_timeout.max(relay.leader_ttl) + relay.give_up_after
+}
+
+/// The stream check of `run`: a missing stream only delays rows (they wait, and go once it exists), so it is
+/// logged, not fatal; a duplicate window shorter than the relay's republish horizon is warned about.
+pub async fn stream_at_start(publisher: &RelayPublisher, relay: &RelayConfig) -> Result<(), PreflightError> {
+    let prefix = relay.subject_prefix();
+    let (info, verb) = match stream(publisher, relay, relay.ensure_stream).await {
+        Ok(Stream::Found(info)) => (info, "stream found"),
+        Ok(Stream::Created(info)) => (info, "stream created"),
+        Err(PreflightError::NoStream(_)) => {
+            error!("no stream captures {prefix}.>: rows stay pending until one does (or set relay.ensure_stream)");
+            return Ok(());
+        }
+        Err(err @ PreflightError::StreamLookup(..)) => {
+            warn!(error = %error_chain(&err), "could not look up the stream; relaying anyway");
+            return Ok(());
+        }
+        Err(err) => return Err(err),
+    };
+    let horizon = republish_horizon(relay);
+    if info.config.duplicate_window < horizon {
+        warn!(
+            stream = %info.config.name,
+            duplicate_window = ?info.config.duplicate_window,
+            republish_horizon = ?horizon,
+            "the stream's duplicate window is shorter than the relay's worst-case republish delay: \
+             a republished event could be stored twice"
+        );
+    } else {
+        info!(stream = %info.config.name, duplicate_window = ?info.config.duplicate_window, "{verb}");
+    }
+    Ok(())
 }

@@ -8,7 +8,7 @@ use signal_hook_tokio::Signals;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::ExitCode;
+use super::exit::ExitCode;
 
 /// The signals that stop the relay. SIGHUP too: there is no config to reload, and its default action would
 /// kill the relay mid-batch, without a drain and with its leader lock held.

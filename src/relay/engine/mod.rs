@@ -28,6 +28,7 @@ use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use super::config::{RelayConfig, ShardKey};
+use super::exit::error_chain;
 use super::health::Heartbeat;
 use super::metrics;
 use super::nats::RelayPublisher;
@@ -75,7 +76,7 @@ pub struct Totals {
     pub parked: u64,
 }
 
-/// The totals of a relay's loops, added up as batches settle: they outlive a loop that is dropped at the
+/// The totals of the relay loop, added up as batches settle: they outlive a loop that is dropped at the
 /// drain deadline, or abandoned and started anew after a lost lease (elastic shards).
 #[derive(Debug, Default, Clone)]
 pub struct Tally(Arc<Mutex<Totals>>);
@@ -99,12 +100,12 @@ impl Tally {
 type Unsettled = (ClaimedBatch, Settlement);
 
 /// How the next batch is claimed while this one is published.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Prefetch {
     /// Not at all: the next claim waits until this batch settles.
     No,
-    /// From the scope's oldest pending row, at or after this time when given.
-    Rescan(Option<DateTime<Utc>>),
+    /// From the scope's oldest pending row (at its floor).
+    Rescan,
     /// After this batch's last row.
     After(DateTime<Utc>, Uuid),
 }
@@ -128,7 +129,7 @@ pub struct Parts {
     pub floor: watch::Sender<Option<DateTime<Utc>>>,
     /// Beaten once per iteration of any loop, so `/livez` can tell a wedged relay from a busy one.
     pub heartbeat: Heartbeat,
-    /// What the loops have done.
+    /// What the relay loop (and any started anew after it) has done.
     pub tally: Tally,
 }
 
@@ -270,21 +271,37 @@ impl Engine {
             }
             // Publish it, claiming the next and settling the previous meanwhile.
             let started = Instant::now();
-            self.fit_claim_limit(&batch);
+            self.claim_limit = claim_limit(&batch.rows, self.relay.max_batch_bytes, self.relay.batch_size);
             let backlog = (batch.filled || batch.left_out) && !stop.is_cancelled();
-            let prefetch = if backlog { self.prefetch_plan(&batch) } else { Prefetch::No };
+            let prefetch = if backlog {
+                prefetch_plan(
+                    batch.left_out,
+                    batch.rows.last(),
+                    self.rescanned_at.elapsed(),
+                    self.rules.ordered,
+                )
+            } else {
+                Prefetch::No
+            };
+            if prefetch == Prefetch::Rescan {
+                self.rescanned_at = Instant::now();
+            }
             self.drop_held_rows(&mut batch);
             let (held, skipped_names) = self.left_out();
             let (claimed_at, sees_whole_scope) = (Utc::now(), held.is_empty() && skipped_names.is_empty());
+            let rescan_from = match prefetch {
+                Prefetch::Rescan => self.floor.rescan_from(Instant::now()),
+                _ => None,
+            };
             let (outcomes, next, settled) = tokio::join!(
                 self.publisher.publish_batch(&batch.rows),
                 async {
                     let limit = self.claim_limit;
                     match prefetch {
                         Prefetch::No => Ok(None),
-                        Prefetch::Rescan(from) => self
+                        Prefetch::Rescan => self
                             .store
-                            .claim_from(limit, &held, &skipped_names, &self.assigned, from)
+                            .claim_from(limit, &held, &skipped_names, &self.assigned, rescan_from)
                             .await
                             .map(Some),
                         Prefetch::After(at, id) => self
@@ -302,7 +319,7 @@ impl Engine {
                 verdict::judge(&batch.rows, outcomes, &mut self.holds, &self.rules, now, wall_now);
             self.report(&batch.rows, &settlement, started);
             batch.release_payloads();
-            if let (Prefetch::Rescan(_), Ok(Some(next))) = (prefetch, &next) {
+            if let (Prefetch::Rescan, Ok(Some(next))) = (prefetch, &next) {
                 self.floor.rescanned(next.first_seen, claimed_at, sees_whole_scope);
                 self.floor_shown.send_replace(self.floor.at());
             }
@@ -330,35 +347,6 @@ impl Engine {
         }
         drop(prefetched); // rolled back: another relay, or our restart, takes those rows
         self.settle(unsettled.take()).await
-    }
-
-    /// How to claim the next batch of a backlog while `batch` is published: after it, and now and then from
-    /// the oldest row again, for rows that committed after younger ones. Not after a batch that left rows
-    /// out (they stay locked until it settles), and an ordered rescan waits until this batch settles, since
-    /// it would find this batch's own rows held.
-    fn prefetch_plan(&mut self, batch: &ClaimedBatch) -> Prefetch {
-        if batch.left_out {
-            return Prefetch::No;
-        }
-        match batch.rows.last() {
-            Some(last) if self.rescanned_at.elapsed() < RESCAN_EVERY => {
-                Prefetch::After(last.occurred_at, last.id)
-            }
-            _ if self.rules.ordered => Prefetch::No,
-            _ => {
-                self.rescanned_at = Instant::now();
-                Prefetch::Rescan(self.floor.rescan_from(Instant::now()))
-            }
-        }
-    }
-
-    /// Sizes the next claims to what the byte budget holds of rows like these: many small rows fit a batch,
-    /// few large ones do.
-    fn fit_claim_limit(&mut self, batch: &ClaimedBatch) {
-        let bytes: usize = batch.rows.iter().map(|row| row.payload.len()).sum();
-        let average = (bytes / batch.rows.len().max(1)).max(1) as u64;
-        let fits = u32::try_from(self.relay.max_batch_bytes / average).unwrap_or(u32::MAX);
-        self.claim_limit = fits.clamp(1, self.relay.batch_size);
     }
 
     /// Keys on hold and event names without a stream: what claims leave out now.
@@ -616,7 +604,7 @@ impl Engine {
         metrics::set_store_up(false);
         match self.store_outage.failed(started) {
             Ok(down_for) => {
-                warn!(error = %super::error_chain(&err), ?down_for, "Postgres unavailable; retrying");
+                warn!(error = %error_chain(&err), ?down_for, "Postgres unavailable; retrying");
                 Ok(())
             }
             Err(_) => {
@@ -675,5 +663,76 @@ impl Engine {
             return Err(gave_up(reason));
         }
         Ok(self.nats_outage.pause(&OUTAGE_BACKOFF))
+    }
+}
+
+/// How to claim the next batch of a backlog while a batch is published (its last row `last`, `since_rescan`
+/// after the last rescan): after it, and now and then from the scope's oldest row again, for rows that
+/// committed after younger ones. Not after a batch that left rows out (they stay locked until it settles), and
+/// an ordered rescan waits until this batch settles, since it would find this batch's own rows held.
+fn prefetch_plan(
+    left_out: bool,
+    last: Option<&OutboxRow>,
+    since_rescan: Duration,
+    ordered: bool,
+) -> Prefetch {
+    if left_out {
+        return Prefetch::No;
+    }
+    match last {
+        Some(last) if since_rescan < RESCAN_EVERY => Prefetch::After(last.occurred_at, last.id),
+        _ if ordered => Prefetch::No,
+        _ => Prefetch::Rescan,
+    }
+}
+
+/// Rows to ask for per claim: what `max_batch_bytes` holds of rows like `rows`, at most `batch_size`: many
+/// small rows fit a batch, few large ones do.
+fn claim_limit(rows: &[OutboxRow], max_batch_bytes: u64, batch_size: u32) -> u32 {
+    let bytes: usize = rows.iter().map(|row| row.payload.len()).sum();
+    let average = (bytes / rows.len().max(1)).max(1) as u64;
+    let fits = u32::try_from(max_batch_bytes / average).unwrap_or(u32::MAX);
+    fits.clamp(1, batch_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(payload_bytes: usize) -> OutboxRow {
+        OutboxRow {
+            id: Uuid::new_v4(),
+            event_name: "order.placed".into(),
+            event_version: 1,
+            payload: "x".repeat(payload_bytes),
+            correlation_id: None,
+            tenant_id: None,
+            occurred_at: Utc::now(),
+            attempts: 0,
+            order_key: None,
+        }
+    }
+
+    #[test]
+    fn claims_ask_for_what_the_byte_budget_holds_of_rows_like_the_last() {
+        assert_eq!(claim_limit(&[row(1000), row(1000)], 1_000_000, 1000), 1000, "small rows: the batch size");
+        assert_eq!(claim_limit(&[row(100_000)], 1_000_000, 1000), 10);
+        assert_eq!(claim_limit(&[row(5_000_000)], 1_000_000, 1000), 1, "a row above the budget goes alone");
+        assert_eq!(claim_limit(&[], 1_000_000, 1000), 1000, "no rows: as if each were a byte");
+    }
+
+    #[test]
+    fn the_next_batch_continues_after_this_one_and_rescans_now_and_then() {
+        let last = row(10);
+        let after = Prefetch::After(last.occurred_at, last.id);
+        let soon = RESCAN_EVERY / 2;
+        assert_eq!(prefetch_plan(false, Some(&last), soon, false), after);
+        assert_eq!(prefetch_plan(false, Some(&last), RESCAN_EVERY, false), Prefetch::Rescan);
+        assert_eq!(
+            prefetch_plan(false, Some(&last), RESCAN_EVERY, true),
+            Prefetch::No,
+            "ordered: after settling"
+        );
+        assert_eq!(prefetch_plan(true, Some(&last), soon, false), Prefetch::No, "rows left out stay locked");
     }
 }

@@ -2,15 +2,16 @@
 //!
 //! Each shard is owned through its own leader lock, the leader mode's (the Redis lease `<leader_key>:N`, or the
 //! shard's advisory lock on a session Postgres ends after `leader_ttl` idle), so no shard is ever published by
-//! two replicas. Every tick a replica renews its heartbeat in the membership record,
-//! learns who is alive, and moves towards its [`fair_share`]: above it, it releases shards gracefully (the batch
-//! in flight is published and marked, then the lease released); below it, it takes shards whose lease is free.
+//! two replicas. Every tick a replica renews its heartbeat in the membership record, learns who is alive, and
+//! takes the [`plan`](super::plan) step towards its fair share: above it, it releases shards gracefully (the
+//! batch in flight is published and marked, then the lease released); below it, it takes shards whose lease is
+//! free.
 //! A killed replica's leases and heartbeat expire within `leader_ttl`, and the others take its shards at their
 //! next tick.
 //!
 //! A replica runs one [`Engine`] over the shards it owns, whatever their number: its claims take rows of any
 //! owned shard in one scan of the pending index, so owning k shards costs what one unsharded relay costs (k
-//! loops would each walk the whole index). The engine acknowledges every change of its shards once nothing
+//! engines would walk the whole index k times). The engine acknowledges every change of its shards once nothing
 //! claimed before it is open; only then is a shard's lease released.
 
 use std::collections::BTreeMap;
@@ -23,14 +24,15 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::config::{Config, LeaderMode};
-use super::engine::{Assigner, Engine, EngineError, Parts};
-use super::leader::{AdvisoryLock, Kept, LeaderLock, LockError, RedisLock};
-use super::members::{fair_share, Membership};
-use super::metrics;
-use super::outage::OutageClock;
-use super::shard::Shard;
-use super::{error_chain, Owned, RelayError};
+use super::plan::{self, Step};
+use super::{Backend, Fence, Kept, LeaderLock, LockError, Membership};
+use crate::relay::config::Config;
+use crate::relay::engine::{Assigner, Engine, EngineError, Parts};
+use crate::relay::exit::{error_chain, RelayError};
+use crate::relay::metrics;
+use crate::relay::outage::OutageClock;
+use crate::relay::owned::Owned;
+use crate::relay::shard::Shard;
 
 /// The longest time between two ticks: a free shard is taken, and a new member noticed, within about this.
 const TICK_MAX: Duration = Duration::from_millis(500);
@@ -57,14 +59,14 @@ enum Lease {
     Releasing { stop: CancellationToken, generation: u64, reason: &'static str, stopping: bool },
     /// The lease could no longer be proven: the engine must let go of the shard's rows by `fence`, or be
     /// abandoned.
-    Lost { lock: LeaderLock, generation: u64, fence: Instant },
+    Lost { lock: LeaderLock, generation: u64, fence: Fence },
 }
 
 /// Shares the shards with the other replicas until stopped.
-pub(super) struct Coordinator<'a> {
+pub(crate) struct Coordinator<'a> {
     parts: Parts,
     owned: &'a Owned,
-    config: Config,
+    backend: Backend,
     ttl: Duration,
     give_up_after: Duration,
     shard_count: u32,
@@ -79,15 +81,20 @@ pub(super) struct Coordinator<'a> {
 }
 
 impl<'a> Coordinator<'a> {
-    /// A coordinator for the shards of `config`, its engine made of `parts`.
+    /// A coordinator for the shards of `config`, leased in `backend`, its engine made of `parts`.
     ///
     /// # Errors
     /// When `cache.url` is not a Redis URL, or its certificates cannot be read.
-    pub(super) fn new(config: &Config, parts: Parts, owned: &'a Owned) -> Result<Self, RelayError> {
+    pub(crate) fn new(
+        config: &Config,
+        backend: Backend,
+        parts: Parts,
+        owned: &'a Owned,
+    ) -> Result<Self, RelayError> {
         let relay = &config.relay;
         Ok(Self {
-            members: Membership::new(config)?,
-            config: config.clone(),
+            members: backend.membership()?,
+            backend,
             ttl: relay.leader_ttl,
             give_up_after: relay.give_up_after,
             shard_count: relay.shard_count,
@@ -106,7 +113,7 @@ impl<'a> Coordinator<'a> {
     ///
     /// # Errors
     /// The engine's [`EngineError`], or the lock backend unavailable for longer than `give_up_after`.
-    pub(super) async fn run(mut self, shutdown: &CancellationToken) -> Result<(), RelayError> {
+    pub(crate) async fn run(mut self, shutdown: &CancellationToken) -> Result<(), RelayError> {
         info!(
             shard_count = self.shard_count,
             member = self.members.token(),
@@ -156,7 +163,7 @@ impl<'a> Coordinator<'a> {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut outage = OutageClock::new(self.give_up_after);
         loop {
-            let fence = self.next_fence();
+            let fences = self.fences();
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(Shared::Stopped),
                 // Not stopped, so only a failure ends it.
@@ -166,11 +173,7 @@ impl<'a> Coordinator<'a> {
                     self.keeper_ended(kept).await;
                 }
                 () = self.assigner.acknowledged() => {}
-                () = sleep_until(fence) => {
-                    warn!("a lost shard's rows are still in flight at its fence: abandoning the batches in flight \
-                           (their rows will be published again) and starting anew");
-                    *engine = self.start_engine(engine_stop);
-                }
+                () = Fence::earliest(fences.into_iter()) => *engine = self.start_engine(engine_stop),
                 _ = tick.tick() => self.tick(&mut outage).await?,
             }
             self.release_acknowledged().await;
@@ -205,45 +208,46 @@ impl<'a> Coordinator<'a> {
 
     /// Moves this replica towards its fair share of the shards among `live` members.
     async fn rebalance(&mut self, live: &[String]) -> Result<(), RelayError> {
-        let me = self.members.token();
-        let share = fair_share(self.shard_count, live, &me) as usize;
-        let held = self.held();
-        if held.len() > share {
-            let extra: Vec<u32> = held.iter().rev().take(held.len() - share).copied().collect();
-            let generation = self.assigner.assign(held.iter().copied().filter(|id| !extra.contains(id)));
-            for id in extra {
-                if let Some(Lease::Held { stop }) = self.leases.remove(&id) {
-                    let releasing =
-                        Lease::Releasing { stop, generation, reason: "rebalance", stopping: false };
-                    self.leases.insert(id, releasing);
+        let busy: Vec<u32> = self.leases.keys().copied().collect();
+        let step =
+            plan::step(self.shard_count, live, &self.members.token(), &self.held(), &busy, self.last_members);
+        match step {
+            Step::Stay => {}
+            Step::GiveBack(extra) => {
+                let generation =
+                    self.assigner.assign(self.held().into_iter().filter(|id| !extra.contains(id)));
+                for id in extra {
+                    if let Some(Lease::Held { stop }) = self.leases.remove(&id) {
+                        let releasing =
+                            Lease::Releasing { stop, generation, reason: "rebalance", stopping: false };
+                        self.leases.insert(id, releasing);
+                    }
                 }
             }
-            return Ok(());
+            Step::Take { wanted, order, reason } => {
+                if self.take(wanted, order, reason).await? {
+                    self.assigner.assign(self.held());
+                }
+            }
         }
-        let mut wanted = share - held.len();
-        if wanted == 0 {
-            return Ok(());
-        }
-        let reason = match self.last_members {
-            0 => "start",
-            before if live.len() < before => "takeover",
-            _ => "rebalance",
-        };
-        // Members start looking at different shards, so they seldom race for the same free one.
-        let rank = live.iter().position(|member| *member == me).unwrap_or(0);
-        let count = self.shard_count as usize;
-        let offset = rank * count / live.len().max(1);
+        Ok(())
+    }
+
+    /// Tries the locks of the shards in `order` until `wanted` are taken or the backend fails; whether any was.
+    async fn take(
+        &mut self,
+        mut wanted: usize,
+        order: Vec<u32>,
+        reason: &'static str,
+    ) -> Result<bool, RelayError> {
         let mut acquired = false;
-        for id in (0..count).map(|step| u32::try_from((offset + step) % count).expect("below shard_count")) {
+        for id in order {
             if wanted == 0 {
                 break;
             }
-            if self.leases.contains_key(&id) {
-                continue;
-            }
             let mut lock = match self.idle.remove(&id) {
                 Some(lock) => lock,
-                None => self.lock(id)?,
+                None => self.backend.lease(self.shard(id))?,
             };
             match lock.try_acquire().await {
                 Ok(true) => {
@@ -266,10 +270,7 @@ impl<'a> Coordinator<'a> {
                 }
             }
         }
-        if acquired {
-            self.assigner.assign(self.held());
-        }
-        Ok(())
+        Ok(acquired)
     }
 
     /// A keeper handed its lock back: released on request, or lost.
@@ -341,31 +342,15 @@ impl<'a> Coordinator<'a> {
             .collect()
     }
 
-    /// The earliest fence of a lost lease the engine has not let go of yet.
-    fn next_fence(&self) -> Option<Instant> {
+    /// The fences of lost leases the engine has not let go of yet.
+    fn fences(&self) -> Vec<Fence> {
         self.leases
             .values()
             .filter_map(|lease| match lease {
                 Lease::Lost { generation, fence, .. } if !self.assigner.released(*generation) => Some(*fence),
                 _ => None,
             })
-            .min()
-    }
-
-    /// Shard `id`'s lock: the leader mode's, leased.
-    fn lock(&self, id: u32) -> Result<LeaderLock, LockError> {
-        let (relay, shard) = (&self.config.relay, self.shard(id));
-        Ok(match relay.leader {
-            LeaderMode::Postgres => LeaderLock::Postgres(AdvisoryLock::leased(
-                self.config.db.sqlx_url(),
-                &shard.advisory_lock_name(&relay.table),
-                self.ttl,
-            )),
-            LeaderMode::Redis | LeaderMode::None => {
-                let key = shard.lock_key(&relay.leader_key);
-                LeaderLock::Redis(Box::new(RedisLock::new(&self.config.cache, key, self.ttl)?))
-            }
-        })
+            .collect()
     }
 
     fn shard(&self, id: u32) -> Shard {
@@ -377,12 +362,4 @@ impl<'a> Coordinator<'a> {
 async fn keep(id: u32, mut lock: LeaderLock, stop: CancellationToken) -> (u32, LeaderLock, Kept) {
     let kept = lock.keep(&stop).await;
     (id, lock, kept)
-}
-
-/// Sleeps until `at`, or forever without one.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
