@@ -1,0 +1,178 @@
+//! The environment: which `QX_*` variables are ours, the variable a setting came from as written, and
+//! warnings about those under Qx's sections that neither the relay nor Qx reads.
+//!
+//! A sidecar shares its service's environment, so only the keys listed here are taken from `QX_NATS__`,
+//! `QX_DB__` and `QX_CACHE__`; `QX_RELAY__*` is ours, so a typo there is an error.
+
+use figment::providers::Env;
+
+use crate::relay::spelling;
+
+/// The env variable naming the log filter; a process setting, not part of the relay's config.
+pub const ENV_LOG_FILTER: &str = "QX_RELAY__LOG";
+
+/// Keys Qx's own settings share with us: the ones we read from `QX_NATS__*`, `QX_DB__*` and `QX_CACHE__*`.
+const SHARED_ENV_KEYS: &[&str] = &[
+    "nats__servers",
+    "nats__max_reconnect_attempts",
+    "nats__reconnect_time_wait_seconds",
+    "nats__connect_timeout_seconds",
+    "nats__name",
+    "nats__creds_file",
+    "nats__user",
+    "nats__password",
+    "nats__token",
+    "nats__tls_required",
+    "nats__tls_ca_file",
+    "nats__tls_cert_file",
+    "nats__tls_key_file",
+    "db__url",
+    "cache__url",
+    "cache__tls_ca_file",
+    "cache__tls_cert_file",
+    "cache__tls_key_file",
+];
+
+/// Qx's own settings under those prefixes that the relay does not read (qx-db 1.1.0 `DatabaseSettings`, qx-cache
+/// 1.1.0 `CacheSettings`; qx-events' `NatsSettings` has none beyond ours). A sidecar sees them in its service's
+/// environment: they are no typo.
+const QX_ONLY_ENV_KEYS: &[&str] = &[
+    "db__pool_size",
+    "db__max_overflow",
+    "db__pool_timeout_seconds",
+    "db__pool_recycle_seconds",
+    "db__pool_pre_ping",
+    "db__pool_kind",
+    "db__echo",
+    "db__statement_timeout_ms",
+    "cache__max_connections",
+    "cache__decode_responses",
+    "cache__socket_timeout_seconds",
+    "cache__socket_connect_timeout_seconds",
+    "cache__health_check_interval_seconds",
+];
+
+/// `QX_*` variables that are ours; see the module docs.
+pub(super) fn qx_env() -> Env {
+    Env::prefixed("QX_")
+        .filter(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            let ours = key.starts_with("relay__") && key != ENV_LOG_FILTER[3..].to_ascii_lowercase();
+            ours || SHARED_ENV_KEYS.contains(&key.as_str())
+        })
+        .split("__")
+}
+
+/// Warnings about the variables among `names` under `QX_NATS__`, `QX_DB__` and `QX_CACHE__` that neither the
+/// relay nor Qx reads: such a typo (`QX_NATS__SERVER`) would leave the default in place without a word. Only
+/// warnings, as a service may keep settings of its own under these prefixes.
+pub fn unknown_env_keys(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for name in names {
+        let lower = name.to_ascii_lowercase();
+        let Some(key) = lower.strip_prefix("qx_") else { continue };
+        let Some((section, field)) =
+            key.split_once("__").filter(|(section, _)| ["nats", "db", "cache"].contains(section))
+        else {
+            continue;
+        };
+        if SHARED_ENV_KEYS.contains(&key) || QX_ONLY_ENV_KEYS.contains(&key) {
+            continue;
+        }
+        let fields = SHARED_ENV_KEYS.iter().chain(QX_ONLY_ENV_KEYS).filter_map(|known| {
+            known.split_once("__").filter(|(known_section, _)| *known_section == section).map(|(_, f)| f)
+        });
+        let mut warning = format!("{name} is not a setting of qx-relay or Qx: ignored");
+        if let Some(field) = spelling::did_you_mean(field, fields) {
+            let variable = format!("QX_{section}__{field}").to_ascii_uppercase();
+            warning.push_str(&format!("; did you mean {variable}?"));
+        }
+        warnings.push(warning);
+    }
+    warnings.sort();
+    warnings
+}
+
+/// The variable a setting at `path` came from, as written: `QX_RELAY__BATCH_SIZE` for `relay.batch_size`, or
+/// one that nests below it (`QX_RELAY__BATCHSIZE__X` makes `relay.batchsize` a table).
+pub(super) fn env_variable(path: &[String]) -> String {
+    let key = format!("qx_{}", path.join("__")).to_ascii_lowercase();
+    let nested = format!("{key}__");
+    std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| {
+            let name = name.to_ascii_lowercase();
+            name == key || name.starts_with(&nested)
+        })
+        .min_by_key(String::len)
+        .unwrap_or_else(|| key.to_ascii_uppercase())
+}
+
+#[cfg(test)]
+// figment's Jail closures return figment::Error, whose size we do not choose.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use crate::relay::config::{Config, Overrides};
+    use figment::Jail;
+    use std::time::Duration;
+
+    #[test]
+    fn qx_env_names_are_read_and_foreign_ones_ignored() {
+        Jail::expect_with(|jail| {
+            jail.set_env("QX_NATS__SERVERS", r#"["nats://a:4222","nats://b:4222"]"#);
+            jail.set_env("QX_DB__URL", "postgresql+asyncpg://u:secret@db:5432/app");
+            jail.set_env("QX_DB__POOL_SIZE", "20");
+            jail.set_env("QX_APP__NAME", "orders");
+            jail.set_env("QX_ENV", "prod");
+            jail.set_env("QX_RELAY__SUBJECT_PREFIX", "orders");
+            jail.set_env("QX_RELAY__POLL_INTERVAL", "50ms");
+            jail.set_env("QX_RELAY__LOG", "debug");
+            let config = Config::load(None, &Overrides::default()).unwrap();
+            assert_eq!(config.nats.servers, ["nats://a:4222", "nats://b:4222"]);
+            assert_eq!(config.db.sqlx_url(), "postgresql://u:secret@db:5432/app");
+            assert_eq!(config.relay.poll_interval, Duration::from_millis(50));
+            assert!(!config.redacted().db.url.contains("secret"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_env_value_names_the_variable() {
+        Jail::expect_with(|jail| {
+            jail.set_env("QX_RELAY__SUBJECT_PREFIX", "orders");
+            jail.set_env("QX_RELAY__MAX_IN_FLIGHT", "many");
+            let err = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains("QX_RELAY__MAX_IN_FLIGHT"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn typos_under_qx_sections_are_warned_about_and_qx_settings_are_not() {
+        let names = [
+            "QX_NATS__SERVER",
+            "QX_NATS__SERVERS",
+            "QX_DB__URI",
+            "QX_DB__POOL_SIZE",
+            "QX_DB__POOL_SIZ",
+            "QX_CACHE__MAX_CONNECTIONS",
+            "QX_CACHE__TLS_CA",
+            "QX_NATS__FROBNICATE",
+            "QX_APP__NAME",
+            "QX_RELAY__BATCHSIZE",
+            "PATH",
+        ];
+        let warnings = unknown_env_keys(names.iter().map(|name| (*name).to_owned()));
+        assert_eq!(
+            warnings,
+            [
+                "QX_CACHE__TLS_CA is not a setting of qx-relay or Qx: ignored; did you mean QX_CACHE__TLS_CA_FILE?",
+                "QX_DB__POOL_SIZ is not a setting of qx-relay or Qx: ignored; did you mean QX_DB__POOL_SIZE?",
+                "QX_DB__URI is not a setting of qx-relay or Qx: ignored; did you mean QX_DB__URL?",
+                "QX_NATS__FROBNICATE is not a setting of qx-relay or Qx: ignored",
+                "QX_NATS__SERVER is not a setting of qx-relay or Qx: ignored; did you mean QX_NATS__SERVERS?",
+            ]
+        );
+    }
+}
