@@ -2,10 +2,19 @@
 
 use super::config::ConfigError;
 use super::engine::EngineError;
-use super::lease::LockError;
+use super::lease::{LeaseError, LockError};
 use super::nats::ConnectError;
 use super::preflight::PreflightError;
 use super::refusal::PostgresError;
+
+impl From<LeaseError> for RelayError {
+    fn from(err: LeaseError) -> Self {
+        match err {
+            LeaseError::Engine(err) => Self::Engine(err),
+            LeaseError::Lock(err) => Self::Lock(err),
+        }
+    }
+}
 
 /// The process exit codes, documented in `--help` and the README.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,19 +94,4 @@ impl From<&RelayError> for ExitCode {
             | RelayError::Lock(_) => Self::Unavailable,
         }
     }
-}
-
-/// `outer: inner: …`, each link once (some errors, async-nats' among them, already print their source).
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }

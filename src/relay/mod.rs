@@ -24,12 +24,13 @@
 //! Operators:
 //! - [`metrics`], [`health`] and [`endpoint`]: Prometheus, what the probes judge, and the HTTP endpoint.
 //! - [`ops`]: the operator commands; [`escape`]: control characters in their output.
-//! - [`exit`]: errors and exit codes; [`shutdown`]: signals; [`identity`]: who holds a lock; [`refusal`]: why
+//! - [`exit`]: errors and exit codes; [`causes`]: an error and its causes on one line; [`shutdown`]: signals; [`identity`]: who holds a lock; [`refusal`]: why
 //!   a server refused us; [`spelling`]: did-you-mean.
 //!
 //! This file only composes them: [`run`] connects, checks, then relays its shard under its lock (or none), or
 //! hands the shards to the elastic coordinator, until the token is cancelled.
 
+mod causes;
 pub mod cli;
 pub mod config;
 pub mod endpoint;
@@ -63,10 +64,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+pub use causes::error_chain;
 use config::Config;
 use engine::{Engine, Totals};
-pub use exit::{error_chain, ExitCode, RelayError};
-use lease::{elastic, fixed, Backend};
+pub use exit::{ExitCode, RelayError};
+use lease::{elastic, fixed, Backend, LeaseError};
 use nats::RelayPublisher;
 use owned::Owned;
 use refusal::PostgresError;
@@ -177,7 +179,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
     let shard = Shard::of(&relay);
     let tally = parts.tally.clone();
     // Boxed so it can be dropped (abandoning the batches in flight) when the drain times out.
-    let mut work: Pin<Box<dyn Future<Output = Result<(), RelayError>> + Send + '_>> =
+    let mut work: Pin<Box<dyn Future<Output = Result<(), LeaseError>> + Send + '_>> =
         match (shard, Backend::of(&config)) {
             (Some(shard), backend) => {
                 let engine = Engine::new(&parts, shard);
@@ -216,5 +218,5 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, 
     // Bounded, so a stop with NATS or Postgres gone still ends within drain_timeout and a second.
     publisher.close(STOP_GRACE).await;
     let _ = tokio::time::timeout(STOP_GRACE, background.wait()).await;
-    result.map(|()| totals)
+    result.map(|()| totals).map_err(RelayError::from)
 }

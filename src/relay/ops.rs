@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::causes::error_chain;
 use super::config::{Config, ShardId};
 use super::escape::Escaped;
-use super::exit::{error_chain, ExitCode};
+use super::exit::ExitCode;
 use super::lease::{Backend, Holder, LockError};
 use super::nats::RelayPublisher;
 use super::preflight::{self, PreflightError};

@@ -7,8 +7,8 @@ use async_nats::jetstream::stream;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::causes::error_chain;
 use super::config::RelayConfig;
-use super::exit::error_chain;
 use super::nats::RelayPublisher;
 use super::store::{OutboxStore, StoreError, TableProblem};
 

@@ -27,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
+use super::causes::error_chain;
 use super::config::{RelayConfig, ShardKey};
-use super::exit::error_chain;
 use super::health::Heartbeat;
 use super::metrics;
 use super::nats::RelayPublisher;

@@ -25,10 +25,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::plan::{self, Step};
-use super::{Backend, Fence, Kept, LeaderLock, LockError, Membership};
+use super::{Backend, Fence, Kept, LeaderLock, LeaseError, LockError, Membership};
+use crate::relay::causes::error_chain;
 use crate::relay::config::Config;
 use crate::relay::engine::{Assigner, Engine, EngineError, Parts};
-use crate::relay::exit::{error_chain, RelayError};
 use crate::relay::metrics;
 use crate::relay::outage::OutageClock;
 use crate::relay::owned::Owned;
@@ -90,7 +90,7 @@ impl<'a> Coordinator<'a> {
         backend: Backend,
         parts: Parts,
         owned: &'a Owned,
-    ) -> Result<Self, RelayError> {
+    ) -> Result<Self, LeaseError> {
         let relay = &config.relay;
         Ok(Self {
             members: backend.membership()?,
@@ -113,7 +113,7 @@ impl<'a> Coordinator<'a> {
     ///
     /// # Errors
     /// The engine's [`EngineError`], or the lock backend unavailable for longer than `give_up_after`.
-    pub(crate) async fn run(mut self, shutdown: &CancellationToken) -> Result<(), RelayError> {
+    pub(crate) async fn run(mut self, shutdown: &CancellationToken) -> Result<(), LeaseError> {
         info!(
             shard_count = self.shard_count,
             member = self.members.token(),
@@ -125,7 +125,7 @@ impl<'a> Coordinator<'a> {
         engine_stop.cancel();
         let (result, engine_result) = match shared {
             // The engine ended by itself: nothing it claimed is open any more.
-            Ok(Shared::EngineEnded(ended)) => (ended.map_err(RelayError::from), Ok(())),
+            Ok(Shared::EngineEnded(ended)) => (ended.map_err(LeaseError::from), Ok(())),
             Ok(Shared::Stopped) => (Ok(()), engine.await),
             Err(err) => (Err(err), engine.await),
         };
@@ -149,7 +149,7 @@ impl<'a> Coordinator<'a> {
             }
         }
         self.members.leave().await;
-        result.and(engine_result.map_err(RelayError::from))
+        result.and(engine_result.map_err(LeaseError::from))
     }
 
     /// Ticks, and follows the keepers and the engine, until `shutdown` or a failure.
@@ -158,7 +158,7 @@ impl<'a> Coordinator<'a> {
         shutdown: &CancellationToken,
         engine: &mut EngineRun,
         engine_stop: &CancellationToken,
-    ) -> Result<Shared, RelayError> {
+    ) -> Result<Shared, LeaseError> {
         let mut tick = tokio::time::interval((self.ttl / 3).min(TICK_MAX));
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut outage = OutageClock::new(self.give_up_after);
@@ -181,7 +181,7 @@ impl<'a> Coordinator<'a> {
     }
 
     /// One tick: the heartbeat, and a step towards this replica's fair share.
-    async fn tick(&mut self, outage: &mut OutageClock) -> Result<(), RelayError> {
+    async fn tick(&mut self, outage: &mut OutageClock) -> Result<(), LeaseError> {
         let started = Instant::now();
         match self.members.beat().await {
             Ok(live) => {
@@ -207,7 +207,7 @@ impl<'a> Coordinator<'a> {
     }
 
     /// Moves this replica towards its fair share of the shards among `live` members.
-    async fn rebalance(&mut self, live: &[String]) -> Result<(), RelayError> {
+    async fn rebalance(&mut self, live: &[String]) -> Result<(), LeaseError> {
         let busy: Vec<u32> = self.leases.keys().copied().collect();
         let step =
             plan::step(self.shard_count, live, &self.members.token(), &self.held(), &busy, self.last_members);
@@ -239,7 +239,7 @@ impl<'a> Coordinator<'a> {
         mut wanted: usize,
         order: Vec<u32>,
         reason: &'static str,
-    ) -> Result<bool, RelayError> {
+    ) -> Result<bool, LeaseError> {
         let mut acquired = false;
         for id in order {
             if wanted == 0 {

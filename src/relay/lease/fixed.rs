@@ -5,10 +5,9 @@
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Kept, LeaderLock};
+use super::{Kept, LeaderLock, LeaseError};
 use crate::relay::config::RelayConfig;
 use crate::relay::engine::{Engine, EngineError};
-use crate::relay::exit::RelayError;
 use crate::relay::owned::Owned;
 use crate::relay::shard::Shard;
 
@@ -20,11 +19,11 @@ pub(crate) async fn relay_one(
     owned: &Owned,
     shutdown: &CancellationToken,
     relay: &RelayConfig,
-) -> Result<(), RelayError> {
+) -> Result<(), LeaseError> {
     let result = match lock {
         None => {
             owned.insert(shard);
-            engine.run(shutdown).await.map_err(RelayError::from)
+            engine.run(shutdown).await.map_err(LeaseError::from)
         }
         Some(lock) => lead(lock, &mut engine, shard, owned, shutdown, relay).await,
     };
@@ -40,7 +39,7 @@ async fn lead(
     owned: &Owned,
     shutdown: &CancellationToken,
     relay: &RelayConfig,
-) -> Result<(), RelayError> {
+) -> Result<(), LeaseError> {
     loop {
         info!("standing by for the leader lock");
         if !lock.acquire(shutdown, relay.give_up_after).await? {
@@ -57,7 +56,7 @@ async fn lead(
                     info!("leader lock released");
                 }
             }
-            return result.map_err(RelayError::from);
+            return result.map_err(LeaseError::from);
         }
         warn!("leadership lost; stopped claiming");
     }

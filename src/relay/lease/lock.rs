@@ -9,16 +9,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::outcome::{Acquired, LockError, STANDBY_POLL_MAX};
 use super::postgres::AdvisoryLock;
 use super::redis::RedisLock;
-use super::LockError;
 use crate::backoff::Backoff;
-use crate::relay::exit::error_chain;
+use crate::relay::causes::error_chain;
 use crate::relay::metrics;
 use crate::relay::outage::OutageClock;
 
-/// Standbys never wait longer than this between attempts, so a released lock is taken within about a second.
-pub(super) const STANDBY_POLL_MAX: Duration = Duration::from_millis(500);
 /// Retries while the backend fails: quickly at first, never slower than a standby polls.
 const BACKEND_RETRY: Backoff = Backoff::new(Duration::from_millis(100), STANDBY_POLL_MAX).with_jitter(0.5);
 
@@ -184,11 +182,6 @@ pub enum Kept {
     },
 }
 
-pub(super) enum Acquired {
-    Yes,
-    No { retry_in: Duration },
-}
-
 /// When work started under a lost lease must have stopped. Work still running then is abandoned: its batches
 /// are rolled back and their rows published again (the stream drops the repeats), since a new owner may be
 /// claiming the shard's later rows.
@@ -222,4 +215,34 @@ fn abandoned() {
     warn!(
         "a lost lease's batch is still in flight at its fence: abandoned, its rows will be published again"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn work_under_a_lost_lease_finishes_before_its_fence_or_is_abandoned_there() {
+        let fence = Fence(Instant::now() + Duration::from_secs(2));
+        let quick = fence.bound(tokio::time::sleep(Duration::from_secs(1))).await;
+        assert_eq!(quick, Some(()), "done before the fence");
+        let fence = Fence(Instant::now() + Duration::from_secs(2));
+        let started = Instant::now();
+        let slow = fence.bound(tokio::time::sleep(Duration::from_secs(5))).await;
+        assert_eq!(slow, None, "dropped at the fence");
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_earliest_fence_is_waited_for_and_none_waits_forever() {
+        let now = Instant::now();
+        let fences = [Fence(now + Duration::from_secs(3)), Fence(now + Duration::from_secs(1))];
+        Fence::earliest(fences.into_iter()).await;
+        assert_eq!(now.elapsed(), Duration::from_secs(1));
+        let never =
+            tokio::time::timeout(Duration::from_secs(3600), Fence::earliest(std::iter::empty())).await;
+        assert!(never.is_err(), "without a lost lease there is nothing to wait for");
+    }
 }

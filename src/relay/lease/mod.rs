@@ -4,122 +4,35 @@
 //! - [`Backend`]: the backend, chosen once from the config; it makes every lock, membership and lookup.
 //! - [`redis`], [`postgres`]: each backend's locks, membership and holder lookups.
 //! - [`lock`]: one lock whichever its backend, and the [`Fence`] after a lost lease.
+//! - [`outcome`]: what the backends answer: errors, attempts, holders.
 //! - [`fixed`]: a static shard (or the whole table) under its lock, or under none.
 //! - [`elastic`]: shards shared by lease among replicas started alike, by the pure decisions of [`plan`].
 
 pub(crate) mod elastic;
 pub(crate) mod fixed;
 mod lock;
+mod outcome;
 mod plan;
 mod postgres;
 mod redis;
 
-use std::time::Duration;
-
-use chrono::{DateTime, Utc};
 use sqlx::postgres::PgPool;
 
 use super::config::{Config, LeaderMode};
-use super::identity::Identity;
-use super::refusal::Refusal;
+use super::engine::EngineError;
 use super::shard::Shard;
 pub use lock::{Fence, Kept, LeaderLock};
+pub use outcome::{Holder, LockError};
 
-/// Why the lock's backend could not be used.
+/// Why relaying under a lock (or elastic leases) ended before it was told to.
 #[derive(Debug, thiserror::Error)]
-pub enum LockError {
-    /// Redis failed or did not answer in time.
-    #[error("redis")]
-    Redis(#[from] ::redis::RedisError),
-    /// Redis refused our TLS settings or credentials.
-    #[error("{refusal}: Redis at cache.url {url}")]
-    RedisRefused {
-        /// What was refused.
-        refusal: Refusal,
-        /// `cache.url`, redacted.
-        url: String,
-        /// The client's error.
-        #[source]
-        source: ::redis::RedisError,
-    },
-    /// `rediss://` to a server that answers without TLS.
-    #[error("{}: Redis at cache.url {url}: the server answers without TLS", Refusal::Tls)]
-    RedisWithoutTls {
-        /// `cache.url`, redacted.
-        url: String,
-    },
-    /// A `cache.tls_*` file could not be read.
-    #[error("reading {key} ({path})")]
-    CertificateFile {
-        /// The setting.
-        key: &'static str,
-        /// Its file.
-        path: String,
-        /// Why it could not be read.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The `cache.tls_*` certificates are not usable PEM.
-    #[error("reading the cache.tls_* certificates")]
-    Certificates(#[source] ::redis::RedisError),
-    /// Postgres failed.
-    #[error("postgres")]
-    Postgres(#[from] sqlx::Error),
-    /// The backend did not answer within the renewal interval.
-    #[error("timed out")]
-    TimedOut,
-    /// The backend kept failing for longer than `give_up_after`.
-    #[error("leader lock backend unavailable for longer than {}", humantime::format_duration(*.0))]
-    GaveUp(Duration),
-}
-
-impl LockError {
-    /// The settings must change, retrying cannot help: Redis refused our TLS settings or credentials, or the
-    /// certificates could not be read.
-    pub fn is_config_error(&self) -> bool {
-        matches!(
-            self,
-            Self::RedisRefused { .. }
-                | Self::RedisWithoutTls { .. }
-                | Self::CertificateFile { .. }
-                | Self::Certificates(_)
-        )
-    }
-}
-
-/// A lock and who holds it, for `qx-relay status`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Holder {
-    /// The Redis key, or the advisory lock's name.
-    pub key: String,
-    /// `redis` or `postgres`.
-    pub backend: &'static str,
-    /// Whether someone holds it.
-    pub held: bool,
-    /// Redis: the holder's token, if the key is set.
-    pub token: Option<String>,
-    /// Redis: lease left, in milliseconds.
-    pub ttl_left_ms: Option<i64>,
-    /// The holding relay's host and pid, when it recorded them (a Python relay does not).
-    #[serde(flatten)]
-    pub identity: Option<Identity>,
-    /// Redis: since when the holding relay has held the lock, when it recorded it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub since: Option<DateTime<Utc>>,
-    /// Postgres: the holding session.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub session: Option<Session>,
-}
-
-/// The Postgres session holding an advisory lock.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Session {
-    /// The server process of the session (`pg_terminate_backend` ends it, and the lock).
-    pub backend_pid: i32,
-    /// Its `application_name`.
-    pub application_name: Option<String>,
-    /// The client's address; none over a Unix socket, or when our role may not see it.
-    pub client_addr: Option<String>,
+pub enum LeaseError {
+    /// The relay loop gave up.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The lock backend gave up, or refused our settings.
+    #[error(transparent)]
+    Lock(#[from] LockError),
 }
 
 /// The backend of the leader locks (and of the membership record), chosen once from the config.

@@ -11,8 +11,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::time::timeout;
 use uuid::Uuid;
 
-use super::lock::{Acquired, STANDBY_POLL_MAX};
-use super::{Holder, LockError, Session};
+use super::outcome::{Acquired, Holder, LockError, Session, STANDBY_POLL_MAX};
 use crate::relay::identity::Identity;
 
 /// The live members of a Postgres membership: the granted two-key advisory locks of its class, in order.

@@ -15,10 +15,9 @@ use tokio::time::{timeout, Instant};
 use tracing::debug;
 use uuid::Uuid;
 
-use super::lock::{Acquired, STANDBY_POLL_MAX};
-use super::{Holder, LockError};
+use super::outcome::{Acquired, Holder, LockError, STANDBY_POLL_MAX};
+use crate::relay::causes::error_chain;
 use crate::relay::config::CacheConfig;
-use crate::relay::exit::error_chain;
 use crate::relay::identity::Identity;
 use crate::relay::refusal;
 
