@@ -20,7 +20,7 @@ fn relay_config(shard_key: ShardKey, on_publish: OnPublish) -> RelayConfig {
 }
 
 async fn open_store(db: &TestDb, relay: &RelayConfig) -> OutboxStore {
-    OutboxStore::connect(&db.url, relay, 1, Duration::from_secs(5)).await.expect("connect")
+    OutboxStore::connect(&db.url, relay, Duration::from_secs(5)).await.expect("connect")
 }
 
 async fn default_store(db: &TestDb) -> OutboxStore {

@@ -64,16 +64,22 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::backoff::Backoff;
 pub use causes::error_chain;
 use config::Config;
 use engine::{Engine, Totals};
 pub use exit::{ExitCode, RelayError};
 use lease::{elastic, fixed, Backend, LeaseError};
-use nats::RelayPublisher;
+use nats::{ConnectError, RelayPublisher};
+use outage::OutageClock;
 use owned::Owned;
 use refusal::PostgresError;
 use shard::Shard;
 use store::OutboxStore;
+
+/// Retries of a server that does not answer at start.
+const START_RETRY: Backoff =
+    Backoff::new(Duration::from_millis(500), Duration::from_secs(5)).with_jitter(0.5);
 
 /// After the drain: closing the NATS connection, then the background tasks, each at most this long.
 const STOP_GRACE: Duration = Duration::from_millis(500);
@@ -86,8 +92,8 @@ struct Started {
 }
 
 /// Says what starts, serves the probes, connects, checks the table and the stream, and starts the background
-/// tasks (wake-ups, housekeeping).
-async fn start(config: &Config, shutdown: &CancellationToken) -> Result<Started, RelayError> {
+/// tasks (wake-ups, housekeeping); `None` when `shutdown` came first.
+async fn start(config: &Config, shutdown: &CancellationToken) -> Result<Option<Started>, RelayError> {
     let relay = config.relay.clone();
     let shard = Shard::of(&relay);
     // Where it connects, without credentials, and the settings as they are written in the config.
@@ -127,12 +133,31 @@ async fn start(config: &Config, shutdown: &CancellationToken) -> Result<Started,
     let connect_timeout = Duration::from_secs_f64(config.nats.connect_timeout_seconds);
     let db_url = config.db.sqlx_url();
     // One relay loop, elastic or not: its claims cover every shard it publishes.
-    let store = OutboxStore::connect(&db_url, &relay, 1, connect_timeout)
-        .await
-        .map_err(|err| PostgresError::connecting(&db_url, err))?;
-    metrics::set_store_up(true); // standbys too; the relay loop updates it once it leads
+    let connect = || async {
+        OutboxStore::connect(&db_url, &relay, connect_timeout)
+            .await
+            .map_err(|err| PostgresError::connecting(&db_url, err))
+    };
+    let Some(store) = until_up(
+        "Postgres",
+        &relay,
+        shutdown,
+        metrics::set_store_up,
+        connect,
+        PostgresError::is_config_error,
+    )
+    .await?
+    else {
+        return Ok(None);
+    };
     preflight::table(&store, &relay, Some(shutdown)).await?;
-    let publisher = RelayPublisher::connect(&config.nats, &relay).await?;
+    let connect = || RelayPublisher::connect(&config.nats, &relay);
+    let Some(publisher) =
+        until_up("NATS", &relay, shutdown, metrics::set_nats_up, connect, ConnectError::is_config_error)
+            .await?
+    else {
+        return Ok(None);
+    };
     info!(nats = %publisher.server(), "connected to Postgres and NATS");
     preflight::stream_at_start(&publisher, &relay).await?;
     health.set_dependencies(store.clone(), publisher.clone());
@@ -165,7 +190,51 @@ async fn start(config: &Config, shutdown: &CancellationToken) -> Result<Started,
         heartbeat: health.heartbeat(),
         tally: engine::Tally::default(),
     };
-    Ok(Started { parts, owned, background })
+    Ok(Some(Started { parts, owned, background }))
+}
+
+/// Connects to `server` with `connect` until it answers, as the relay loop retries an outage: a refusal of our
+/// settings ends it at once, `give_up_after` of failures ends it with the last error, `shutdown` with `None`.
+/// Meanwhile the probes and `/metrics` are served, so a relay whose dependency is down at start is seen
+/// (`set_up(false)`, `/readyz` not ready) instead of exiting after one attempt.
+async fn until_up<T, E, F>(
+    server: &str,
+    relay: &config::RelayConfig,
+    shutdown: &CancellationToken,
+    set_up: fn(bool),
+    mut connect: impl FnMut() -> F,
+    is_refusal: fn(&E) -> bool,
+) -> Result<Option<T>, E>
+where
+    F: Future<Output = Result<T, E>>,
+    E: std::error::Error,
+{
+    let mut outage = OutageClock::new(relay.give_up_after);
+    loop {
+        let started = tokio::time::Instant::now();
+        let err = match connect().await {
+            Ok(connected) => {
+                if let Some(down_for) = outage.recovered() {
+                    info!(?down_for, "{server} available");
+                }
+                set_up(true);
+                return Ok(Some(connected));
+            }
+            Err(err) => err,
+        };
+        set_up(false);
+        let first = !outage.is_down();
+        if is_refusal(&err) || outage.failed(started).is_err() {
+            return Err(err);
+        }
+        if first {
+            warn!(error = %error_chain(&err), give_up_after = ?relay.give_up_after, "{server} unavailable at start; retrying");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = tokio::time::sleep(outage.pause(&START_RETRY)) => {}
+        }
+    }
 }
 
 /// Connects, checks, and relays until `shutdown` is cancelled; then finishes in-flight work within
@@ -174,7 +243,9 @@ async fn start(config: &Config, shutdown: &CancellationToken) -> Result<Started,
 /// # Errors
 /// See [`RelayError`]; [`ExitCode::from`] maps each to the process exit code.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Totals, RelayError> {
-    let Started { parts, owned, background } = start(&config, &shutdown).await?;
+    let Some(Started { parts, owned, background }) = start(&config, &shutdown).await? else {
+        return Ok(Totals::default());
+    };
     let (relay, publisher) = (config.relay.clone(), parts.publisher.clone());
     let shard = Shard::of(&relay);
     let tally = parts.tally.clone();

@@ -369,7 +369,7 @@ async fn connect(config: &Config) -> Result<OutboxStore, ExitCode> {
 async fn connect_store(config: &Config) -> Result<OutboxStore, PostgresError> {
     let timeout = Duration::from_secs_f64(config.nats.connect_timeout_seconds);
     let url = config.db.sqlx_url();
-    OutboxStore::connect(&url, &config.relay, 1, timeout)
+    OutboxStore::connect(&url, &config.relay, timeout)
         .await
         .map_err(|err| PostgresError::connecting(&url, err))
 }

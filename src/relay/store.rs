@@ -58,6 +58,10 @@ fn claim_idle_limit(relay: &RelayConfig) -> Duration {
     }
 }
 
+/// Connections of a relay's pool: three for the loop's overlapping claim, publish and settle, two for the
+/// outbox sample and LISTEN.
+const POOL_SIZE: u32 = 5;
+
 /// How long a claim waits for a lock on the table before trying again later.
 const LOCK_WAIT_MAX: Duration = Duration::from_secs(1);
 
@@ -371,19 +375,19 @@ pub struct OutboxStore {
 }
 
 impl OutboxStore {
-    /// Connects a pool sized for `shards` claim/publish/settle pipelines, for `relay`'s table, shard key and
-    /// publish mode. Its claims take the whole table; [`Self::for_scope`] narrows them.
+    /// Connects a pool sized for the relay loop (a claim, a publish and a settle overlap, each on a connection
+    /// of its own) and two more (the sample, LISTEN), for `relay`'s table, shard key and publish mode. Its
+    /// claims take the whole table; [`Self::for_scope`] narrows them.
     ///
     /// # Errors
     /// When Postgres cannot be reached within `connect_timeout`.
     pub async fn connect(
         url: &str,
         relay: &RelayConfig,
-        shards: u32,
         connect_timeout: Duration,
     ) -> Result<Self, sqlx::Error> {
         let options = PgConnectOptions::from_str(url)?;
-        let pool = || PgPoolOptions::new().max_connections(3 * shards + 2).acquire_timeout(connect_timeout);
+        let pool = || PgPoolOptions::new().max_connections(POOL_SIZE).acquire_timeout(connect_timeout);
         let pool = match pool().connect_with(options.clone()).await {
             // The pool retries a refused connection until its timeout and then says only that it timed out:
             // one more attempt of our own tells why (refused, no route, reset, ...).
