@@ -134,14 +134,21 @@ struct Cluster {
     key: String,
 }
 
+/// Replicas a, b and c of a new cluster, split 4/4/4, with keyed events coming in; the replicas in order.
+type ThreeReplicas = (Cluster, Observer, Producer, [Relay; 3]);
+
 impl Cluster {
-    /// A new cluster, who publishes what as the leases say, and keyed events coming in.
-    async fn start(leader: &'static str) -> (Self, Observer, Producer) {
+    /// A new cluster leasing in `leader`, who publishes what as the leases say, keyed events coming in, and
+    /// three replicas once they split the shards 4/4/4 (after how long, to print).
+    async fn with_three(leader: &'static str) -> (ThreeReplicas, Duration) {
         let (db, stream) = (Arc::new(TestDb::create().await), TestStream::create().await);
         let cluster = Self { leader, db, stream, key: format!("test:{}:elastic", Uuid::new_v4().simple()) };
-        let observer = Observer::new(leader, cluster.env("observer"), &cluster.key).await;
+        let mut observer = Observer::new(leader, cluster.env("observer"), &cluster.key).await;
         let producer = Producer::start(&cluster.db);
-        (cluster, observer, producer)
+        let replicas = [cluster.spawn("a"), cluster.spawn("b"), cluster.spawn("c")];
+        let pids: Vec<u32> = replicas.iter().map(Relay::pid).collect();
+        let split = wait_for_shares(&mut observer, &pids, &[4, 4, 4]).await;
+        ((cluster, observer, producer, replicas), split)
     }
 
     fn env(&self, name: &str) -> RelayEnv {
@@ -259,24 +266,24 @@ async fn assert_one_owner_per_shard(
     }
 }
 
-#[tokio::test]
-async fn replicas_share_the_shards_take_over_and_rebalance_keeping_each_key_in_order() {
-    share_take_over_and_rebalance("redis").await;
+/// Runs `scenario` with Redis leases, then with Postgres advisory locks; one timed test at a time.
+async fn with_each_leader<F: std::future::Future<Output = ()>>(scenario: impl Fn(&'static str) -> F) {
+    let _timed = TIMED.lock().await;
+    for leader in ["redis", "postgres"] {
+        scenario(leader).await;
+    }
 }
 
 #[tokio::test]
-async fn replicas_share_the_shards_by_postgres_advisory_locks_alike() {
-    share_take_over_and_rebalance("postgres").await;
+async fn replicas_share_the_shards_take_over_and_rebalance_keeping_each_key_in_order() {
+    with_each_leader(share_take_over_and_rebalance).await;
 }
 
 /// 3 replicas leasing in `leader` split 12 shards 4/4/4; one killed, the other two own all 12 within
 /// `leader_ttl` + 1 s; a fourth joins, 4/4/4 within 2 × `leader_ttl`; one stops, the others own all 12.
 async fn share_take_over_and_rebalance(leader: &'static str) {
-    let _timed = TIMED.lock().await;
-    let (cluster, mut observer, producer) = Cluster::start(leader).await;
+    let ((cluster, mut observer, producer, [a, b, c]), split) = Cluster::with_three(leader).await;
     let (db, stream, env) = (&cluster.db, &cluster.stream, |name: &str| cluster.env(name));
-    let (a, b, c) = (cluster.spawn("a"), cluster.spawn("b"), cluster.spawn("c"));
-    let split = wait_for_shares(&mut observer, &[a.pid(), b.pid(), c.pid()], &[4, 4, 4]).await;
     eprintln!("{leader}: 3 replicas split 12 shards 4/4/4 {split:?} after starting");
     let (code, stdout, stderr) = run_command(&env("observer"), &["status", "--json"]);
     assert_eq!(code, Some(0), "{stderr}");
@@ -331,6 +338,15 @@ async fn share_take_over_and_rebalance(leader: &'static str) {
     }
 }
 
+/// The `reason` of each of `relay`'s log lines saying `message`, in order.
+fn reasons(relay: &Relay, message: &str) -> Vec<String> {
+    log_lines(relay)
+        .iter()
+        .filter(|line| line.message == message)
+        .map(|line| line.fields["reason"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
 /// `series`' value in a Prometheus text exposition.
 fn sample(metrics: &str, series: &str) -> Option<f64> {
     metrics.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
@@ -361,12 +377,7 @@ async fn operators_see_each_shards_owner_and_the_members_and_none_refuses_auto()
     })
     .await;
     assert!(alone.is_some(), "one replica owns all 12 shards:\n{}", a.log());
-    let acquired: Vec<String> = log_lines(&a)
-        .iter()
-        .filter(|line| line.message == "shard acquired")
-        .map(|line| line.fields["reason"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    assert_eq!(acquired, vec!["start"; 12], "one line per shard, with its reason");
+    assert_eq!(reasons(&a, "shard acquired"), vec!["start"; 12], "one line per shard, with its reason");
 
     let (b, b_port) = Relay::spawn_serving(&env);
     let halves = poll(DRAIN, || async {
@@ -407,12 +418,8 @@ async fn operators_see_each_shards_owner_and_the_members_and_none_refuses_auto()
     .await;
     assert!(all.is_some(), "b took a's shards over:\n{}", b.log());
     b.stop().await;
-    let reasons: Vec<String> = log_lines(&b)
-        .iter()
-        .filter(|line| line.message == "shard released")
-        .map(|line| line.fields["reason"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    assert_eq!(reasons, vec!["stop"; 12], "b owned all 12 after a stopped, and released them on SIGTERM");
+    let released = reasons(&b, "shard released");
+    assert_eq!(released, vec!["stop"; 12], "b owned all 12 after a stopped, and released them on SIGTERM");
 
     let unleased = env.set("QX_RELAY__LEADER", "none");
     let (code, _, stderr) = run_command(&unleased, &["run"]);
@@ -422,22 +429,14 @@ async fn operators_see_each_shards_owner_and_the_members_and_none_refuses_auto()
 
 #[tokio::test]
 async fn a_replica_frozen_past_its_leases_loses_its_shards_and_rejoins_keeping_each_key_in_order() {
-    freeze_and_thaw("redis").await;
-}
-
-#[tokio::test]
-async fn a_replica_frozen_past_its_postgres_sessions_loses_its_shards_alike() {
-    freeze_and_thaw("postgres").await;
+    with_each_leader(freeze_and_thaw).await;
 }
 
 /// One of 3 replicas leasing in `leader` frozen (SIGSTOP) past its leases, then thawed.
 async fn freeze_and_thaw(leader: &'static str) {
-    let _timed = TIMED.lock().await;
-    let (cluster, mut observer, producer) = Cluster::start(leader).await;
+    let ((cluster, mut observer, producer, [a, b, c]), _) = Cluster::with_three(leader).await;
     let (db, stream) = (&cluster.db, &cluster.stream);
-    let (a, b, c) = (cluster.spawn("a"), cluster.spawn("b"), cluster.spawn("c"));
     let pids = [a.pid(), b.pid(), c.pid()];
-    wait_for_shares(&mut observer, &pids, &[4, 4, 4]).await;
     let frozen_at = Utc::now();
     c.signal("STOP");
     let takeover = wait_for_shares(&mut observer, &[a.pid(), b.pid()], &[6, 6]).await;
