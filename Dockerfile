@@ -28,6 +28,15 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
     QX_RELAY_REVISION="$REVISION" cargo auditable build --release --locked --bin qx-relay \
  && install -D -m 0755 target/release/qx-relay /out/qx-relay
+# Shell completions and man pages, printed by the binary from the command-line definition it parses with, in
+# the places the shells and man look (under /usr/share once copied). The runtime image has no shell to use
+# them in: they are there for images built on top of it, and to copy out (docker cp).
+RUN mkdir -p /out/share/bash-completion/completions /out/share/zsh/vendor-completions \
+      /out/share/fish/vendor_completions.d /out/share/man/man1 \
+ && /out/qx-relay completions bash >/out/share/bash-completion/completions/qx-relay \
+ && /out/qx-relay completions zsh >/out/share/zsh/vendor-completions/_qx-relay \
+ && /out/qx-relay completions fish >/out/share/fish/vendor_completions.d/qx-relay.fish \
+ && /out/qx-relay man --out-dir /out/share/man/man1
 
 # ---- runtime: glibc, libgcc, CA certificates and tzdata; no shell, no package manager ----
 FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
@@ -41,6 +50,7 @@ LABEL org.opencontainers.image.title="qx-relay" \
       org.opencontainers.image.revision="$REVISION" \
       org.opencontainers.image.source="$SOURCE"
 COPY --from=build /out/qx-relay /usr/local/bin/qx-relay
+COPY --from=build /out/share/ /usr/share/
 COPY config/qx-relay.toml /etc/qx-relay/qx-relay.toml
 ENV QX_RELAY_CONFIG=/etc/qx-relay/qx-relay.toml
 # Numeric, so Kubernetes' runAsNonRoot can verify it; deploy/ runs as the same uid.

@@ -1,7 +1,7 @@
 //! `qx-relay`: CLI → telemetry → config → runtime → exit code; nothing else.
 
 use clap::Parser;
-use qx_relay::relay::cli::{Cli, Command, DeadCommand};
+use qx_relay::relay::cli::{self, Cli, Command, DeadCommand};
 use qx_relay::relay::config::{self, Config};
 use qx_relay::relay::store::Requeue;
 use qx_relay::relay::{self, error_chain, ops, shutdown, telemetry, ExitCode};
@@ -20,6 +20,9 @@ fn main() -> std::process::ExitCode {
         }
     };
     telemetry::init(cli.log_format);
+    if let Some(command) = cli.command.as_ref().filter(|command| command.is_offline()) {
+        return exit(offline(command));
+    }
     let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
     for warning in config::unknown_env_keys(names) {
         warn!("{warning}");
@@ -63,7 +66,7 @@ async fn dispatch(command: Command, config: Config) -> ExitCode {
             }
         }
         Command::Check => ops::check(&config).await,
-        Command::Config => ops::print_config(&config),
+        Command::Config { .. } => ops::print_config(&config),
         Command::Status { json } => ops::status(&config, json).await,
         Command::Dead { command: DeadCommand::List { limit, event_name, json } } => {
             ops::dead_list(&config, limit, event_name.as_deref(), json).await
@@ -76,6 +79,31 @@ async fn dispatch(command: Command, config: Config) -> ExitCode {
                 (false, None) => Requeue::Ids(ids),
             };
             ops::dead_requeue(&config, &which, dry_run, json).await
+        }
+        offline @ (Command::Completions { .. } | Command::Man { .. }) => self::offline(&offline),
+    }
+}
+
+/// What the binary prints about itself, without settings: the configuration reference, shell completions,
+/// man pages.
+fn offline(command: &Command) -> ExitCode {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let written = match command {
+        Command::Completions { shell } => {
+            cli::completions(*shell, &mut stdout);
+            Ok(())
+        }
+        Command::Man { out_dir } => cli::man(out_dir.as_deref(), &mut stdout),
+        _ => write!(stdout, "{}", config::reference::markdown()),
+    };
+    match written.and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::Ok,
+        // `| head` closing the pipe early is not a failure.
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::Ok,
+        Err(err) => {
+            error!("cannot write: {err}");
+            ExitCode::Internal
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{ArgGroup, Parser, Subcommand};
+use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
 use uuid::Uuid;
 
 use super::config::Overrides;
@@ -54,7 +54,11 @@ pub enum Command {
     /// Validate the config, connect to Postgres and NATS, check the table and the stream; one line per check.
     Check,
     /// Print the effective config (all layers merged) as TOML, secrets redacted.
-    Config,
+    Config {
+        /// Print the reference of every setting instead (Markdown: type, default, variable, meaning).
+        #[arg(long)]
+        reference: bool,
+    },
     /// Pending, parked and recently published rows per shard, and who holds the leader locks.
     Status {
         /// Print JSON instead of text.
@@ -67,6 +71,47 @@ pub enum Command {
         #[command(subcommand)]
         command: DeadCommand,
     },
+    /// Print the shell completion script for SHELL.
+    // Hidden, as `man`: packaging steps, not operator commands; the README's install section names both.
+    #[command(hide = true)]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or write one per command into DIR.
+    #[command(hide = true)]
+    Man {
+        /// Write qx-relay.1 and a page per subcommand (qx-relay-run.1, …) here instead.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+impl Command {
+    /// Whether it runs without the relay's settings: it prints what the binary knows about itself.
+    pub fn is_offline(&self) -> bool {
+        matches!(self, Self::Config { reference: true } | Self::Completions { .. } | Self::Man { .. })
+    }
+}
+
+/// Writes the completion script of `shell` for `qx-relay`.
+pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    clap_complete::generate(shell, &mut Cli::command(), "qx-relay", out);
+}
+
+/// Writes the man page of `qx-relay` to `out`, or, with `out_dir`, one page per command into it.
+///
+/// # Errors
+/// Writing failed.
+pub fn man(out_dir: Option<&std::path::Path>, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    match out_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            clap_mangen::generate_to(Cli::command(), dir)
+        }
+        None => clap_mangen::Man::new(Cli::command()).render(out),
+    }
 }
 
 /// `qx-relay dead …`.

@@ -54,13 +54,21 @@ const QX_ONLY_ENV_KEYS: &[&str] = &[
 
 /// `QX_*` variables that are ours; see the module docs.
 pub(super) fn qx_env() -> Env {
-    Env::prefixed("QX_")
-        .filter(|key| {
-            let key = key.as_str().to_ascii_lowercase();
-            let ours = key.starts_with("relay__") && key != ENV_LOG_FILTER[3..].to_ascii_lowercase();
-            ours || SHARED_ENV_KEYS.contains(&key.as_str())
-        })
-        .split("__")
+    Env::prefixed("QX_").filter(|key| reads(key.as_str())).split("__")
+}
+
+/// Whether the variable `QX_<key>` is a setting the relay reads (`key` as figment gives it, e.g.
+/// `relay__batch_size`, in any case).
+fn reads(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    let ours = key.starts_with("relay__") && key != ENV_LOG_FILTER[3..].to_ascii_lowercase();
+    ours || SHARED_ENV_KEYS.contains(&key.as_str())
+}
+
+/// The variable that sets `section.key`, if the relay reads one (for the configuration reference).
+pub(super) fn env_variable_for(section: &str, key: &str) -> Option<String> {
+    let key = format!("{section}__{key}");
+    reads(&key).then(|| format!("QX_{key}").to_ascii_uppercase())
 }
 
 /// Warnings about the variables among `names` under `QX_NATS__`, `QX_DB__` and `QX_CACHE__` that neither the

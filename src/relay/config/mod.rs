@@ -10,10 +10,15 @@
 //! - `layers`: the flags, the merge into one [`Config`], and its errors as one line naming their source;
 //! - `env`: which `QX_*` variables are read, and warnings, with a suggestion, about those nobody reads;
 //! - `urls`: SQLAlchemy and asyncpg DSNs as sqlx takes them, credentials in NATS URLs, and redaction;
-//! - `validate`: [`ConfigError`], the limits, and the range and cross-field rules.
+//! - `validate`: [`ConfigError`], the limits, and the range and cross-field rules;
+//! - `reference`: docs/configuration.md, generated from this file's doc comments, types and defaults.
+//!
+//! The doc comments of the settings below are their documentation for operators too (`qx-relay config
+//! --reference`): write them for someone setting the key, not for a reader of the code.
 
 mod env;
 mod layers;
+pub mod reference;
 mod urls;
 mod validate;
 
@@ -22,7 +27,10 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
+
+use reference::{Humantime, ListenAddr};
 
 pub use env::{unknown_env_keys, ENV_LOG_FILTER};
 pub use layers::Overrides;
@@ -32,41 +40,44 @@ pub use validate::{
 };
 
 /// Everything the relay reads from its settings.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// The NATS connection.
+    /// The NATS connection, as Qx's `QX_NATS__*` settings name it, plus the credentials and TLS a real cluster
+    /// needs.
     pub nats: NatsConfig,
-    /// The Postgres database holding the outbox table.
+    /// The Postgres database holding the outbox table, as Qx's `QX_DB__URL`.
     pub db: DbConfig,
-    /// Redis, used for the leader lock.
+    /// Redis, for the leader locks and elastic shards when `relay.leader = "redis"`, as Qx's `QX_CACHE__URL`.
     pub cache: CacheConfig,
-    /// What the relay does.
+    /// What the relay does (`QX_RELAY__*`).
     pub relay: RelayConfig,
 }
 
 /// `[nats]`, as Qx names it, plus the credentials and TLS a real cluster needs.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
-    /// Server URLs; in env a JSON list (as Qx writes it) or a comma-separated list.
+    /// Server URLs; in env a JSON list (`'["nats://a:4222","nats://b:4222"]'`, as Qx writes it) or a
+    /// comma-separated list. Credentials may be written in them as nats-py reads them:
+    /// `nats://user:password@host:4222`, or `nats://token@host:4222`.
     #[serde(deserialize_with = "list_or_comma_string")]
     pub servers: Vec<String>,
     /// Reconnect attempts before the client gives up; 0 or less retries forever.
     pub max_reconnect_attempts: i64,
-    /// Pause between reconnect attempts.
+    /// Pause between reconnect attempts, in seconds (at most 86400).
     pub reconnect_time_wait_seconds: f64,
-    /// Timeout of each connection attempt.
+    /// Timeout of each connection attempt, NATS and Postgres, in seconds (at most 86400).
     pub connect_timeout_seconds: f64,
     /// Connection name shown by the server.
     pub name: Option<String>,
-    /// NATS credentials file (JWT + NKey).
+    /// Credentials file (JWT + NKey) for a decentralised-auth cluster.
     pub creds_file: Option<String>,
-    /// User for user/password auth.
+    /// User for user/password auth (with `password`).
     pub user: Option<String>,
-    /// Password for user/password auth.
+    /// Password for user/password auth (with `user`); `qx-relay config` prints it as `***`.
     pub password: Option<String>,
-    /// Token auth.
+    /// Token auth; `qx-relay config` prints it as `***`.
     pub token: Option<String>,
     /// Require TLS even without certificates configured.
     pub tls_required: bool,
@@ -99,10 +110,12 @@ impl Default for NatsConfig {
 }
 
 /// `[db]`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct DbConfig {
-    /// `postgres://`, `postgresql://` or SQLAlchemy's `postgresql+asyncpg://`; TLS via `sslmode`.
+    /// `postgres://`, `postgresql://` or SQLAlchemy's `postgresql+asyncpg://`. TLS via the URL, e.g.
+    /// `?sslmode=verify-full&sslrootcert=/etc/pg/ca.pem`, or asyncpg's `?ssl=verify-full`; `sslmode=require`
+    /// with a `sslrootcert` verifies the chain, as libpq does.
     pub url: String,
 }
 
@@ -113,10 +126,10 @@ impl Default for DbConfig {
 }
 
 /// `[cache]`: Redis, as Qx's `QX_CACHE__URL`, plus the certificates a `rediss://` server may need.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {
-    /// `redis://` or `rediss://` URL.
+    /// `redis://` or `rediss://` (TLS) URL.
     pub url: String,
     /// CA certificate (PEM) to verify a `rediss://` server; the public web roots when unset.
     pub tls_ca_file: Option<String>,
@@ -138,7 +151,7 @@ impl Default for CacheConfig {
 }
 
 /// How a relay makes sure it is the only one publishing its shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LeaderMode {
     /// No lock: relays on one shard split rows by `SKIP LOCKED` (no per-key order across them).
@@ -162,7 +175,7 @@ impl LeaderMode {
 }
 
 /// What happens to a row once JetStream acknowledged it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OnPublish {
     /// Set `published_at`, as the Python relay does.
@@ -247,6 +260,20 @@ impl<'de> Deserialize<'de> for ShardKey {
     }
 }
 
+impl JsonSchema for ShardKey {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ShardKey".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string" })
+    }
+}
+
 /// Which shard a relay publishes: a fixed one, or `auto`: replicas share the shards by lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShardId {
@@ -308,6 +335,20 @@ impl<'de> Deserialize<'de> for ShardId {
     }
 }
 
+impl JsonSchema for ShardId {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ShardId".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "anyOf": [{ "type": "integer", "minimum": 0 }, { "const": "auto" }] })
+    }
+}
+
 /// `relay.statement_timeout` by default, unless `give_up_after` asks for less.
 const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -316,74 +357,94 @@ const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_BATCH_BYTES: u64 = 8 << 20;
 
 /// `[relay]`: the relay's own knobs (`QX_RELAY__*`).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RelayConfig {
-    /// Subjects are `<subject_prefix>.<event_name>`; required, typically the service name.
+    /// Subjects are `<subject_prefix>.<event_name>`. Required (no default); typically the service name.
     pub subject_prefix: Option<String>,
     /// The outbox table, optionally schema-qualified.
     pub table: String,
-    /// Rows claimed per batch.
+    /// Rows claimed per batch (at most 100000).
     pub batch_size: u32,
-    /// Bytes of row bodies a batch may hold past its first row (a row up to NATS' `max_payload` always fits);
-    /// also the bytes awaiting PubAcks at once. Bounds the relay's memory whatever the rows weigh.
+    /// Bytes of row bodies a batch may hold past its first row (at least 65536; a row up to NATS'
+    /// `max_payload` always fits); also the bytes awaiting PubAcks at once. Bounds the relay's memory whatever
+    /// the rows weigh.
     pub max_batch_bytes: u64,
-    /// Publishes awaiting their PubAck at once.
+    /// Publishes awaiting their PubAck at once (at most 65536).
     pub max_in_flight: u32,
-    /// Wait after a short batch before claiming again.
+    /// Wait after a short batch before claiming again (no wait while a backlog remains).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "Humantime")]
     pub poll_interval: Duration,
     /// Wait after an empty claim.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "Humantime")]
     pub idle_poll_interval: Duration,
-    /// On SIGTERM, time to finish the in-flight batch.
+    /// On SIGTERM, time to finish the in-flight batch (acks awaited, marks committed).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "Humantime")]
     pub drain_timeout: Duration,
-    /// How long publishing may go without a PubAck; then the batch's unconfirmed rows wait for NATS.
+    /// How long publishing may go without a PubAck; then the batch's unconfirmed rows wait for NATS (no
+    /// attempt counted).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "Humantime")]
     pub ack_timeout: Duration,
     /// Longest wait for Postgres in one step (a connection, a statement, a commit); past it Postgres counts as
-    /// unavailable for that step, as when it refuses connections. Unset: see [`RelayConfig::statement_timeout`].
+    /// unavailable for that step, as when it refuses connections, so a hung server is retried and given up on
+    /// like a refused one. Below `give_up_after`; unset, 5s or half of `give_up_after`, whichever is shorter.
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<Humantime>")]
     pub statement_timeout: Option<Duration>,
-    /// Failed publishes before a row is parked.
+    /// Failed publishes (JetStream rejections) before a row is parked.
     pub max_attempts: i32,
-    /// First retry delay of a failing row; doubles per attempt, with jitter.
+    /// First retry delay of a failing row; doubles per attempt, with jitter, up to `retry_backoff_max`.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "Humantime")]
     pub retry_backoff: Duration,
     /// Longest retry delay of a failing row.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "Humantime")]
     pub retry_backoff_max: Duration,
-    /// This relay's shard, `0..shard_count`, or `auto` to share the shards with the other replicas.
+    /// This relay's shard, `0..shard_count`, or `"auto"` (with a `leader`): every replica runs alike and the
+    /// replicas share the shards by lease.
     pub shard_id: ShardId,
-    /// Number of shards the table is split into; 1 = no sharding.
+    /// Number of shards the table is split into; 1 = the whole table. Fixed while any relay runs.
     pub shard_count: u32,
-    /// What rows are sharded and ordered by.
+    /// What rows are sharded and ordered by: `id`, `tenant_id`, `correlation_id`, `event_name`, or a path into
+    /// the envelope such as `payload.order_id`. Rows with the same key go to the same shard, in
+    /// `(occurred_at, id)` order.
     pub shard_key: ShardKey,
-    /// Exit 69 when Postgres, NATS or Redis stays unreachable this long. Also the longest a claimed batch may
-    /// sit idle in its transaction before Postgres ends it, releasing the rows of a relay that stopped answering.
+    /// Exit 69 when Postgres, NATS or Redis stays unreachable this long (at most 7 days). Also the longest a
+    /// claimed batch may sit idle in its transaction before Postgres ends it, releasing the rows of a relay that
+    /// stopped answering. At least 1s and at least twice `ack_timeout`.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "Humantime")]
     pub give_up_after: Duration,
-    /// Postgres channel to LISTEN on for immediate wake-up; polling alone when unset.
+    /// Postgres channel to LISTEN on for immediate wake-up (`scripts/outbox-notify.sql` creates the trigger);
+    /// polling alone when unset.
     pub notify_channel: Option<String>,
-    /// Leader election.
+    /// Leader election: which lock keeps a shard to one publishing relay.
     pub leader: LeaderMode,
     /// Redis key of the leader lock (suffixed with `:<shard_id>` when sharded); with `shard_id = "auto"`,
-    /// `<leader_key>:members` is the membership record.
+    /// `<leader_key>:members` is the membership record. One key per outbox table.
     pub leader_key: String,
     /// Lease of a leader lock, in either backend: a Redis key's expiry, renewed every third of it; a Postgres
     /// lock session's `idle_session_timeout`, checked every third of it (at most every 500 ms).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "Humantime")]
     pub leader_ttl: Duration,
     /// What to do with a published row.
     pub on_publish: OnPublish,
-    /// Delete published rows older than this; keep them forever when unset.
+    /// Delete published rows older than this, in small batches (at most 100 years); kept forever when unset.
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<Humantime>")]
     pub retention: Option<Duration>,
     /// Create a stream capturing `<subject_prefix>.>` when none does (for development).
     pub ensure_stream: bool,
-    /// Serve `/metrics`, `/livez` and `/readyz` on this address (`:9464` for every interface); off when unset.
+    /// Serve `/metrics`, `/livez` and `/readyz` on this address: `host:port`, or `:port` for every interface;
+    /// off when unset.
     #[serde(deserialize_with = "optional_listen_addr")]
+    #[schemars(with = "Option<ListenAddr>")]
     pub metrics_addr: Option<SocketAddr>,
 }
 
