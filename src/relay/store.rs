@@ -23,7 +23,9 @@ use super::shard::{Scope, Shard};
 ///   say. A burst leaves them stale (the planner then expects one pending row per shard), and the cheapest
 ///   plan for one row is to read every pending row of the shard and sort them: 4.7 s instead of 6 ms for a
 ///   1,000-row claim with 1M rows pending. With sequential, bitmap and full sorts off, the only plan left
-///   is the index walk with an incremental sort of ties;
+///   is the index walk with an incremental sort of ties. A disabled sort still costs the plan that needs one
+///   (the ordered claim's final sort of its batch) so much that the server would JIT-compile it, 300 ms a
+///   claim, so JIT is off too;
 /// - its commit (the marks) need not wait for the WAL flush: a mark lost in a Postgres crash only means the
 ///   row is published again, and the stream's dedupe drops the repeat;
 /// - a relay that stops answering (frozen, partitioned) must not keep its rows locked for as long as TCP
@@ -37,6 +39,7 @@ fn claim_begin(idle_limit: Duration, statement_timeout: Duration, lock_wait: Dur
     let ms = |d: Duration| d.as_millis().clamp(1, i32::MAX as u128);
     format!(
         "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off; \
+         SET LOCAL jit = off; \
          SET LOCAL synchronous_commit = off; SET LOCAL idle_in_transaction_session_timeout = {}; \
          SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
         ms(idle_limit),
