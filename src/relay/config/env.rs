@@ -121,7 +121,7 @@ pub(super) fn env_variable(path: &[String]) -> String {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
-    use crate::relay::config::{Config, Overrides};
+    use crate::relay::config::tests::from_env;
     use figment::Jail;
     use std::time::Duration;
 
@@ -129,14 +129,19 @@ mod tests {
     fn qx_env_names_are_read_and_foreign_ones_ignored() {
         Jail::expect_with(|jail| {
             jail.set_env("QX_NATS__SERVERS", r#"["nats://a:4222","nats://b:4222"]"#);
-            jail.set_env("QX_DB__URL", "postgresql+asyncpg://u:secret@db:5432/app");
-            jail.set_env("QX_DB__POOL_SIZE", "20");
-            jail.set_env("QX_APP__NAME", "orders");
-            jail.set_env("QX_ENV", "prod");
-            jail.set_env("QX_RELAY__SUBJECT_PREFIX", "orders");
-            jail.set_env("QX_RELAY__POLL_INTERVAL", "50ms");
-            jail.set_env("QX_RELAY__LOG", "debug");
-            let config = Config::load(None, &Overrides::default()).unwrap();
+            let config = from_env(
+                jail,
+                &[
+                    ("QX_DB__URL", "postgresql+asyncpg://u:secret@db:5432/app"),
+                    ("QX_DB__POOL_SIZE", "20"),
+                    ("QX_APP__NAME", "orders"),
+                    ("QX_ENV", "prod"),
+                    ("QX_RELAY__SUBJECT_PREFIX", "orders"),
+                    ("QX_RELAY__POLL_INTERVAL", "50ms"),
+                    ("QX_RELAY__LOG", "debug"),
+                ],
+            )
+            .unwrap();
             assert_eq!(config.nats.servers, ["nats://a:4222", "nats://b:4222"]);
             assert_eq!(config.db.sqlx_url(), "postgresql://u:secret@db:5432/app");
             assert_eq!(config.relay.poll_interval, Duration::from_millis(50));
@@ -148,9 +153,11 @@ mod tests {
     #[test]
     fn bad_env_value_names_the_variable() {
         Jail::expect_with(|jail| {
-            jail.set_env("QX_RELAY__SUBJECT_PREFIX", "orders");
-            jail.set_env("QX_RELAY__MAX_IN_FLIGHT", "many");
-            let err = Config::load(None, &Overrides::default()).unwrap_err();
+            let err = from_env(
+                jail,
+                &[("QX_RELAY__SUBJECT_PREFIX", "orders"), ("QX_RELAY__MAX_IN_FLIGHT", "many")],
+            )
+            .unwrap_err();
             assert!(err.to_string().contains("QX_RELAY__MAX_IN_FLIGHT"), "{err}");
             Ok(())
         });

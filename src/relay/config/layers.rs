@@ -107,7 +107,7 @@ fn one_line(message: &str) -> String {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
-    use crate::relay::config::tests::load;
+    use crate::relay::config::tests::{from_env, load};
     use figment::Jail;
 
     #[test]
@@ -126,9 +126,9 @@ mod tests {
     #[test]
     fn an_unknown_relay_key_is_named_once_with_its_variable_and_a_suggestion() {
         Jail::expect_with(|jail| {
-            jail.set_env("QX_RELAY__SUBJECT_PREFIX", "orders");
-            jail.set_env("QX_RELAY__BATCHSIZE", "10");
-            let err = Config::load(None, &Overrides::default()).unwrap_err();
+            let err =
+                from_env(jail, &[("QX_RELAY__SUBJECT_PREFIX", "orders"), ("QX_RELAY__BATCHSIZE", "10")])
+                    .unwrap_err();
             assert_eq!(
                 err.to_string(),
                 "relay.batchsize (from QX_RELAY__BATCHSIZE): unknown key; did you mean batch_size?"
@@ -136,9 +136,11 @@ mod tests {
             Ok(())
         });
         Jail::expect_with(|jail| {
-            jail.set_env("QX_RELAY__SUBJECT_PREFIX", "orders");
-            jail.set_env("QX_RELAY__BATCHSIZE__BATCHSIZE", "10");
-            let err = Config::load(None, &Overrides::default()).unwrap_err();
+            let err = from_env(
+                jail,
+                &[("QX_RELAY__SUBJECT_PREFIX", "orders"), ("QX_RELAY__BATCHSIZE__BATCHSIZE", "10")],
+            )
+            .unwrap_err();
             assert!(
                 err.to_string().starts_with("relay.batchsize (from QX_RELAY__BATCHSIZE__BATCHSIZE): "),
                 "{err}"

@@ -549,6 +549,14 @@ mod tests {
         Config::load(Some(Path::new("relay.toml")), &Overrides::default())
     }
 
+    /// Loads the environment `vars`, without a file or flags.
+    pub(super) fn from_env(jail: &mut Jail, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        for (name, value) in vars {
+            jail.set_env(name, value);
+        }
+        Config::load(None, &Overrides::default())
+    }
+
     #[test]
     fn defaults_with_prefix_are_valid() {
         Jail::expect_with(|jail| {
@@ -563,9 +571,14 @@ mod tests {
     #[test]
     fn comma_separated_servers() {
         Jail::expect_with(|jail| {
-            jail.set_env("QX_NATS__SERVERS", "nats://a:4222, nats://b:4222");
-            jail.set_env("QX_RELAY__SUBJECT_PREFIX", "orders");
-            let config = Config::load(None, &Overrides::default()).unwrap();
+            let config = from_env(
+                jail,
+                &[
+                    ("QX_NATS__SERVERS", "nats://a:4222, nats://b:4222"),
+                    ("QX_RELAY__SUBJECT_PREFIX", "orders"),
+                ],
+            )
+            .unwrap();
             assert_eq!(config.nats.servers, ["nats://a:4222", "nats://b:4222"]);
             Ok(())
         });
@@ -579,12 +592,10 @@ mod tests {
             jail.create_file("relay.toml", "[relay]\nshard_id = \"auto\"\n")?;
             let config = Config::load(Some(Path::new("relay.toml")), &Overrides::default()).unwrap();
             assert_eq!(config.relay.shard_id, ShardId::Auto);
-            jail.set_env("QX_RELAY__SHARD_ID", "auto");
-            let config = Config::load(None, &Overrides::default()).unwrap();
+            let config = from_env(jail, &[("QX_RELAY__SHARD_ID", "auto")]).unwrap();
             assert_eq!(config.relay.shard_id, ShardId::Auto);
-            jail.set_env("QX_RELAY__SHARD_ID", "1");
-            jail.set_env("QX_RELAY__SHARD_COUNT", "3");
-            let config = Config::load(None, &Overrides::default()).unwrap();
+            let config =
+                from_env(jail, &[("QX_RELAY__SHARD_ID", "1"), ("QX_RELAY__SHARD_COUNT", "3")]).unwrap();
             assert_eq!(config.relay.shard_id, ShardId::Fixed(1));
             let overrides = Overrides { shard_id: Some("auto".parse().unwrap()), ..Overrides::default() };
             assert_eq!(Config::load(None, &overrides).unwrap().relay.shard_id, ShardId::Auto);
@@ -601,9 +612,11 @@ mod tests {
             assert!(parse_listen_addr(bad).is_err(), "{bad}");
         }
         Jail::expect_with(|jail| {
-            jail.set_env("QX_RELAY__SUBJECT_PREFIX", "orders");
-            jail.set_env("QX_RELAY__METRICS_ADDR", ":9464");
-            let config = Config::load(None, &Overrides::default()).unwrap();
+            let config = from_env(
+                jail,
+                &[("QX_RELAY__SUBJECT_PREFIX", "orders"), ("QX_RELAY__METRICS_ADDR", ":9464")],
+            )
+            .unwrap();
             assert_eq!(config.relay.metrics_addr, Some("0.0.0.0:9464".parse().unwrap()));
             let overrides =
                 Overrides { metrics_addr: Some("127.0.0.1:1".parse().unwrap()), ..Overrides::default() };

@@ -209,25 +209,10 @@ impl NatsConfig {
         if self.user.is_some() != self.password.is_some() {
             return Err(ConfigError::invalid("nats.password", "user and password go together"));
         }
-        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
-            return Err(ConfigError::invalid(
-                "nats.tls_key_file",
-                "tls_cert_file and tls_key_file go together",
-            ));
-        }
-        for (key, path) in [
-            ("nats.creds_file", &self.creds_file),
-            ("nats.tls_ca_file", &self.tls_ca_file),
-            ("nats.tls_cert_file", &self.tls_cert_file),
-            ("nats.tls_key_file", &self.tls_key_file),
-        ] {
-            if let Some(path) = path {
-                if !Path::new(path).is_file() {
-                    return Err(ConfigError::invalid(key, format!("no such file: {path}")));
-                }
-            }
-        }
-        Ok(())
+        existing_files(
+            ("nats.tls_cert_file", &self.tls_cert_file, "nats.tls_key_file", &self.tls_key_file),
+            &[("nats.creds_file", &self.creds_file), ("nats.tls_ca_file", &self.tls_ca_file)],
+        )
     }
 }
 
@@ -235,27 +220,37 @@ impl CacheConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         redis::Client::open(self.url.as_str())
             .map_err(|err| ConfigError::invalid("cache.url", format!("not a Redis URL: {err}")))?;
-        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
-            return Err(ConfigError::invalid(
-                "cache.tls_key_file",
-                "tls_cert_file and tls_key_file go together",
-            ));
-        }
-        for (key, path) in [
-            ("cache.tls_ca_file", &self.tls_ca_file),
-            ("cache.tls_cert_file", &self.tls_cert_file),
-            ("cache.tls_key_file", &self.tls_key_file),
-        ] {
-            let Some(path) = path else { continue };
-            if !self.url.starts_with("rediss://") {
-                return Err(ConfigError::invalid(key, "needs a rediss:// cache.url"));
-            }
-            if !Path::new(path).is_file() {
-                return Err(ConfigError::invalid(key, format!("no such file: {path}")));
+        let (ca, cert, key) = (&self.tls_ca_file, &self.tls_cert_file, &self.tls_key_file);
+        // Certificates only mean something to a TLS connection.
+        for (name, path) in
+            [("cache.tls_ca_file", ca), ("cache.tls_cert_file", cert), ("cache.tls_key_file", key)]
+        {
+            if path.is_some() && !self.url.starts_with("rediss://") {
+                return Err(ConfigError::invalid(name, "needs a rediss:// cache.url"));
             }
         }
-        Ok(())
+        existing_files(("cache.tls_cert_file", cert, "cache.tls_key_file", key), &[("cache.tls_ca_file", ca)])
     }
+}
+
+/// A section's client certificate and key go together (`pair`: each setting's name and value), and every file
+/// it names, theirs and `others`, exists.
+fn existing_files(
+    pair: (&'static str, &Option<String>, &'static str, &Option<String>),
+    others: &[(&'static str, &Option<String>)],
+) -> Result<(), ConfigError> {
+    let (cert_key, cert, key_key, key) = pair;
+    if cert.is_some() != key.is_some() {
+        return Err(ConfigError::invalid(key_key, "tls_cert_file and tls_key_file go together"));
+    }
+    for (name, path) in others.iter().copied().chain([(cert_key, cert), (key_key, key)]) {
+        if let Some(path) = path {
+            if !Path::new(path).is_file() {
+                return Err(ConfigError::invalid(name, format!("no such file: {path}")));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn human(duration: Duration) -> humantime::FormattedDuration {
