@@ -5,6 +5,8 @@
 //! must set them exactly as Qx does.
 
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue, NATS_MESSAGE_ID};
+use serde::de::value::StrDeserializer;
+use serde::de::{Deserialize, IntoDeserializer};
 use uuid::Uuid;
 
 use crate::envelope::Envelope;
@@ -84,26 +86,8 @@ pub struct EventHeaders {
 impl EventHeaders {
     /// The NATS headers Qx consumers expect, plus `Nats-Msg-Id` = `msg_id` for JetStream dedupe.
     pub fn to_header_map(&self, msg_id: Uuid) -> HeaderMap {
-        // Built once per published row: static names skip the per-insert name check and copy.
-        const EVENT_NAME: HeaderName = HeaderName::from_static(HEADER_EVENT_NAME);
-        const EVENT_VERSION: HeaderName = HeaderName::from_static(HEADER_EVENT_VERSION);
-        const EVENT_ID: HeaderName = HeaderName::from_static(HEADER_EVENT_ID);
-        const CORRELATION_ID: HeaderName = HeaderName::from_static(HEADER_CORRELATION_ID);
-        const TENANT_ID: HeaderName = HeaderName::from_static(HEADER_TENANT_ID);
-        let mut headers = HeaderMap::new();
-        headers.insert(EVENT_NAME, self.event_name.as_str());
-        headers.insert(EVENT_VERSION, HeaderValue::from(self.event_version));
-        for (name, id) in [
-            (EVENT_ID, self.event_id),
-            (CORRELATION_ID, self.correlation_id),
-            (TENANT_ID, self.tenant_id),
-            (NATS_MESSAGE_ID, Some(msg_id)),
-        ] {
-            if let Some(id) = id {
-                headers.insert(name, uuid_text(id));
-            }
-        }
-        headers
+        let event_name = HeaderValue::from(self.event_name.as_str());
+        header_map(event_name, self.event_version, self.event_id, self.correlation_id, self.tenant_id, msg_id)
     }
 
     /// Reads the Qx headers of a received message whose body is `envelope`; `None` when it has no
@@ -128,9 +112,52 @@ impl EventHeaders {
     }
 }
 
+/// [`EventHeaders::to_header_map`] from the fields themselves, with the `qx.event_name` value made already:
+/// the relay makes it once per event name and batch, and has no [`EventHeaders`] to build per row.
+pub(crate) fn header_map(
+    event_name: HeaderValue,
+    event_version: i32,
+    event_id: Option<Uuid>,
+    correlation_id: Option<Uuid>,
+    tenant_id: Option<Uuid>,
+    msg_id: Uuid,
+) -> HeaderMap {
+    // Built once per published row: static names skip the per-insert name check and copy.
+    const EVENT_NAME: HeaderName = HeaderName::from_static(HEADER_EVENT_NAME);
+    const EVENT_VERSION: HeaderName = HeaderName::from_static(HEADER_EVENT_VERSION);
+    const EVENT_ID: HeaderName = HeaderName::from_static(HEADER_EVENT_ID);
+    const CORRELATION_ID: HeaderName = HeaderName::from_static(HEADER_CORRELATION_ID);
+    const TENANT_ID: HeaderName = HeaderName::from_static(HEADER_TENANT_ID);
+    let mut headers = HeaderMap::new();
+    headers.insert(EVENT_NAME, event_name);
+    headers.insert(EVENT_VERSION, HeaderValue::from(event_version));
+    let event_id_text = event_id.map(uuid_text);
+    // The msg id is nearly always the event_id: its text is copied, not made and checked again.
+    let msg_id_text = match &event_id_text {
+        Some(text) if event_id == Some(msg_id) => text.clone(),
+        _ => uuid_text(msg_id),
+    };
+    if let Some(text) = event_id_text {
+        headers.insert(EVENT_ID, text);
+    }
+    for (name, id) in [(CORRELATION_ID, correlation_id), (TENANT_ID, tenant_id)] {
+        if let Some(id) = id {
+            headers.insert(name, uuid_text(id));
+        }
+    }
+    headers.insert(NATS_MESSAGE_ID, msg_id_text);
+    headers
+}
+
 /// Lower-case hyphenated, as Postgres prints a `uuid` and Python's `str(uuid)` does.
+///
+/// Made through the value's serde form, which takes the text as it is: `From<&str>` looks for CR and LF
+/// char by char, which a uuid's text cannot hold, and that cost more than the rest of making the value.
 fn uuid_text(id: Uuid) -> HeaderValue {
-    HeaderValue::from(&*id.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
+    let mut buffer = Uuid::encode_buffer();
+    let text: StrDeserializer<'_, serde::de::value::Error> =
+        id.hyphenated().encode_lower(&mut buffer).into_deserializer();
+    HeaderValue::deserialize(text).expect("a header value deserializes from any string")
 }
 
 #[cfg(test)]
@@ -241,6 +268,25 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_TENANT_ID, tenant.to_string().as_str());
         assert_eq!(EventHeaders::from_header_map(&headers, &envelope), None, "no qx.event_name");
+    }
+
+    #[test]
+    fn uuid_values_are_what_the_checked_constructor_makes() {
+        let id = Uuid::new_v4();
+        assert_eq!(uuid_text(id), HeaderValue::from(id.to_string().as_str()));
+        assert_eq!(uuid_text(Uuid::nil()).as_str(), "00000000-0000-0000-0000-000000000000");
+    }
+
+    #[test]
+    fn the_msg_id_is_the_row_id_when_the_envelope_has_no_event_id() {
+        let (row_id, event_id) = (Uuid::new_v4(), Uuid::new_v4());
+        let map = header_map("a.b".into(), 1, None, None, None, row_id);
+        assert_eq!(map.get(NATS_MESSAGE_ID).unwrap().as_str(), row_id.to_string());
+        assert!(map.get(HEADER_EVENT_ID).is_none());
+        let map = header_map("a.b".into(), 1, Some(event_id), None, None, row_id);
+        assert_eq!(map.get(NATS_MESSAGE_ID).unwrap().as_str(), row_id.to_string());
+        assert_eq!(map.get(HEADER_EVENT_ID).unwrap().as_str(), event_id.to_string());
+        assert_eq!(map.len(), 4);
     }
 
     #[test]

@@ -4,14 +4,18 @@
 //! permit, a boxed future and a timer, about a third of the relay's CPU per row. The relay instead sends every
 //! row with a reply subject under one subscription of its own, `<inbox>.<wave>.<row>`, and reads the PubAcks
 //! there, with one deadline for the whole wave.
+//!
+//! What rows of one event name share (the subject, the `qx.event_name` value, both checked) is made once per
+//! batch, and what a wave's reply subjects share once per wave.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 
+use async_nats::header::HeaderValue;
 use async_nats::jetstream::context::AccountErrorKind;
 use async_nats::jetstream::{stream, ErrorCode};
-use async_nats::{Message, Subscriber};
+use async_nats::{Message, Subject, Subscriber};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::time::Instant;
@@ -20,7 +24,7 @@ use super::outcome::{read_ack, Ack, Failure, FailureKind, Outcome, StoredAt};
 use super::RelayPublisher;
 use crate::envelope::event_id_of;
 use crate::relay::store::OutboxRow;
-use crate::{wire, EventHeaders};
+use crate::wire;
 
 /// The subscription every PubAck of this relay arrives on.
 #[derive(Debug)]
@@ -30,36 +34,50 @@ pub(super) struct AckInbox {
     subscriber: Subscriber,
     /// Numbers the waves, so a late ack of an abandoned wave is not taken for a row of the current one.
     wave: u64,
+    /// `<inbox>.<wave>.` of the current wave.
+    wave_prefix: String,
 }
 
 impl AckInbox {
     async fn open(client: &async_nats::Client) -> Result<Self, async_nats::SubscribeError> {
         let inbox = client.new_inbox();
         let subscriber = client.subscribe(format!("{inbox}.>")).await?;
-        Ok(Self { prefix: format!("{inbox}."), subscriber, wave: 0 })
+        Ok(Self { prefix: format!("{inbox}."), subscriber, wave: 0, wave_prefix: String::new() })
     }
 
-    fn reply_subject(&self, index: usize) -> String {
-        let mut subject = String::with_capacity(self.prefix.len() + 24);
-        subject.push_str(&self.prefix);
-        let _ = write!(subject, "{}.{index}", self.wave);
-        subject
+    /// Starts the next wave: acks of earlier ones no longer count.
+    fn next_wave(&mut self) {
+        self.wave += 1;
+        self.wave_prefix = format!("{}{}.", self.prefix, self.wave);
+    }
+
+    fn reply_subject(&self, index: usize) -> Subject {
+        let mut subject = String::with_capacity(self.wave_prefix.len() + 20);
+        subject.push_str(&self.wave_prefix);
+        let _ = write!(subject, "{index}");
+        subject.into()
     }
 
     /// The row index an ack of the current wave answers.
     fn row_of(&self, ack: &Message) -> Option<usize> {
-        row_answered(&self.prefix, self.wave, &ack.subject)
+        row_answered(&self.wave_prefix, &ack.subject)
     }
 }
 
-/// The row index in `reply_subject` when it is `<prefix><wave>.<row>`.
-fn row_answered(prefix: &str, wave: u64, reply_subject: &str) -> Option<usize> {
-    let (ack_wave, index) = reply_subject.strip_prefix(prefix)?.split_once('.')?;
-    if ack_wave.parse::<u64>().ok()? != wave {
-        return None;
-    }
-    index.parse().ok()
+/// The row index in `reply_subject` when it is `<wave_prefix><row>`.
+fn row_answered(wave_prefix: &str, reply_subject: &str) -> Option<usize> {
+    reply_subject.strip_prefix(wave_prefix)?.parse().ok()
 }
+
+/// What the rows of one event name share: the subject and the `qx.event_name` value, checked once.
+#[derive(Debug)]
+struct EventName {
+    subject: Subject,
+    header: HeaderValue,
+}
+
+/// The [`EventName`]s of one batch, made as rows need them.
+type EventNames<'a> = HashMap<&'a str, Result<EventName, Failure>>;
 
 impl RelayPublisher {
     /// Publishes `rows` in claim order, keeping up to `max_in_flight` acks (and `max_batch_bytes` of bodies)
@@ -84,6 +102,7 @@ impl RelayPublisher {
         let mut duplicates = Vec::new();
         let mut remaining: Vec<usize> = (0..rows.len()).collect();
         let mut failed_keys: HashSet<&str> = HashSet::new();
+        let mut names = EventNames::new();
         while !remaining.is_empty() {
             let mut wave = Vec::with_capacity(remaining.len());
             let mut later = Vec::new();
@@ -96,7 +115,7 @@ impl RelayPublisher {
                     Some(_) => wave.push(index),
                 }
             }
-            if !self.publish_wave(inbox, rows, &wave, &mut outcomes, &mut duplicates).await {
+            if !self.publish_wave(inbox, rows, &wave, &mut names, &mut outcomes, &mut duplicates).await {
                 *acks = None; // the subscription ended: open a new one for the next batch
                 break;
             }
@@ -134,15 +153,16 @@ impl RelayPublisher {
     /// stream holds the rows it called duplicates. When neither a send nor an ack has gone through for
     /// `ack_timeout`, every row still waiting or not sent yet timed out: a dead connection costs one
     /// `ack_timeout` per wave, not one per message. False when the subscription ended.
-    async fn publish_wave(
+    async fn publish_wave<'a>(
         &self,
         inbox: &mut AckInbox,
-        rows: &[OutboxRow],
+        rows: &'a [OutboxRow],
         wave: &[usize],
+        names: &mut EventNames<'a>,
         outcomes: &mut [Option<Outcome>],
         duplicates: &mut Vec<(usize, StoredAt)>,
     ) -> bool {
-        inbox.wave += 1;
+        inbox.next_wave();
         let mut awaiting = vec![false; rows.len()];
         let (mut in_flight, mut in_flight_bytes) = (0, 0);
         let mut to_send = wave.iter().copied().peekable();
@@ -154,9 +174,11 @@ impl RelayPublisher {
                         && in_flight_bytes + rows[next].payload.len() <= self.max_in_flight_bytes)
             };
             if let Some(index) = to_send.next_if(|&next| room(next)) {
+                let row = &rows[index];
+                let name = names.entry(&row.event_name).or_insert_with(|| self.event_name(&row.event_name));
                 let sent = tokio::time::timeout_at(
                     progress_at + self.ack_timeout,
-                    self.send(inbox, index, &rows[index]),
+                    self.send(inbox, index, row, name),
                 );
                 match sent.await {
                     Ok(Ok(())) => {
@@ -190,7 +212,7 @@ impl RelayPublisher {
             in_flight -= 1;
             in_flight_bytes -= rows[index].payload.len();
             progress_at = Instant::now();
-            outcomes[index] = Some(match read_ack(&ack, self.is_connected()) {
+            outcomes[index] = Some(match read_ack(&ack, || self.is_connected()) {
                 Ack::Stored => Outcome::Published { duplicate: false },
                 Ack::Duplicate(at) => {
                     duplicates.push((index, at));
@@ -207,25 +229,38 @@ impl RelayPublisher {
         true
     }
 
+    /// The subject and `qx.event_name` value of `event_name`, or why it has none.
+    fn event_name(&self, event_name: &str) -> Result<EventName, Failure> {
+        let subject =
+            wire::subject(&self.subject_prefix, event_name).map_err(|err| Failure::invalid_subject(&err))?;
+        Ok(EventName { subject: subject.into(), header: HeaderValue::from(event_name) })
+    }
+
     /// Sends row `index` with its reply subject; the ack arrives in `inbox`.
-    async fn send(&self, inbox: &AckInbox, index: usize, row: &OutboxRow) -> Result<(), Failure> {
-        let subject = wire::subject(&self.subject_prefix, &row.event_name)
-            .map_err(|err| Failure::invalid_subject(&err))?;
+    async fn send(
+        &self,
+        inbox: &AckInbox,
+        index: usize,
+        row: &OutboxRow,
+        name: &Result<EventName, Failure>,
+    ) -> Result<(), Failure> {
+        let EventName { subject, header } = name.as_ref().map_err(Clone::clone)?;
         let event_id = event_id_of(&row.payload);
-        let headers = EventHeaders {
-            event_name: row.event_name.clone(),
-            event_version: row.event_version,
-            event_id,
-            correlation_id: row.correlation_id,
-            tenant_id: row.tenant_id,
-        };
         // The envelope's event_id identifies the event across retries and relays; the row id is the fallback.
         let msg_id = event_id.unwrap_or(row.id);
+        let headers = wire::header_map(
+            header.clone(),
+            row.event_version,
+            event_id,
+            row.correlation_id,
+            row.tenant_id,
+            msg_id,
+        );
         self.client
             .publish_with_reply_and_headers(
-                subject,
+                subject.clone(),
                 inbox.reply_subject(index),
-                headers.to_header_map(msg_id),
+                headers,
                 Bytes::copy_from_slice(row.payload.as_bytes()),
             )
             .await
@@ -285,10 +320,12 @@ mod tests {
 
     #[test]
     fn acks_are_matched_to_rows_of_the_current_wave_only() {
-        let prefix = "_INBOX.abc.";
-        assert_eq!(row_answered(prefix, 3, "_INBOX.abc.3.17"), Some(17));
-        assert_eq!(row_answered(prefix, 3, "_INBOX.abc.2.17"), None, "a late ack of an abandoned wave");
-        assert_eq!(row_answered(prefix, 3, "_INBOX.abc.3"), None);
-        assert_eq!(row_answered(prefix, 3, "_INBOX.other.3.17"), None);
+        let prefix = "_INBOX.abc.3.";
+        assert_eq!(row_answered(prefix, "_INBOX.abc.3.17"), Some(17));
+        assert_eq!(row_answered(prefix, "_INBOX.abc.2.17"), None, "a late ack of an abandoned wave");
+        assert_eq!(row_answered(prefix, "_INBOX.abc.13.17"), None, "a late ack of an abandoned wave");
+        assert_eq!(row_answered(prefix, "_INBOX.abc.3"), None);
+        assert_eq!(row_answered(prefix, "_INBOX.abc.3.17.1"), None);
+        assert_eq!(row_answered(prefix, "_INBOX.other.3.17"), None);
     }
 }
