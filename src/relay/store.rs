@@ -185,6 +185,8 @@ pub struct ClaimedBatch {
     pub held_elsewhere: Vec<String>,
     /// `occurred_at` of the scope's oldest pending row the claim met, its own or held elsewhere.
     pub first_seen: Option<DateTime<Utc>>,
+    /// Of a claim from the oldest row: `occurred_at` of the table's oldest unpublished row, any shard's.
+    pub oldest_of_table: Option<DateTime<Utc>>,
 }
 
 impl ClaimedBatch {
@@ -231,7 +233,7 @@ impl ClaimedBatch {
         }
         drop(claimed);
         let filled = seen >= limit as usize;
-        Ok(Self { tx, locations, rows, filled, left_out, held_elsewhere, first_seen })
+        Ok(Self { tx, locations, rows, filled, left_out, held_elsewhere, first_seen, oldest_of_table: None })
     }
 
     /// Frees the rows' payloads once published: settling needs only the ids and locations, and the next
@@ -369,6 +371,8 @@ pub struct OutboxStore {
     claim_sql: String,
     /// The oldest pending row of a rescan's scope, when its claim skips rows unseen.
     oldest_pending_sql: Option<String>,
+    /// The oldest unpublished row of the table.
+    oldest_of_table_sql: String,
     claim_after_sql: String,
     settle_located_sql: String,
     settle_by_id_sql: String,
@@ -511,6 +515,9 @@ impl OutboxStore {
             assigned: matches!(scope, Scope::Assigned { .. }),
             claim_sql,
             oldest_pending_sql,
+            oldest_of_table_sql: format!(
+                "SELECT occurred_at FROM {table} WHERE published_at IS NULL ORDER BY published_at, occurred_at LIMIT 1"
+            ),
             claim_after_sql,
             settle_located_sql,
             settle_by_id_sql,
@@ -592,6 +599,10 @@ impl OutboxStore {
                     query = query.bind(assigned);
                 }
                 batch.first_seen = query.fetch_optional(&mut *batch.tx).await?;
+            }
+            if from.is_none() {
+                let oldest = sqlx::query_scalar(&self.oldest_of_table_sql);
+                batch.oldest_of_table = oldest.fetch_optional(&mut *batch.tx).await?;
             }
             Ok(batch)
         })

@@ -1,5 +1,5 @@
 //! Where rescans start: a claim from the scope's oldest pending row need not walk again over the rows ahead
-//! of it that are not the scope's (another shard's backlog, parked rows). Every question takes `now`, so the
+//! of it that are not the scope's (another shard's backlog, parked rows), when there are such rows. Every question takes `now`, so the
 //! rules are tested without waiting.
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -38,16 +38,24 @@ impl Floor {
 
     /// After a rescan that began at `claimed_at` and met `first_seen` first (its own row or one held
     /// elsewhere): when it left out none of the scope's rows, none is older than that (or than its start, when
-    /// it met none), but for rows committed late.
+    /// it met none), but for rows committed late. A sweep (a rescan from the oldest row, which also saw the
+    /// table's `oldest` pending row) keeps a floor only when rows that are not the scope's wait ahead of it:
+    /// otherwise there is nothing to skip, and rescans stay sweeps, which never miss a row committed late.
     pub(super) fn rescanned(
         &mut self,
         first_seen: Option<DateTime<Utc>>,
         claimed_at: DateTime<Utc>,
         saw_whole_scope: bool,
+        sweep: Option<Option<DateTime<Utc>>>,
     ) {
-        if saw_whole_scope {
-            self.at = Some(first_seen.unwrap_or(claimed_at) - LATE_COMMIT_MARGIN);
+        if !saw_whole_scope {
+            return;
         }
+        let floor = first_seen.unwrap_or(claimed_at) - LATE_COMMIT_MARGIN;
+        self.at = match sweep {
+            Some(oldest) => oldest.filter(|oldest| *oldest < floor).map(|_| floor),
+            None => Some(floor),
+        };
     }
 
     /// Where rescans start now; `None`: from the oldest row.
@@ -67,12 +75,17 @@ mod tests {
 
     use super::*;
 
+    /// A sweep that found other rows an hour ahead of the scope's.
+    fn ahead(wall: DateTime<Utc>) -> Option<Option<DateTime<Utc>>> {
+        Some(Some(wall - TimeDelta::hours(1)))
+    }
+
     #[test]
     fn rescans_start_before_the_oldest_row_seen_and_sweep_now_and_then() {
         let (start, wall) = (Instant::now(), Utc::now());
         let mut floor = Floor::new(start);
         assert_eq!(floor.rescan_from(start), None, "from the oldest row until a rescan saw the scope");
-        floor.rescanned(Some(wall), wall, true);
+        floor.rescanned(Some(wall), wall, true, ahead(wall));
         let at = Some(wall - LATE_COMMIT_MARGIN);
         assert_eq!(floor.rescan_from(start + Duration::from_secs(1)), at);
         let later = start + SWEEP_EVERY + Duration::from_secs(1);
@@ -81,14 +94,24 @@ mod tests {
     }
 
     #[test]
+    fn no_floor_when_nothing_but_the_scopes_rows_waits_ahead() {
+        let (start, wall) = (Instant::now(), Utc::now());
+        let mut floor = Floor::new(start);
+        floor.rescanned(Some(wall), wall, true, Some(Some(wall)));
+        assert_eq!(floor.rescan_from(start), None, "the table's oldest row is the scope's: sweeps go on");
+        floor.rescanned(None, wall, true, Some(None));
+        assert_eq!(floor.rescan_from(start), None, "an empty table: a burst committed late is seen at once");
+    }
+
+    #[test]
     fn the_floor_stays_while_rows_are_left_out_and_goes_with_the_scope() {
         let (start, wall) = (Instant::now(), Utc::now());
         let mut floor = Floor::new(start);
-        floor.rescanned(Some(wall), wall, true);
+        floor.rescanned(Some(wall), wall, true, ahead(wall));
         let at = Some(wall - LATE_COMMIT_MARGIN);
-        floor.rescanned(Some(wall + TimeDelta::seconds(60)), wall, false);
+        floor.rescanned(Some(wall + TimeDelta::seconds(60)), wall, false, None);
         assert_eq!(floor.rescan_from(start), at, "a held key's rows may be older than what the rescan met");
-        floor.rescanned(None, wall + TimeDelta::seconds(60), true);
+        floor.rescanned(None, wall + TimeDelta::seconds(60), true, None);
         assert_eq!(floor.rescan_from(start), Some(wall + TimeDelta::seconds(50)), "nothing met: its start");
         floor.reset();
         assert_eq!(floor.rescan_from(start), None);

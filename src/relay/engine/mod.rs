@@ -320,7 +320,8 @@ impl Engine {
             self.report(&batch.rows, &settlement, started);
             batch.release_payloads();
             if let (Prefetch::Rescan, Ok(Some(next))) = (prefetch, &next) {
-                self.floor.rescanned(next.first_seen, claimed_at, sees_whole_scope);
+                let sweep = rescan_from.is_none().then_some(next.oldest_of_table);
+                self.floor.rescanned(next.first_seen, claimed_at, sees_whole_scope, sweep);
                 self.floor_shown.send_replace(self.floor.at());
             }
             prefetched = self.after_prefetch(next, started)?;
@@ -378,7 +379,8 @@ impl Engine {
         let from = self.floor.rescan_from(started);
         match self.store.claim_from(self.claim_limit, &held, &skipped_names, &self.assigned, from).await {
             Ok(batch) => {
-                self.floor.rescanned(batch.first_seen, claimed_at, sees_whole_scope);
+                let sweep = from.is_none().then_some(batch.oldest_of_table);
+                self.floor.rescanned(batch.first_seen, claimed_at, sees_whole_scope, sweep);
                 self.floor_shown.send_replace(self.floor.at());
                 self.store_recovered();
                 if std::mem::take(&mut self.waiting_for_table) {
