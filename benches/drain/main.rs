@@ -2,18 +2,27 @@
 //! and against the seed's serial algorithm, plus commit → delivery latency, memory and CPU.
 //!
 //! ```text
-//! cargo bench --features integration-tests --bench drain -- --quick   # ≤ 60 s, proves the harness works
+//! cargo bench --features integration-tests --bench drain -- --quick   # ≤ 90 s, proves the harness works
 //! cargo bench --features integration-tests --bench drain -- --full    # the README's numbers
 //! ```
 //! Options: `--json PATH` (default `target/bench/drain.json`),
-//! `--only pg,nats,baseline,engine,backlog,latency,elastic`,
+//! `--only pg,nats,baseline,engine,backlog,latency,elastic,scaleout,network`,
 //! `--private-postgres` (an initdb'd cluster of its own, autovacuum on, instead of `DATABASE_URL`'s server),
 //! `--perf` (`perf record` on the relay during the engine drains, into `target/bench/`).
 //!
-//! Needs `DATABASE_URL` (an admin URL; the run creates and drops a database of its own) and `NATS_URL` (the
-//! run creates and deletes streams of its own). It asserts correctness (every row published and marked once),
-//! never speed: the target column says whether a number met the goal set for a 2-core machine.
+//! Parts besides the ceilings, the baseline and the engine drains: `backlog` (10k against 1M pending),
+//! `latency` (commit → consumer), `elastic` (one replica owning 12 shards against one unsharded relay),
+//! `scaleout` (a burst of ~1 KiB rows over stale statistics, drained by one relay, three static shards and
+//! three elastic replicas without and with a `payload.order_id` key) and `network` (one relay and three static
+//! shards on loopback and through proxies in this process adding 2 ms and 20 ms round trips to Postgres and
+//! NATS).
+//!
+//! Needs `DATABASE_URL` (an admin URL; the run creates and drops a database of its own), `NATS_URL` (the run
+//! creates and deletes streams of its own) and `REDIS_URL` (the elastic replicas' leases, under keys of their
+//! own). It asserts correctness (every row stored in the stream once, marked once), never speed: the target
+//! column says whether a number met the goal set for a 2-core machine.
 
+mod claims;
 mod scenarios;
 mod services;
 
@@ -24,7 +33,7 @@ use qx_relay::relay::config::OnPublish;
 use qx_relay_testkit::{env_var, PgCluster, TestDb};
 use serde::Serialize;
 
-use scenarios::{Bench, Idle, Latency, Throughput};
+use scenarios::{settings, Backlog, Bench, Drain, Idle, Latency, Settings, Throughput};
 use services::{BenchDb, Machine};
 
 /// How much each part does.
@@ -41,6 +50,16 @@ struct Sizes {
     idle_seconds: u64,
     /// Alternating pairs of drains: one unsharded relay, one replica owning 12 shards.
     elastic_pairs: usize,
+    /// The burst each scale-out drain empties, and the rounds of its four drains (one relay, three static
+    /// shards, three elastic replicas without and with a key), alternating.
+    scaleout_rows: u64,
+    scaleout_rounds: usize,
+    /// Rows of each drain through the delay proxies, and the rounds of its six drains (one relay and three
+    /// static shards at each delay), alternating.
+    network_rows: u64,
+    network_rounds: usize,
+    /// Rows pending while one claim's cost is measured, scope by scope and state by state.
+    claims_pending: u64,
 }
 
 const QUICK: Sizes = Sizes {
@@ -54,6 +73,11 @@ const QUICK: Sizes = Sizes {
     latency_seconds_2000: 2,
     idle_seconds: 3,
     elastic_pairs: 1,
+    scaleout_rows: 20_000,
+    scaleout_rounds: 1,
+    network_rows: 5_000,
+    network_rounds: 1,
+    claims_pending: 20_000,
 };
 
 const FULL: Sizes = Sizes {
@@ -67,9 +91,30 @@ const FULL: Sizes = Sizes {
     latency_seconds_2000: 15,
     idle_seconds: 10,
     elastic_pairs: 3,
+    scaleout_rows: 200_000,
+    scaleout_rounds: 3,
+    network_rows: 200_000,
+    network_rounds: 3,
+    claims_pending: 1_000_000,
 };
 
-const PARTS: &[&str] = &["pg", "nats", "baseline", "engine", "backlog", "latency", "elastic"];
+const PARTS: &[&str] =
+    &["pg", "nats", "baseline", "engine", "backlog", "latency", "elastic", "scaleout", "network", "claims"];
+
+/// The ways of draining a burst the `scaleout` part compares: names and labels.
+const SCALEOUT: [(&str, &str); 4] = [
+    ("scaleout_1_relay", "1 relay"),
+    ("scaleout_3_static", "3 static shards"),
+    ("scaleout_3_elastic", "3 elastic replicas, 12 shards"),
+    ("scaleout_3_elastic_keyed", "3 elastic replicas, key order_id"),
+];
+
+/// The delays of the `network` part, one way (a round trip costs twice), with their names and labels.
+const NETWORK: [(Option<Duration>, &str, &str); 3] = [
+    (None, "loopback", "loopback"),
+    (Some(Duration::from_millis(1)), "2ms", "2 ms round trip"),
+    (Some(Duration::from_millis(10)), "20ms", "20 ms round trip"),
+];
 
 #[derive(Debug)]
 struct Options {
@@ -129,6 +174,10 @@ struct Target {
     /// For the throughput ratios: the same ratio with each drain at its free relay's bound (see [`CpuBudget`]),
     /// i.e. what this run's Postgres and nats-server CPU per row allow, whatever the relay does.
     servers_allow: Option<f64>,
+    /// For ratios of drains that alternate: the ratio in each round, whose two drains ran one after the other,
+    /// so a swing of the machine's speed moves both.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    per_round: Option<Vec<f64>>,
 }
 
 /// Where a drain's CPU went, per row. A machine whose cores are all busy cannot drain faster than its cores
@@ -175,6 +224,8 @@ struct Report {
     cpu_budget: Vec<CpuBudget>,
     targets: Vec<Target>,
     backlog_scaling: BacklogScaling,
+    /// One claim's cost by scope and state of the table, with its plan.
+    claims: Vec<claims::ClaimCost>,
 }
 
 fn main() {
@@ -230,9 +281,20 @@ async fn run(options: Options) {
     let bench =
         Bench { db, nats, out_dir, perf: options.perf, nats_pid: services::nats_server_pid(nats_port) };
     let (throughput, idle, latency) = scenarios(&bench, &options, sizes).await;
+    let claims = if options.runs("claims") {
+        claims::claim_costs(&bench.db, sizes.claims_pending).await
+    } else {
+        Vec::new()
+    };
 
     let cpu_budget = cpu_budgets(&throughput, machine.cpus);
-    let targets = targets(&throughput, &cpu_budget, idle.as_ref(), &latency);
+    let mut targets = targets(&throughput, &cpu_budget, idle.as_ref(), &latency);
+    if let Some(worst) = claims.iter().map(|cost| cost.p99_ms).max_by(f64::total_cmp) {
+        let met = worst <= 20.0;
+        let name = "claims: worst p99 of a 1,000-row claim, ms";
+        targets
+            .push(Target { name, value: worst, goal: "≤ 20", met, servers_allow: None, per_round: None });
+    }
     let scaling = |suffix: &str| {
         let (large, small) = (format!("backlog_large{suffix}"), format!("backlog_small{suffix}"));
         rate(&throughput, &large).zip(rate(&throughput, &small)).map(|(large, small)| large / small)
@@ -261,6 +323,7 @@ async fn run(options: Options) {
         cpu_budget,
         targets,
         backlog_scaling,
+        claims,
     };
     print_report(&report);
     let json = serde_json::to_string_pretty(&report).expect("serialize report");
@@ -318,9 +381,8 @@ async fn scenarios(
             ("engine_mark", "qx-relay, mark mode", OnPublish::Mark, idle_for),
             ("engine_delete", "qx-relay, delete mode", OnPublish::Delete, None),
         ] {
-            let (result, idle_result) =
-                scenarios::relay_drain(bench, name, label, sizes.engine_rows, on_publish, idle_for, &[])
-                    .await;
+            let drain = Drain { idle: idle_for, ..Drain::new(name, label, sizes.engine_rows, on_publish) };
+            let (result, idle_result) = scenarios::relay_drain(bench, &drain).await;
             record(result, &mut throughput);
             idle = idle.or(idle_result);
         }
@@ -348,11 +410,8 @@ async fn scenarios(
                 );
                 jetstream_runs
                     .push(scenarios::nats_ceiling(bench, &jetstream.0, &jetstream.1, rows, false).await);
-                relay_runs.push(
-                    scenarios::relay_drain(bench, &relay.0, &relay.1, rows, OnPublish::Mark, None, &[])
-                        .await
-                        .0,
-                );
+                let drain = Drain::new(&relay.0, &relay.1, rows, OnPublish::Mark);
+                relay_runs.push(scenarios::relay_drain(bench, &drain).await.0);
             }
             for runs in [postgres_runs, jetstream_runs, relay_runs] {
                 record(median(runs), &mut throughput);
@@ -364,38 +423,96 @@ async fn scenarios(
         // against one unsharded relay over the same backlog, alternating so both see the same machine.
         let key = format!("bench:{}:elastic", uuid::Uuid::new_v4().simple());
         let redis_url = env_var("REDIS_URL");
-        let elastic = [
+        let elastic = settings(&[
             ("QX_RELAY__SHARD_ID", "auto"),
             ("QX_RELAY__SHARD_COUNT", "12"),
             ("QX_RELAY__LEADER", "redis"),
             ("QX_RELAY__LEADER_KEY", key.as_str()),
             ("QX_CACHE__URL", redis_url.as_str()),
-        ];
+        ]);
         let (mut unsharded, mut sharded) = (Vec::new(), Vec::new());
         for _ in 0..sizes.elastic_pairs {
             let (name, label) = ("elastic_unsharded", "qx-relay, mark mode, unsharded");
-            unsharded.push(
-                scenarios::relay_drain(bench, name, label, sizes.engine_rows, OnPublish::Mark, None, &[])
-                    .await
-                    .0,
-            );
+            let drain = Drain::new(name, label, sizes.engine_rows, OnPublish::Mark);
+            unsharded.push(scenarios::relay_drain(bench, &drain).await.0);
             let (name, label) = ("elastic_12_shards", "qx-relay, mark mode, 1 replica owning 12 shards");
-            sharded.push(
-                scenarios::relay_drain(
-                    bench,
-                    name,
-                    label,
-                    sizes.engine_rows,
-                    OnPublish::Mark,
-                    None,
-                    &elastic,
-                )
-                .await
-                .0,
-            );
+            let drain = Drain {
+                relays: vec![elastic.clone()],
+                ..Drain::new(name, label, sizes.engine_rows, OnPublish::Mark)
+            };
+            sharded.push(scenarios::relay_drain(bench, &drain).await.0);
         }
         record(median(unsharded), &mut throughput);
         record(median(sharded), &mut throughput);
+    }
+    // Three relays on their own shards: `QX_RELAY__SHARD_ID=0..2` of 3, no leader lock, the default key.
+    let static_shards: Vec<Settings> = (0..3)
+        .map(|id| settings(&[("QX_RELAY__SHARD_ID", &id.to_string()), ("QX_RELAY__SHARD_COUNT", "3")]))
+        .collect();
+    if options.runs("scaleout") {
+        // One burst over stale statistics, drained by one relay and by three started at once: static shards, and
+        // elastic replicas (sharing the shards out as they join) with the default key and with a key of a
+        // couple hundred values. Rounds alternate the four, so each sees the same machine; each is the median
+        // of its rounds.
+        let redis_url = env_var("REDIS_URL");
+        let count = count_text(sizes.scaleout_rows);
+        let mut runs: Vec<Vec<Throughput>> = vec![Vec::new(); SCALEOUT.len()];
+        for _ in 0..sizes.scaleout_rounds {
+            for (way, (name, label)) in SCALEOUT.iter().enumerate() {
+                // A key of its own each time: no lease or member of an earlier drain is left to wait out.
+                let key = format!("bench:{}:scaleout", uuid::Uuid::new_v4().simple());
+                let mut elastic = settings(&[
+                    ("QX_RELAY__SHARD_ID", "auto"),
+                    ("QX_RELAY__SHARD_COUNT", "12"),
+                    ("QX_RELAY__LEADER", "redis"),
+                    ("QX_RELAY__LEADER_KEY", &key),
+                    ("QX_CACHE__URL", &redis_url),
+                ]);
+                if *name == "scaleout_3_elastic_keyed" {
+                    elastic.extend(settings(&[("QX_RELAY__SHARD_KEY", "payload.order_id")]));
+                }
+                let relays = match way {
+                    0 => vec![Settings::new()],
+                    1 => static_shards.clone(),
+                    _ => vec![elastic; 3],
+                };
+                let label = format!("qx-relay, burst of {count}, {label}");
+                let drain = Drain {
+                    backlog: Backlog::Burst,
+                    relays,
+                    ..Drain::new(name, &label, sizes.scaleout_rows, OnPublish::Mark)
+                };
+                runs[way].push(scenarios::relay_drain(bench, &drain).await.0);
+            }
+        }
+        for runs in runs {
+            record(median(runs), &mut throughput);
+        }
+    }
+    if options.runs("network") {
+        // The relay through proxies in this process that delay both ways to Postgres and to NATS, against the
+        // same drain on loopback; one relay and three static shards at each delay, alternating.
+        let mut runs: Vec<Vec<Throughput>> = vec![Vec::new(); NETWORK.len() * 2];
+        for _ in 0..sizes.network_rounds {
+            for (at, (one_way, tag, text)) in NETWORK.iter().enumerate() {
+                for (three, relays) in [(false, vec![Settings::new()]), (true, static_shards.clone())] {
+                    let (name, label) = if three {
+                        (format!("network_{tag}_3"), format!("qx-relay, {text}, 3 static shards"))
+                    } else {
+                        (format!("network_{tag}_1"), format!("qx-relay, {text}, 1 relay"))
+                    };
+                    let drain = Drain {
+                        relays,
+                        one_way_delay: *one_way,
+                        ..Drain::new(&name, &label, sizes.network_rows, OnPublish::Mark)
+                    };
+                    runs[2 * at + usize::from(three)].push(scenarios::relay_drain(bench, &drain).await.0);
+                }
+            }
+        }
+        for runs in runs {
+            record(median(runs), &mut throughput);
+        }
     }
     if options.runs("latency") {
         for (rate, seconds) in [(200, sizes.latency_seconds_200), (2000, sizes.latency_seconds_2000)] {
@@ -414,8 +531,9 @@ async fn scenarios(
 
 /// The run with the median rate, carrying every run's rate when there were several.
 fn median(mut runs: Vec<Throughput>) -> Throughput {
-    runs.sort_by(|a, b| a.rows_per_second.total_cmp(&b.rows_per_second));
+    // In the order they ran, to pair each with the run of another scenario that alternated with it.
     let rates: Vec<f64> = runs.iter().map(|r| r.rows_per_second).collect();
+    runs.sort_by(|a, b| a.rows_per_second.total_cmp(&b.rows_per_second));
     let mut median = runs.swap_remove(runs.len() / 2);
     if rates.len() > 1 {
         median.runs_rows_per_second = Some(rates);
@@ -453,6 +571,7 @@ fn cpu_budgets(throughput: &[Throughput], cpus: usize) -> Vec<CpuBudget> {
                 "engine_delete" => "delete",
                 "engine_mark" | "backlog_small" | "backlog_large" | "elastic_unsharded"
                 | "elastic_12_shards" => "mark",
+                name if name.starts_with("scaleout_") || name.starts_with("network_") => "mark",
                 _ => return None,
             };
             let (postgres, nats) = (t.postgres_cpu_seconds?, t.nats_server_cpu_seconds?);
@@ -484,7 +603,7 @@ fn targets(
     let mut targets = Vec::new();
     let mut ratio = |name, value: Option<f64>, servers_allow, goal, met: fn(f64) -> bool| {
         if let Some(value) = value {
-            targets.push(Target { name, value, goal, met: met(value), servers_allow });
+            targets.push(Target { name, value, goal, met: met(value), servers_allow, per_round: None });
         }
     };
     let bound =
@@ -525,6 +644,38 @@ fn targets(
         "≥ 0.9",
         |v| v >= 0.9,
     );
+    // Ratios of alternating drains, and the two scenarios whose runs are paired round by round.
+    let mut paired: Vec<(&'static str, String, String)> = Vec::new();
+    for (name, three) in [
+        ("burst: 3 static shards / 1 relay", "scaleout_3_static"),
+        ("burst: 3 elastic replicas / 1 relay", "scaleout_3_elastic"),
+        ("burst: 3 elastic replicas, keyed / 1 relay", "scaleout_3_elastic_keyed"),
+    ] {
+        let one = "scaleout_1_relay";
+        let (measured, allow) =
+            (div(rate(throughput, three), rate(throughput, one)), div(bound(three), bound(one)));
+        ratio(name, measured, allow, "≥ 0.9", |v| v >= 0.9);
+        paired.push((name, three.to_owned(), one.to_owned()));
+    }
+    for (name, delayed) in [
+        ("1 relay, 2 ms round trip / loopback", "network_2ms_1"),
+        ("1 relay, 20 ms round trip / loopback", "network_20ms_1"),
+    ] {
+        let loopback = "network_loopback_1";
+        let measured = div(rate(throughput, delayed), rate(throughput, loopback));
+        ratio(name, measured, div(bound(delayed), bound(loopback)), "≥ 0.8", |v| v >= 0.8);
+        paired.push((name, delayed.to_owned(), loopback.to_owned()));
+    }
+    for (name, tag) in [
+        ("loopback: 3 static shards / 1 relay", "loopback"),
+        ("2 ms round trip: 3 static shards / 1 relay", "2ms"),
+        ("20 ms round trip: 3 static shards / 1 relay", "20ms"),
+    ] {
+        let (three, one) = (format!("network_{tag}_3"), format!("network_{tag}_1"));
+        let measured = div(rate(throughput, &three), rate(throughput, &one));
+        ratio(name, measured, div(bound(&three), bound(&one)), "≥ 0.9", |v| v >= 0.9);
+        paired.push((name, three, one));
+    }
     let p99 =
         |rate: u32| latency.iter().find(|l| l.wake_up == "listen" && l.target_rate == rate).map(|l| l.p99_ms);
     ratio("LISTEN/NOTIFY p99 at 200 ev/s, ms", p99(200), None, "≤ 2", |v| v <= 2.0);
@@ -532,10 +683,23 @@ fn targets(
     let peak_rss = throughput.iter().filter_map(|t| t.relay_peak_rss_mib).reduce(f64::max);
     ratio("relay peak RSS over the drains, MiB", peak_rss, None, "≤ 40", |v| v <= 40.0);
     ratio("relay idle CPU, % of a core", idle.map(|i| i.relay_cpu_percent), None, "< 1", |v| v < 1.0);
+    for target in &mut targets {
+        if let Some((_, over, under)) = paired.iter().find(|(name, _, _)| *name == target.name) {
+            target.per_round = per_round(throughput, over, under);
+        }
+    }
     targets
 }
 
+/// `over / under` round by round, when both ran once in each of several rounds.
+fn per_round(throughput: &[Throughput], over: &str, under: &str) -> Option<Vec<f64>> {
+    let runs = |name: &str| throughput.iter().find(|t| t.name == name)?.runs_rows_per_second.clone();
+    let (over, under) = (runs(over)?, runs(under)?);
+    (over.len() == under.len()).then(|| over.iter().zip(&under).map(|(a, b)| a / b).collect())
+}
+
 fn print_report(report: &Report) {
+    print_claims(&report.claims);
     let m = &report.machine;
     println!(
         "\nqx-relay drain benchmark ({} mode, {:.0} s) on {} × {}, {:.1} GiB, Linux {}, load {} → {}",
@@ -578,6 +742,16 @@ fn print_report(report: &Report) {
             );
             if let (Some(first), Some(last)) = (t.first_tenth_rows_per_second, t.last_tenth_rows_per_second) {
                 println!("{:<52} first tenth {first:.0} rows/s, last tenth {last:.0} rows/s", "");
+            }
+            if let Some(one_way) = t.one_way_delay_ms {
+                let measured = t.measured_one_way_delay_ms.map_or("-".to_owned(), |v| format!("{v:.2} ms"));
+                let proxies = t.bench_cpu_seconds.map_or("-".to_owned(), |v| {
+                    format!("{v:.1}s, {:.1} µs per row", 1e6 * v / t.rows as f64)
+                });
+                println!(
+                    "{:<52} delay one way {one_way:.1} ms, measured {measured}; proxies' CPU {proxies}",
+                    ""
+                );
             }
         }
         println!(
@@ -656,11 +830,17 @@ fn print_report(report: &Report) {
         }
     }
     if !report.targets.is_empty() {
-        println!("\n{:<46} {:>9} {:>7}  {:<6}  {:>13}", "target", "measured", "goal", "", "servers allow");
+        println!(
+            "\n{:<46} {:>9} {:>7}  {:<6}  {:>13}  per round",
+            "target", "measured", "goal", "", "servers allow"
+        );
         for t in &report.targets {
             let servers_allow = t.servers_allow.map_or(String::new(), |v| format!("{v:.2}"));
+            let per_round = t.per_round.as_ref().map_or(String::new(), |rounds| {
+                rounds.iter().map(|v| format!("{v:.2}")).collect::<Vec<_>>().join(" / ")
+            });
             println!(
-                "{:<46} {:>9.2} {:>7}  {:<6}  {:>13}",
+                "{:<46} {:>9.2} {:>7}  {:<6}  {:>13}  {per_round}",
                 t.name,
                 t.value,
                 t.goal,
@@ -670,7 +850,8 @@ fn print_report(report: &Report) {
         }
         println!(
             "(servers allow: the ratio with each drain at its free relay's bound, what this run's Postgres and \
-             nats-server CPU permit)"
+             nats-server CPU permit; per round: the ratio of the two drains of each round, which ran one after \
+             the other; measured is the ratio of their medians)"
         );
         let b = &report.backlog_scaling;
         if let Some(relay) = b.relay {
@@ -684,5 +865,22 @@ fn print_report(report: &Report) {
         if report.mode == "quick" {
             println!("(quick mode: small sizes, indicative only)");
         }
+    }
+}
+
+/// One claim's cost, a line per scope and state (the plans are in the JSON report).
+fn print_claims(claims: &[claims::ClaimCost]) {
+    if claims.is_empty() {
+        return;
+    }
+    println!(
+        "\n{:<32} {:<26} {:>8} {:>8} {:>8} {:>9}",
+        "1,000-row claims: table", "scope", "p50 ms", "p99 ms", "max ms", "sweep ms"
+    );
+    for cost in claims {
+        println!(
+            "{:<32} {:<26} {:>8.1} {:>8.1} {:>8.1} {:>9.1}",
+            cost.state, cost.scope, cost.p50_ms, cost.p99_ms, cost.max_ms, cost.sweep_ms
+        );
     }
 }

@@ -18,6 +18,8 @@ use qx_relay::relay::store::{ClaimedBatch, OutboxRow, OutboxStore};
 use qx_relay::{EventHeaders, Publisher};
 use qx_relay_testkit::outbox::insert_rows;
 use qx_relay_testkit::proc::{cpu_seconds, ProcStats};
+use qx_relay_testkit::proxy::Proxy;
+use qx_relay_testkit::{env_var, Relay};
 use serde::Serialize;
 use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
@@ -69,11 +71,27 @@ pub struct Throughput {
     pub first_tenth_rows_per_second: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_tenth_rows_per_second: Option<f64>,
-    /// Every run's rate when the scenario ran several times (`rows_per_second` is their median).
+    /// Every run's rate, in the order they ran, when the scenario ran several times (`rows_per_second` is their
+    /// median).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runs_rows_per_second: Option<Vec<f64>>,
-    /// CPU of the relay process (or of the bench process for in-process scenarios), seconds.
+    /// Relay processes draining together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relays: Option<usize>,
+    /// `seeded` (vacuumed and analyzed) or `burst` (committed at once over stale statistics).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<&'static str>,
+    /// The delay the proxies between the relays and Postgres and NATS add each way, as set and as measured
+    /// (the mean time a chunk spent in them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub one_way_delay_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured_one_way_delay_ms: Option<f64>,
+    /// CPU of the relay processes together (or of the bench process for in-process scenarios), seconds.
     pub client_cpu_seconds: f64,
+    /// CPU of the bench process during a drain through proxies: mostly the proxies' copying.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bench_cpu_seconds: Option<f64>,
     /// CPU of the Postgres backends serving the relay (or the in-process store).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postgres_cpu_seconds: Option<f64>,
@@ -84,7 +102,7 @@ pub struct Throughput {
     /// else (autovacuum, checkpoints, this process) took the cores.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub machine_cpu_seconds: Option<f64>,
-    /// VmHWM of the relay process.
+    /// VmHWM of the relay process (the largest of several).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relay_peak_rss_mib: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -179,7 +197,6 @@ pub async fn postgres_ceiling(
     let store = OutboxStore::connect(
         &bench.db.relay_url(),
         &relay_config("unused", on_publish),
-        1,
         Duration::from_secs(5),
     )
     .await
@@ -359,7 +376,6 @@ pub async fn baseline(bench: &Bench, rows: u64) -> Throughput {
     let store = OutboxStore::connect(
         &bench.db.relay_url(),
         &relay_config(&stream.prefix, OnPublish::Mark),
-        1,
         Duration::from_secs(5),
     )
     .await
@@ -399,36 +415,120 @@ pub async fn baseline(bench: &Bench, rows: u64) -> Throughput {
     }
 }
 
-/// The real `qx-relay` binary (default settings: batch 1000, 1024 acks in flight) draining `rows` pending
-/// rows; then, when `idle` is set, left running that long on the empty table.
-pub async fn relay_drain(
-    bench: &Bench,
-    name: &str,
-    label: &str,
-    rows: u64,
-    on_publish: OnPublish,
-    idle: Option<Duration>,
-    settings: &[(&str, &str)],
-) -> (Throughput, Option<Idle>) {
+/// Where the rows a drain empties come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backlog {
+    /// Seeded, vacuumed and analyzed before the relays start: a long-lived backlog.
+    Seeded,
+    /// About 1 KiB rows committed at once over statistics taken when every row was published, and none
+    /// taken after ([`BenchDb::seed_burst`]); the relays start on it together.
+    Burst,
+}
+
+/// Settings over the bench's, for one relay process.
+pub type Settings = Vec<(String, String)>;
+
+/// `pairs` as [`Settings`].
+pub fn settings(pairs: &[(&str, &str)]) -> Settings {
+    pairs.iter().map(|(key, value)| ((*key).to_owned(), (*value).to_owned())).collect()
+}
+
+/// One drain by the real `qx-relay` binary (default settings: batch 1000, 1024 acks in flight): by one
+/// process or several at once, each with its own settings.
+pub struct Drain<'a> {
+    pub name: &'a str,
+    pub label: &'a str,
+    pub rows: u64,
+    pub on_publish: OnPublish,
+    pub backlog: Backlog,
+    /// One relay process per entry.
+    pub relays: Vec<Settings>,
+    /// Left running that long on the empty table afterwards, for the idle CPU.
+    pub idle: Option<Duration>,
+    /// Postgres and NATS reached through proxies that delay each direction by this much.
+    pub one_way_delay: Option<Duration>,
+}
+
+impl<'a> Drain<'a> {
+    /// One unsharded relay on a seeded backlog.
+    pub fn new(name: &'a str, label: &'a str, rows: u64, on_publish: OnPublish) -> Self {
+        Self {
+            name,
+            label,
+            rows,
+            on_publish,
+            backlog: Backlog::Seeded,
+            relays: vec![Settings::new()],
+            idle: None,
+            one_way_delay: None,
+        }
+    }
+}
+
+/// The real relay, one process or several, draining `drain.rows` pending rows; then, when `drain.idle` is
+/// set, left running that long on the empty table. Asserts that every row was stored in the stream once and
+/// marked (or deleted) once.
+pub async fn relay_drain(bench: &Bench, drain: &Drain<'_>) -> (Throughput, Option<Idle>) {
+    let (name, label, rows) = (drain.name, drain.label, drain.rows);
     bench.db.reset_table(false).await;
-    let seed_seconds = bench.db.seed(rows).await;
+    // Rows published before the drain, which stay in the table (mark mode) next to the drained ones.
+    let (published_before, seed_seconds) = match drain.backlog {
+        Backlog::Seeded => (0, bench.db.seed(rows).await),
+        Backlog::Burst => bench.db.seed_burst(rows).await,
+    };
     let stream = bench_stream().await;
-    let mode = match on_publish {
+    let mode = match drain.on_publish {
         OnPublish::Mark => "mark",
         OnPublish::Delete => "delete",
     };
-    let env = relay_env(&bench.db, &stream).set("QX_RELAY__ON_PUBLISH", mode).with(settings);
+    let (db_url, nats_url) = (bench.db.relay_url(), env_var("NATS_URL"));
+    let proxies = match drain.one_way_delay {
+        Some(one_way) => Some((
+            Proxy::start_delayed(&db_url, one_way).await,
+            Proxy::start_delayed(&nats_url, one_way).await,
+        )),
+        None => None,
+    };
+    let mut env = relay_env(&bench.db, &stream).set("QX_RELAY__ON_PUBLISH", mode);
+    if let Some((db_proxy, nats_proxy)) = &proxies {
+        env = env.set("QX_DB__URL", db_proxy.url_through(&db_url));
+        env = env.set("QX_NATS__SERVERS", nats_proxy.url_through(&nats_url));
+    }
 
     let nats_before = bench.nats_pid.and_then(cpu_seconds);
     let machine_before = machine_busy_seconds();
+    let bench_before = own_cpu();
     let spawned = Instant::now();
-    let relay = spawn_relay(&env, &bench.out_dir, name);
-    let perf =
-        bench.perf.then(|| Perf::attach(relay.pid(), &bench.out_dir.join(format!("perf-{name}.data"))));
+    let relays: Vec<Relay> = drain
+        .relays
+        .iter()
+        .enumerate()
+        .map(|(i, settings)| {
+            let env = settings.iter().fold(env.clone(), |env, (key, value)| env.set(key, value.as_str()));
+            let log = if drain.relays.len() > 1 { format!("{name}-{i}") } else { name.to_owned() };
+            spawn_relay(&env, &bench.out_dir, &log)
+        })
+        .collect();
+    let pids: Vec<u32> = relays.iter().map(Relay::pid).collect();
+    let perf: Vec<Perf> = if bench.perf {
+        pids.iter()
+            .enumerate()
+            .map(|(i, pid)| {
+                let file = if pids.len() > 1 {
+                    format!("perf-{name}-{i}.data")
+                } else {
+                    format!("perf-{name}.data")
+                };
+                Perf::attach(*pid, &bench.out_dir.join(file))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut first: Option<Instant> = None;
     let mut progress: Vec<(Instant, u64)> = Vec::new();
     loop {
-        assert_running(&relay);
+        relays.iter().for_each(assert_running);
         let stored = stream.count().await;
         let now = Instant::now();
         if stored > 0 {
@@ -446,54 +546,86 @@ pub async fn relay_drain(
     }
     // Every message is in the stream; the last marks may still be committing.
     while bench.db.has_pending().await {
-        assert_running(&relay);
+        relays.iter().for_each(assert_running);
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let drained = Instant::now();
-    let stats = ProcStats::read(relay.pid()).expect("relay /proc");
+    let stats: Vec<ProcStats> = pids.iter().map(|&pid| ProcStats::read(pid).expect("relay /proc")).collect();
     let postgres_cpu = cpu_seconds_of(&bench.db.relay_backends().await);
     let nats_cpu =
         bench.nats_pid.and_then(cpu_seconds).zip(nats_before).map(|(after, before)| after - before);
     let machine_cpu = machine_busy_seconds().zip(machine_before).map(|(after, before)| after - before);
-    if let Some(perf) = perf {
-        perf.stop();
-    }
+    let bench_cpu = own_cpu() - bench_before;
+    perf.into_iter().for_each(Perf::stop);
 
-    let idle = match idle {
+    let idle = match drain.idle {
         Some(length) => {
             // Let the last short batch and its poll pass before measuring.
             tokio::time::sleep(Duration::from_millis(1500)).await;
-            let before = ProcStats::read(relay.pid()).expect("relay /proc");
-            let started = Instant::now();
+            let read =
+                || pids.iter().map(|&pid| ProcStats::read(pid).expect("relay /proc")).collect::<Vec<_>>();
+            let idle_before = read();
+            let idle_started = Instant::now();
             tokio::time::sleep(length).await;
-            let after = ProcStats::read(relay.pid()).expect("relay /proc");
-            let seconds = started.elapsed().as_secs_f64();
+            let after = read();
+            let seconds = idle_started.elapsed().as_secs_f64();
+            let cpu: f64 = after.iter().zip(&idle_before).map(|(a, b)| a.cpu_seconds - b.cpu_seconds).sum();
             Some(Idle {
                 seconds,
-                relay_cpu_percent: 100.0 * (after.cpu_seconds - before.cpu_seconds) / seconds,
-                relay_rss_mib: mib(after.rss_kib),
+                relay_cpu_percent: 100.0 * cpu / seconds,
+                relay_rss_mib: mib(after.iter().map(|a| a.rss_kib).sum()),
             })
         }
         None => None,
     };
-    let exit_code = relay.terminate(STOP_LIMIT).await.and_then(|status| status.code());
-    let expected_left = match on_publish {
-        OnPublish::Mark => bench.db.count("published_at IS NOT NULL").await,
-        OnPublish::Delete => rows as i64 - bench.db.count("true").await,
+    let exits = futures::future::join_all(relays.iter().map(|relay| relay.terminate(STOP_LIMIT))).await;
+    // The worst: a relay that had to be killed (None) or exited non-zero.
+    let exit_code = exits
+        .iter()
+        .map(|status| status.and_then(|status| status.code()))
+        .find(|code| *code != Some(0))
+        .unwrap_or(Some(0));
+    let published_before = published_before as i64;
+    let settled = match drain.on_publish {
+        OnPublish::Mark => bench.db.count("published_at IS NOT NULL").await - published_before,
+        OnPublish::Delete => rows as i64 + published_before - bench.db.count("true").await,
     };
-    assert_eq!(expected_left, rows as i64, "{label}: every row marked (or deleted) once");
+    assert_eq!(settled, rows as i64, "{label}: every row marked (or deleted)");
+    // A row marked (or deleted) twice counts twice here.
+    assert_eq!(
+        bench.db.settled_rows(drain.on_publish, rows).await,
+        rows as i64,
+        "{label}: every row marked (or deleted) once"
+    );
     assert_eq!(stream.count().await, rows, "{label}: every row stored once");
+    let measured_delay = proxies.as_ref().and_then(|(db_proxy, nats_proxy)| {
+        // Both directions of both proxies, each chunk weighted alike.
+        let delays: Vec<Duration> =
+            [db_proxy.mean_delay(), nats_proxy.mean_delay()].into_iter().flatten().collect();
+        (!delays.is_empty())
+            .then(|| delays.iter().sum::<Duration>().as_secs_f64() * 1e3 / delays.len() as f64)
+    });
+    let proxied = proxies.is_some();
+    drop(proxies);
 
     let first = first.expect("at least one message");
     let throughput = Throughput {
+        relays: Some(pids.len()),
+        backlog: Some(match drain.backlog {
+            Backlog::Seeded => "seeded",
+            Backlog::Burst => "burst",
+        }),
         wall_seconds: Some(drained.duration_since(spawned).as_secs_f64()),
         first_tenth_rows_per_second: rate_between(&progress, rows, 0.0, 0.1),
         last_tenth_rows_per_second: rate_between(&progress, rows, 0.9, 1.0),
-        client_cpu_seconds: stats.cpu_seconds,
+        client_cpu_seconds: stats.iter().map(|s| s.cpu_seconds).sum(),
         postgres_cpu_seconds: Some(postgres_cpu),
         nats_server_cpu_seconds: nats_cpu,
         machine_cpu_seconds: machine_cpu,
-        relay_peak_rss_mib: Some(mib(stats.peak_rss_kib)),
+        bench_cpu_seconds: proxied.then_some(bench_cpu),
+        one_way_delay_ms: drain.one_way_delay.map(|d| d.as_secs_f64() * 1e3),
+        measured_one_way_delay_ms: measured_delay,
+        relay_peak_rss_mib: stats.iter().map(|s| mib(s.peak_rss_kib)).reduce(f64::max),
         relay_exit_code: exit_code,
         seed_seconds: Some(seed_seconds),
         table_after: Some(bench.db.table_health().await),

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream::stream;
+use qx_relay::relay::config::OnPublish;
 use qx_relay_testkit::outbox::{insert_from, OUTBOX_DDL};
 use qx_relay_testkit::proc::{clock_ticks, cpu_seconds};
 use qx_relay_testkit::{env_var, Relay, RelayEnv, TestDb, TestStream};
@@ -42,6 +43,29 @@ SELECT gen_random_uuid(), 'order.placed', 1, \
        at, corr, NULL, tenant, NULL, 0, NULL \
 FROM (SELECT n, now() - interval '1 hour' + n * interval '1 microsecond' AS at, gen_random_uuid() AS corr, \
              '00000000-0000-4000-8000-00000000a11c'::uuid AS tenant \
+      FROM generate_series(1, $1::bigint) AS n) AS s";
+
+/// Distinct `payload.order_id` values of a burst's rows: a couple hundred orders, so a keyed claim has keys
+/// in every shard and many rows per key.
+pub const BURST_ORDERS: u32 = 200;
+
+/// `qx-db`-shaped rows of about 1 KiB (the seed's envelope with a note), `payload.order_id` one of
+/// [`BURST_ORDERS`]; when `$2`, published, and an hour older than a burst's.
+const BURST_ROWS: &str = "\
+SELECT gen_random_uuid(), 'order.placed', 1, \
+       jsonb_build_object( \
+         'payload', jsonb_build_object('seq', n, 'currency', 'EUR', \
+                                       'order_id', md5('order-' || n % $3::int)::uuid, \
+                                       'amount_cents', 1000 + n % 5000, 'customer_email', 'user' || n || '@example.com', \
+                                       'note', repeat(md5(n::text), 16)), \
+         'actor_id', '00000000-0000-0000-0000-000000000001', 'event_id', gen_random_uuid(), 'tenant_id', tenant, \
+         'event_name', 'order.placed', \
+         'occurred_at', to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'), \
+         'causation_id', NULL, 'event_version', 1, 'correlation_id', corr), \
+       at, corr, NULL, tenant, CASE WHEN $2 THEN at + interval '1 second' END, 0, NULL \
+FROM (SELECT n, now() - CASE WHEN $2 THEN interval '2 hours' ELSE interval '1 hour' END \
+                + n * interval '1 microsecond' AS at, \
+             gen_random_uuid() AS corr, '00000000-0000-4000-8000-00000000a11c'::uuid AS tenant \
       FROM generate_series(1, $1::bigint) AS n) AS s";
 
 /// The run's database, holding one outbox table at a time.
@@ -93,6 +117,50 @@ impl BenchDb {
         started.elapsed().as_secs_f64()
     }
 
+    /// A burst as the relays meet it: `rows / 10` (at least 1000) rows published an hour earlier, the table
+    /// vacuumed and analyzed with them (the statistics say nothing is pending, as after a quiet spell), then
+    /// `rows` pending rows of about 1 KiB committed at once, and a checkpoint. Nothing vacuums or analyzes
+    /// after the burst: the drain meets the statistics of before it, as a real one does until autovacuum comes
+    /// by. Returns how many rows were published before, and the seconds it took.
+    pub async fn seed_burst(&self, rows: u64) -> (u64, f64) {
+        let started = std::time::Instant::now();
+        let published = (rows / 10).max(1000);
+        self.insert_burst_rows(published, true).await;
+        self.execute("VACUUM (ANALYZE) qx_outbox_events").await;
+        self.insert_burst_rows(rows, false).await;
+        self.checkpoint().await;
+        (published, started.elapsed().as_secs_f64())
+    }
+
+    async fn insert_burst_rows(&self, rows: u64, published: bool) {
+        sqlx::query(&insert_from(BURST_ROWS))
+            .bind(i64::try_from(rows).expect("row count"))
+            .bind(published)
+            .bind(i32::try_from(BURST_ORDERS).expect("order count"))
+            .execute(&self.pool)
+            .await
+            .expect("insert burst rows");
+    }
+
+    /// Waits until the statistics count `rows` rows marked (updated) or deleted, which they do once the
+    /// relays' backends have reported (at their exit at the latest); the count they reached.
+    pub async fn settled_rows(&self, on_publish: OnPublish, rows: u64) -> i64 {
+        let column = match on_publish {
+            OnPublish::Mark => "n_tup_upd",
+            OnPublish::Delete => "n_tup_del",
+        };
+        let query = format!("SELECT {column} FROM pg_stat_user_tables WHERE relname = 'qx_outbox_events'");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let settled: i64 =
+                sqlx::query_scalar(&query).fetch_one(&self.pool).await.expect("table statistics");
+            if settled >= rows as i64 || std::time::Instant::now() > deadline {
+                return settled;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Flushes dirty buffers now rather than during the next measurement.
     pub async fn checkpoint(&self) {
         self.execute("CHECKPOINT").await;
@@ -120,14 +188,16 @@ impl BenchDb {
 
     /// Dead and live tuples of the outbox table, and how often (auto)vacuum ran on it.
     pub async fn table_health(&self) -> TableHealth {
-        let (live, dead, autovacuums, vacuums): (i64, i64, i64, i64) = sqlx::query_as(
-            "SELECT n_live_tup, n_dead_tup, autovacuum_count, vacuum_count FROM pg_stat_user_tables \
-             WHERE relname = 'qx_outbox_events'",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .expect("table statistics");
-        TableHealth { live, dead, autovacuums, vacuums }
+        let (live, dead, autovacuums, vacuums, autoanalyzes, analyzes): (i64, i64, i64, i64, i64, i64) =
+            sqlx::query_as(
+                "SELECT n_live_tup, n_dead_tup, autovacuum_count, vacuum_count, autoanalyze_count, \
+                        analyze_count \
+                 FROM pg_stat_user_tables WHERE relname = 'qx_outbox_events'",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .expect("table statistics");
+        TableHealth { live, dead, autovacuums, vacuums, autoanalyzes, analyzes }
     }
 }
 
@@ -138,6 +208,9 @@ pub struct TableHealth {
     pub dead: i64,
     pub autovacuums: i64,
     pub vacuums: i64,
+    /// A burst's drain meets stale statistics as long as no autoanalyze ran.
+    pub autoanalyzes: i64,
+    pub analyzes: i64,
 }
 
 /// A file-backed stream of one scenario's own (as in production) with the recommended duplicate window.
