@@ -7,6 +7,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use qx_relay_testkit::proxy::Proxy;
 use qx_relay_testkit::{http, NatsServer, Relay, RelayEnv, TestDb, TestStream};
 
 /// How long a metric or a probe may take to show a change.
@@ -208,4 +209,45 @@ async fn every_family_is_exported_before_the_first_event() {
         None => eprintln!("promtool not found (set PROMTOOL): skipped `promtool check metrics`"),
     }
     relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_relay_whose_postgres_is_down_at_start_is_seen_retrying_then_relays_or_gives_up() {
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    db.insert_events(100, "order.placed").await;
+    // Connections reach the proxy but nothing answers through it, as with a Postgres that is starting.
+    let proxy = Proxy::start(&db.url).await;
+    proxy.pause();
+    let env = RelayEnv::new(&db, &stream.prefix).with(&[
+        ("QX_DB__URL", proxy.url_through(&db.url).as_str()),
+        ("QX_NATS__CONNECT_TIMEOUT_SECONDS", "1"),
+    ]);
+    let (relay, port) = Relay::spawn_serving(&env);
+    wait_for_sample(&relay, port, "qx_relay_postgres_up", 0.0).await;
+    let (status, body) = get(port, "/readyz").await.expect("/readyz answers while Postgres is down");
+    assert_eq!(status, 503, "{body}");
+    relay
+        .eventually("the retry said", WAIT, || async {
+            relay.log().contains("Postgres unavailable at start; retrying")
+        })
+        .await;
+    proxy.resume();
+    wait_until_ready(&relay, port, "ready once Postgres answers").await;
+    relay.stop_when_drained(&db, WAIT).await;
+    assert_eq!(stream.count().await, 100);
+
+    // Down for good: it keeps trying for give_up_after, then exits 69 with the cause.
+    let give_up_after = Duration::from_secs(3);
+    let gone = env.with(&[
+        ("QX_DB__URL", "postgres://postgres@127.0.0.1:1/x"),
+        ("QX_RELAY__ACK_TIMEOUT", "1s"),
+        ("QX_RELAY__GIVE_UP_AFTER", "3s"),
+    ]);
+    let started = tokio::time::Instant::now();
+    let relay = Relay::spawn(&gone, &[]);
+    let status = relay.wait(WAIT).await;
+    let log = relay.log();
+    assert_eq!(status.code(), Some(69), "{log}");
+    assert!(started.elapsed() >= give_up_after, "gave up after {:?}:\n{log}", started.elapsed());
+    assert!(log.contains("Connection refused"), "the cause is named:\n{log}");
 }
