@@ -126,17 +126,25 @@ async fn pump(
 ) {
     let mut buffer = vec![0; 64 * 1024];
     loop {
-        let read = tokio::select! {
-            () = stop.cancelled() => return,
-            read = read.read(&mut buffer) => read,
-        };
-        let Ok(n @ 1..) = read else { return };
+        let Some(n) = next_read(&mut read, &mut buffer, &stop).await else { return };
         if !wait_while_paused(&paused, &stop).await {
             return;
         }
         if write.write_all(&buffer[..n]).await.is_err() {
             return;
         }
+    }
+}
+
+/// The number of bytes `read` gives into `buffer` next: `None` at its end, on an error, or once `stop` fires.
+async fn next_read(read: &mut OwnedReadHalf, buffer: &mut [u8], stop: &CancellationToken) -> Option<usize> {
+    let read = tokio::select! {
+        () = stop.cancelled() => return None,
+        read = read.read(buffer) => read,
+    };
+    match read {
+        Ok(n @ 1..) => Some(n),
+        _ => None,
     }
 }
 
@@ -167,11 +175,7 @@ async fn hold(
 ) {
     let mut buffer = vec![0; 64 * 1024];
     loop {
-        let read = tokio::select! {
-            () = stop.cancelled() => return,
-            read = read.read(&mut buffer) => read,
-        };
-        let Ok(n @ 1..) = read else { return };
+        let Some(n) = next_read(&mut read, &mut buffer, &stop).await else { return };
         let mut read_at = Instant::now();
         if paused.load(Ordering::SeqCst) {
             if !wait_while_paused(&paused, &stop).await {
