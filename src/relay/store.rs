@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::query::QueryAs;
-use sqlx::{Connection, PgConnection, Postgres, Transaction};
+use sqlx::{Arguments, Connection, PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::config::{LeaderMode, OnPublish, RelayConfig, ShardKey};
@@ -578,26 +578,11 @@ impl OutboxStore {
     ) -> Result<ClaimedBatch, StoreError> {
         self.bounded(async {
             let tx = self.pool.begin_with(self.pinned_begin.clone()).await?;
-            let mut query = sqlx::query_as(&self.claim_sql)
-                .bind(self.max_attempts)
-                .bind(i64::from(limit))
-                .bind(held)
-                .bind(skipped_names)
-                .bind(from);
-            if self.assigned {
-                query = query.bind(assigned);
-            }
+            let args = |limit| self.rescan_args(limit, held, skipped_names, assigned, from);
+            let query = sqlx::query_as_with(&self.claim_sql, args(i64::from(limit))?);
             let mut batch = ClaimedBatch::read(tx, query, limit, self.max_batch_bytes).await?;
             if let Some(sql) = &self.oldest_pending_sql {
-                let mut query = sqlx::query_scalar(sql)
-                    .bind(self.max_attempts)
-                    .bind(1_i64)
-                    .bind(held)
-                    .bind(skipped_names)
-                    .bind(from);
-                if self.assigned {
-                    query = query.bind(assigned);
-                }
+                let query = sqlx::query_scalar_with(sql, args(1)?);
                 batch.first_seen = query.fetch_optional(&mut *batch.tx).await?;
             }
             if from.is_none() {
@@ -620,24 +605,37 @@ impl OutboxStore {
         assigned: &[i32],
         from: Option<DateTime<Utc>>,
     ) -> Result<String, StoreError> {
-        let none: &[String] = &[];
         self.bounded(async {
             let mut tx = self.pool.begin_with(self.pinned_begin.clone()).await?;
             let explain = format!("EXPLAIN (ANALYZE, COSTS OFF) {}", self.claim_sql);
-            let mut query = sqlx::query_scalar(&explain)
-                .bind(self.max_attempts)
-                .bind(i64::from(limit))
-                .bind(none)
-                .bind(none)
-                .bind(from);
-            if self.assigned {
-                query = query.bind(assigned);
-            }
-            let lines: Vec<String> = query.fetch_all(&mut *tx).await?;
+            let args = self.rescan_args(i64::from(limit), &[], &[], assigned, from)?;
+            let lines: Vec<String> = sqlx::query_scalar_with(&explain, args).fetch_all(&mut *tx).await?;
             tx.rollback().await?;
             Ok(lines.join("\n"))
         })
         .await
+    }
+
+    /// The parameters of a rescan's statements (see [`OutboxStore::claim`]): `$1` the parked threshold, `$2`
+    /// `limit`, `$3` the held keys, `$4` the skipped event names, `$5` `from`, then the assigned shards' ids.
+    fn rescan_args(
+        &self,
+        limit: i64,
+        held: &[String],
+        skipped_names: &[String],
+        assigned: &[i32],
+        from: Option<DateTime<Utc>>,
+    ) -> Result<PgArguments, sqlx::Error> {
+        let mut args = PgArguments::default();
+        args.add(self.max_attempts).map_err(sqlx::Error::Encode)?;
+        args.add(limit).map_err(sqlx::Error::Encode)?;
+        args.add(held).map_err(sqlx::Error::Encode)?;
+        args.add(skipped_names).map_err(sqlx::Error::Encode)?;
+        args.add(from).map_err(sqlx::Error::Encode)?;
+        if self.assigned {
+            args.add(assigned).map_err(sqlx::Error::Encode)?;
+        }
+        Ok(args)
     }
 
     /// As [`OutboxStore::claim`], but only rows after `after` (an `(occurred_at, id)` claim key): the next batch
