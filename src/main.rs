@@ -65,8 +65,8 @@ async fn dispatch(command: Command, config: Config) -> ExitCode {
                 }
             }
         }
-        Command::Check => ops::check(&config).await,
-        Command::Config { .. } => ops::print_config(&config),
+        Command::Check { json } => ops::check(&config, json).await,
+        Command::Config { json, .. } => ops::print_config(&config, json),
         Command::Status { json } => ops::status(&config, json).await,
         Command::Dead { command: DeadCommand::List { limit, event_name, json } } => {
             ops::dead_list(&config, limit, event_name.as_deref(), json).await

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use qx_relay_testkit::pki::Pki;
 use qx_relay_testkit::{
-    run_command, NatsServer, PgCluster, RedisServer, Relay, RelayEnv, TestDb, TestStream,
+    free_port, run_command, NatsServer, PgCluster, RedisServer, Relay, RelayEnv, TestDb, TestStream,
 };
 use uuid::Uuid;
 
@@ -77,11 +77,20 @@ async fn nats_credentials_in_the_server_url_are_used_and_never_logged() {
 
     // Credentials the server refuses are a configuration error, named with the server and not logged.
     let url = format!("nats://relay:{WRONG}@127.0.0.1:{}", by_password.port);
-    let (code, log) =
-        exit_of(&base.with(&[("QX_NATS__SERVERS", &url), ("QX_RELAY__LOG", "trace,async_nats=trace")])).await;
+    let (code, log) = exit_of(
+        &base.clone().with(&[("QX_NATS__SERVERS", &url), ("QX_RELAY__LOG", "trace,async_nats=trace")]),
+    )
+    .await;
     assert!(!log.contains(WRONG), "the wrong password was logged:\n{log}");
     let server = format!("NATS at 127.0.0.1:{}", by_password.port);
     assert_refused("a wrong password", (code, log), &["credentials refused", &server]);
+
+    // At the default log levels, said once: not again by the client library, nor twice in one line.
+    let (code, log) = exit_of(&base.with(&[("QX_NATS__SERVERS", &url)])).await;
+    assert_eq!(code, Some(78), "{log}");
+    let said: Vec<&str> = log.lines().filter(|line| line.contains("authorization violation")).collect();
+    assert_eq!(said.len(), 1, "one line:\n{log}");
+    assert_eq!(said[0].matches("authorization violation").count(), 1, "{}", said[0]);
 }
 
 #[tokio::test]
@@ -191,7 +200,7 @@ async fn redis_credentials_it_refuses_are_a_configuration_error() {
     );
     let (code, stdout, _) = run_command(&wrong, &["check"]);
     assert_eq!(code, Some(78), "check: {stdout}");
-    assert!(stdout.lines().any(|l| l.starts_with("FAIL  redis: credentials refused")), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("FAIL  leader locks: credentials refused")), "{stdout}");
 
     let none = leader_env(&db, &stream, &format!("redis://127.0.0.1:{}/0", redis.port));
     let named = format!("cache.url redis://127.0.0.1:{}/0", redis.port);
@@ -199,6 +208,26 @@ async fn redis_credentials_it_refuses_are_a_configuration_error() {
 
     let log = drain(&db, &leader_env(&db, &stream, &url(PASSWORD))).await;
     assert!(log.contains("leader lock acquired"), "published as the leader:\n{log}");
+}
+
+#[tokio::test]
+async fn a_redis_that_is_down_is_named_with_its_address() {
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    let url = format!("redis://127.0.0.1:{}/0", free_port());
+    let env = leader_env(&db, &stream, &url).set("QX_RELAY__GIVE_UP_AFTER", "10s");
+    let named = format!("Redis at cache.url {url}: Connection refused");
+    let (code, stdout, stderr) = run_command(&env, &["status"]);
+    assert_eq!(code, Some(69), "{stdout}{stderr}");
+    assert_eq!(stderr.trim_end(), format!("leader locks: {named} (os error 111)"));
+    let (code, stdout, _) = run_command(&env, &["check"]);
+    assert_eq!(code, Some(69), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with(&format!("FAIL  leader locks: {named}"))), "{stdout}");
+
+    let (code, log) = exit_of(&env).await;
+    assert_eq!(code, Some(69), "{log}");
+    let standing_by = log.lines().find(|line| line.contains("leader lock backend unavailable; standing by"));
+    assert!(standing_by.is_some_and(|line| line.contains(&named)), "{log}");
+    assert!(!log.to_ascii_lowercase().contains("redis: redis"), "{log}");
 }
 
 #[tokio::test]

@@ -442,6 +442,31 @@ async fn a_hung_postgres_is_an_outage_not_ready_then_exit_69_and_nothing_lost() 
     assert_eq!(messages_and_distinct_ids(&stream).await, (rows, rows), "every row once");
 }
 
+#[tokio::test]
+async fn postgres_gone_for_good_is_named_with_its_server_and_why_then_exit_69() {
+    let (postgres, db, stream) = on_private_postgres(50_000).await;
+    let relay = Relay::spawn(&bounded_env(&db, &stream, &env_var("NATS_URL")), &[]);
+    wait_for_messages(&stream, 2000, &relay).await;
+    postgres.stop("immediate");
+    let status = relay.wait(GIVE_UP_AFTER + DRAIN_TIMEOUT + EXIT_SLACK).await;
+    let log = relay.log();
+    assert_eq!(status.code(), Some(69), "{log}");
+    let server = format!("127.0.0.1:{}", postgres.port);
+    let outage: Vec<&str> =
+        log.lines().filter(|line| line.contains("Postgres unavailable; retrying")).collect();
+    assert!(!outage.is_empty(), "{log}");
+    for line in outage {
+        assert!(line.contains(&format!("server={server}")), "each outage line names the server: {line}");
+    }
+    let last = log.lines().last().unwrap_or_default();
+    for part in
+        ["Postgres unavailable for longer than 5s", &format!("Postgres at {server} unreachable"), "refused"]
+    {
+        assert!(last.contains(part), "{part:?} missing from the last line: {last}");
+    }
+    assert!(!log.contains("pool timed out"), "a timeout without its cause:\n{log}");
+}
+
 /// Inserts `sizes.len()` rows whose envelopes carry that many filler bytes each.
 async fn insert_sized(db: &TestDb, sizes: &[usize]) {
     for &size in sizes {

@@ -50,6 +50,50 @@ fn a_typo_under_a_qx_section_is_warned_about_and_qx_settings_are_not() {
 }
 
 #[test]
+fn a_setting_under_another_section_name_or_with_one_underscore_is_warned_about() {
+    let env = offline_env(&[
+        ("QX_DATABASE__URL", "postgres://db.internal/app"),
+        ("QX_RELAY_BATCH_SIZE", "50"),
+        // Kubernetes' service links for a Service named qx-relay: not settings of anyone.
+        ("QX_RELAY_PORT", "tcp://10.0.0.1:9090"),
+        ("QX_RELAY_SERVICE_HOST", "10.0.0.1"),
+    ]);
+    let (code, stdout, stderr) = run_command(&env, &["config"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("batch_size = 1000"), "the slip was not read: {stdout}");
+    let warnings: Vec<&str> = stderr.lines().filter(|line| line.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 2, "one warning per slip:\n{stderr}");
+    assert!(warnings[0]
+        .ends_with("QX_DATABASE__URL is not a setting of qx-relay or Qx: ignored; did you mean QX_DB__URL?"));
+    assert!(warnings[1].ends_with(
+        "QX_RELAY_BATCH_SIZE is not a setting of qx-relay or Qx: ignored; did you mean QX_RELAY__BATCH_SIZE? (two \
+         underscores after the section)"
+    ));
+}
+
+#[test]
+fn config_shows_every_key_unset_ones_too_as_toml_or_json() {
+    let env = offline_env(&[("QX_NATS__USER", "relay"), ("QX_NATS__PASSWORD", "pw-4410")]);
+    let (code, stdout, stderr) = run_command(&env, &["config"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let toml: toml::Table = stdout.parse().unwrap_or_else(|err| panic!("{err}: {stdout}"));
+    assert_eq!(toml["nats"]["user"].as_str(), Some("relay"));
+    for unset in ["# creds_file: unset", "# token: unset", "# tls_ca_file: unset", "# retention: unset"] {
+        assert!(stdout.lines().any(|line| line == unset), "{unset:?} missing:\n{stdout}");
+    }
+    assert!(!stdout.contains("pw-4410"), "{stdout}");
+
+    let (code, stdout, stderr) = run_command(&env, &["config", "--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let json: Value = serde_json::from_str(&stdout).unwrap_or_else(|err| panic!("{err}: {stdout}"));
+    assert_eq!(json["nats"]["user"], "relay");
+    assert!(json["nats"]["creds_file"].is_null() && json["nats"].get("creds_file").is_some(), "{json}");
+    assert!(json["relay"]["retention"].is_null() && json["relay"].get("retention").is_some(), "{json}");
+    assert_eq!(json["relay"]["batch_size"], 1000);
+    assert!(!stdout.contains("pw-4410"), "{stdout}");
+}
+
+#[test]
 fn an_unknown_relay_key_is_named_once_with_its_variable_and_a_suggestion() {
     let (code, _, stderr) = run_command(&offline_env(&[("QX_RELAY__BATCHSIZE", "50")]), &["run"]);
     assert_eq!(code, Some(78), "{stderr}");

@@ -350,10 +350,28 @@ async fn check_passes_on_a_good_setup_and_names_the_failing_check() {
     assert_eq!(code, Some(0), "{stdout}");
     assert_eq!(stdout.lines().count(), 5, "one line per check:\n{stdout}");
 
+    let (code, stdout, _) = run_command(&env, &["check", "--json"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|err| panic!("{err}: {stdout}"));
+    assert_eq!((report["ok"].as_bool(), report["exit_code"].as_i64()), (Some(true), Some(0)), "{report}");
+    assert_eq!(report["checks"].as_array().map(Vec::len), Some(5), "{report}");
+
     let no_stream = env.clone().set("QX_RELAY__SUBJECT_PREFIX", format!("{}x", stream.prefix));
     let (code, stdout, _) = run_command(&no_stream, &["check"]);
-    assert_ne!(code, Some(0));
-    assert!(stdout.lines().any(|l| l.starts_with("FAIL  stream:")), "{stdout}");
+    assert_eq!(code, Some(78), "{stdout}");
+    let line = stdout.lines().find(|l| l.starts_with("FAIL  stream:")).unwrap_or_else(|| panic!("{stdout}"));
+    for hint in ["create a JetStream stream", "relay.ensure_stream = true"] {
+        assert!(line.contains(hint), "{hint:?}: what to do, as `run` says it: {line}");
+    }
+    let (code, stdout, _) = run_command(&no_stream, &["check", "--json"]);
+    assert_eq!(code, Some(78), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|err| panic!("{err}: {stdout}"));
+    let stream_check = report["checks"].as_array().and_then(|c| c.iter().find(|c| c["check"] == "stream"));
+    let stream_check = stream_check.unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(stream_check["ok"], false, "{report}");
+    assert!(stream_check["hint"].as_str().is_some_and(|hint| hint.contains("ensure_stream")), "{report}");
 
     let no_table = env.clone().set("QX_RELAY__TABLE", "missing_outbox");
     let (code, stdout, _) = run_command(&no_table, &["check"]);

@@ -52,12 +52,19 @@ pub enum Command {
     /// Relay the outbox until SIGTERM (the default).
     Run,
     /// Validate the config, connect to Postgres and NATS, check the table and the stream; one line per check.
-    Check,
-    /// Print the effective config (all layers merged) as TOML, secrets redacted.
+    Check {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the effective config (all layers merged) as TOML, secrets redacted; unset keys as comments.
     Config {
         /// Print the reference of every setting instead (Markdown: type, default, variable, meaning).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "json")]
         reference: bool,
+        /// Print JSON instead of TOML, unset keys as null.
+        #[arg(long)]
+        json: bool,
     },
     /// Pending, parked and recently published rows per shard, and who holds the leader locks.
     Status {
@@ -91,7 +98,7 @@ pub enum Command {
 impl Command {
     /// Whether it runs without the relay's settings: it prints what the binary knows about itself.
     pub fn is_offline(&self) -> bool {
-        matches!(self, Self::Config { reference: true } | Self::Completions { .. } | Self::Man { .. })
+        matches!(self, Self::Config { reference: true, .. } | Self::Completions { .. } | Self::Man { .. })
     }
 }
 

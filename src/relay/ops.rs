@@ -6,11 +6,11 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::causes::error_chain;
-use super::config::{Config, ShardId};
+use super::config::{reference, Config, ShardId};
 use super::escape::Escaped;
 use super::exit::ExitCode;
 use super::lease::{Backend, Holder, LockError};
-use super::nats::RelayPublisher;
+use super::nats::{self, RelayPublisher};
 use super::preflight::{self, PreflightError};
 use super::refusal::PostgresError;
 use super::shard::Shard;
@@ -19,75 +19,153 @@ use super::store::{
     PUBLISHED_COUNT_MAX, SAMPLE_ROWS,
 };
 
-/// Runs every check, printing one line each; the exit code of the worst failure.
-pub async fn check(config: &Config) -> ExitCode {
-    println!("ok    config: valid");
-    let mut worst = ExitCode::Ok;
-    let mut fail = |code: ExitCode, line: String| {
-        println!("FAIL  {line}");
-        if worst == ExitCode::Ok || code == ExitCode::Unavailable {
-            worst = code;
+/// One check's result, as `check --json` prints it.
+#[derive(Serialize)]
+struct CheckResult {
+    check: &'static str,
+    ok: bool,
+    detail: String,
+    /// What to do about a failure, when there is something to say.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hint: Option<String>,
+}
+
+/// The results of `check` so far: printed one line each as they come, or as one JSON document at the end.
+struct Checks {
+    json: bool,
+    results: Vec<CheckResult>,
+    worst: ExitCode,
+}
+
+impl Checks {
+    fn ok(&mut self, check: &'static str, detail: impl Into<String>) {
+        self.add(CheckResult { check, ok: true, detail: detail.into(), hint: None });
+    }
+
+    fn fail(&mut self, check: &'static str, code: ExitCode, detail: String, hint: Option<String>) {
+        // An outage outranks a configuration error: fixing the settings cannot help until the server is back.
+        if self.worst == ExitCode::Ok || code == ExitCode::Unavailable {
+            self.worst = code;
         }
-    };
+        self.add(CheckResult { check, ok: false, detail, hint });
+    }
+
+    fn add(&mut self, result: CheckResult) {
+        if !self.json {
+            let status = if result.ok { "ok  " } else { "FAIL" };
+            match &result.hint {
+                Some(hint) => println!("{status}  {}: {}; {hint}", result.check, result.detail),
+                None => println!("{status}  {}: {}", result.check, result.detail),
+            }
+        }
+        self.results.push(result);
+    }
+
+    fn finish(self) -> ExitCode {
+        if self.json {
+            let report = serde_json::json!({
+                "ok": self.worst == ExitCode::Ok,
+                "exit_code": self.worst as u8,
+                "checks": self.results,
+            });
+            println!("{}", serde_json::to_string_pretty(&report).expect("results serialize"));
+        }
+        self.worst
+    }
+}
+
+/// Runs every check, printing one line each (or, with `json`, one document); the exit code of the worst failure.
+pub async fn check(config: &Config, json: bool) -> ExitCode {
+    let mut checks = Checks { json, results: Vec::new(), worst: ExitCode::Ok };
+    checks.ok("config", "valid");
     let relay = &config.relay;
     let store = match connect_store(config).await {
         Ok(store) => {
-            println!("ok    postgres: connected");
+            checks.ok("postgres", "connected");
             match preflight::table(&store, relay, None).await {
-                Ok(()) => println!("ok    table: {} has the outbox columns", relay.table),
-                Err(err) => fail((&err).into(), format!("table: {}", error_chain(&err))),
+                Ok(()) => checks.ok("table", format!("{} has the outbox columns", relay.table)),
+                Err(err) => checks.fail("table", (&err).into(), error_chain(&err), None),
             }
             Some(store)
         }
         Err(err) => {
-            fail(exit_code(err.is_config_error()), format!("postgres: {}", error_chain(&err)));
+            checks.fail("postgres", exit_code(err.is_config_error()), error_chain(&err), None);
             None
         }
     };
     let prefix = relay.subject_prefix();
     match RelayPublisher::connect(&config.nats, relay).await {
         Ok(publisher) => {
-            println!("ok    nats: connected");
+            checks.ok("nats", "connected");
             match preflight::stream(&publisher, relay, false).await {
                 Ok(preflight::Stream::Found(info) | preflight::Stream::Created(info)) => {
-                    println!("ok    stream: {} captures {prefix}.>", info.config.name);
+                    checks.ok("stream", format!("{} captures {prefix}.>", info.config.name));
                 }
                 Err(PreflightError::NoStream(_)) if relay.ensure_stream => {
-                    println!(
-                        "ok    stream: none captures {prefix}.> yet; the relay creates one (ensure_stream)"
+                    checks.ok(
+                        "stream",
+                        format!("none captures {prefix}.> yet; the relay creates one (ensure_stream)"),
                     );
                 }
-                Err(err) => fail((&err).into(), format!("stream: {}", error_chain(&err))),
+                Err(err @ PreflightError::NoStream(_)) => {
+                    checks.fail(
+                        "stream",
+                        (&err).into(),
+                        error_chain(&err),
+                        Some(nats::no_stream_hint(prefix)),
+                    );
+                }
+                Err(err) => checks.fail("stream", (&err).into(), error_chain(&err), None),
             }
             publisher.close(Duration::from_secs(1)).await;
         }
-        Err(err) => fail(exit_code(err.is_config_error()), format!("nats: {}", error_chain(&err))),
+        Err(err) => checks.fail("nats", exit_code(err.is_config_error()), error_chain(&err), None),
     }
     // The leader locks: a lookup of who holds the first shard's.
     if let (Some(backend), Some(store)) = (Backend::of(config), &store) {
         let first = Shard { id: 0, count: relay.shard_count };
         match backend.holder(first, store.pool()).await {
-            Ok(_) => println!("ok    {}: leader locks reachable", backend.name()),
+            Ok(_) => checks.ok("leader locks", format!("{} reachable", backend.name())),
             Err(err) => {
-                fail(exit_code(err.is_config_error()), format!("{}: {}", backend.name(), error_chain(&err)))
+                checks.fail("leader locks", exit_code(err.is_config_error()), error_chain(&err), None)
             }
         }
     }
-    worst
+    checks.finish()
 }
 
-/// `qx-relay config`: the merged settings, secrets redacted.
-pub fn print_config(config: &Config) -> ExitCode {
-    match toml::to_string(&config.redacted()) {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::Ok
-        }
-        Err(err) => {
-            eprintln!("cannot print the config: {err}");
-            ExitCode::Internal
+/// `qx-relay config`: the merged settings, secrets redacted, every key in the reference's order; a key left
+/// unset is a comment in TOML and `null` in JSON.
+pub fn print_config(config: &Config, json: bool) -> ExitCode {
+    let mut merged = serde_json::to_value(config.redacted()).expect("the config serializes");
+    let sections = reference::sections();
+    for section in &sections {
+        if let Some(table) = merged.get_mut(&section.name).and_then(serde_json::Value::as_object_mut) {
+            for key in &section.keys {
+                table.entry(key.name.clone()).or_insert(serde_json::Value::Null);
+            }
         }
     }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&merged).expect("JSON prints"));
+        return ExitCode::Ok;
+    }
+    let mut text = String::new();
+    for section in &sections {
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text.push_str(&format!("[{}]\n", section.name));
+        for key in &section.keys {
+            match toml::Value::try_from(&merged[&section.name][&key.name]) {
+                Ok(value) => text.push_str(&format!("{} = {value}\n", key.name)),
+                // TOML has no null.
+                Err(_) => text.push_str(&format!("# {}: unset\n", key.name)),
+            }
+        }
+    }
+    print!("{text}");
+    ExitCode::Ok
 }
 
 #[derive(Serialize)]
@@ -130,8 +208,8 @@ pub async fn status(config: &Config, json: bool) -> ExitCode {
         }
     }
     let backend = Backend::of(config);
-    let lock_backend_failed = |name: &str, err: LockError| {
-        eprintln!("{name}: {}", error_chain(&err));
+    let lock_backend_failed = |err: LockError| {
+        eprintln!("leader locks: {}", error_chain(&err));
         exit_code(err.is_config_error())
     };
     let mut members = None;
@@ -140,13 +218,13 @@ pub async fn status(config: &Config, json: bool) -> ExitCode {
             let shard = Shard { id: status.shard, count: status.shard_count };
             match backend.holder(shard, store.pool()).await {
                 Ok(holder) => status.leader_lock = Some(holder),
-                Err(err) => return lock_backend_failed(backend.name(), err),
+                Err(err) => return lock_backend_failed(err),
             }
         }
         if config.relay.shard_id == ShardId::Auto {
             match backend.live_members(store.pool()).await {
                 Ok(live) => members = Some(live),
-                Err(err) => return lock_backend_failed(backend.name(), err),
+                Err(err) => return lock_backend_failed(err),
             }
         }
     }
@@ -390,7 +468,7 @@ fn unavailable(what: &str, err: &StoreError) -> ExitCode {
         StoreError::Database(err) => {
             err.as_database_error().and_then(|e| e.code()).is_some_and(|c| c == "42P01")
         }
-        StoreError::TimedOut(_) | StoreError::TableLocked => false,
+        StoreError::TimedOut(_) | StoreError::TableLocked | StoreError::Unreachable { .. } => false,
     };
     if undefined_table {
         ExitCode::Config

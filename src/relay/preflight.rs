@@ -9,7 +9,7 @@ use tracing::{error, info, warn};
 
 use super::causes::error_chain;
 use super::config::RelayConfig;
-use super::nats::RelayPublisher;
+use super::nats::{self, RelayPublisher};
 use super::store::{OutboxStore, StoreError, TableProblem};
 
 /// How long to wait between looks for the outbox table (the service may create it at its own start).
@@ -121,7 +121,10 @@ pub async fn stream_at_start(publisher: &RelayPublisher, relay: &RelayConfig) ->
         Ok(Stream::Found(info)) => (info, "stream found"),
         Ok(Stream::Created(info)) => (info, "stream created"),
         Err(PreflightError::NoStream(_)) => {
-            error!("no stream captures {prefix}.>: rows stay pending until one does (or set relay.ensure_stream)");
+            error!(
+                "no stream captures {prefix}.>: rows stay pending until one does; {}",
+                nats::no_stream_hint(prefix)
+            );
             return Ok(());
         }
         Err(err @ PreflightError::StreamLookup(..)) => {

@@ -16,6 +16,7 @@ use sqlx::{Arguments, Connection, PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::config::{LeaderMode, OnPublish, RelayConfig, ShardKey};
+use super::refusal::postgres_address;
 use super::shard::{Scope, Shard};
 
 /// Starts a claim transaction, in the same round trip as `BEGIN`:
@@ -68,7 +69,7 @@ const POOL_SIZE: u32 = 5;
 /// How long a claim waits for a lock on the table before trying again later.
 const LOCK_WAIT_MAX: Duration = Duration::from_secs(1);
 
-/// After the pool timed out connecting, how long the one attempt that looks for the cause may take.
+/// After the pool timed out waiting for a connection, how long the one attempt that looks for the cause may take.
 const CAUSE_WAIT: Duration = Duration::from_secs(1);
 
 /// `last_error` is `VARCHAR(2048)`: longer text would fail the whole update.
@@ -120,6 +121,15 @@ pub enum StoreError {
     /// `LOCK TABLE`); not an outage.
     #[error("the table is locked by another session")]
     TableLocked,
+    /// The pool found no connection in time; `source` is why a fresh one failed (refused, reset, no answer).
+    #[error("Postgres at {server} unreachable")]
+    Unreachable {
+        /// `host:port`, or the socket path.
+        server: String,
+        /// Why a connection failed.
+        #[source]
+        source: sqlx::Error,
+    },
     /// Anything else from the driver or the server.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
@@ -133,6 +143,31 @@ impl StoreError {
             _ => Self::Database(err),
         }
     }
+}
+
+/// Why Postgres cannot be reached, or `None` when it answers now. The pool retries a refused connection until
+/// its timeout and then says only that it timed out: one attempt of our own, of at most `limit` and
+/// [`CAUSE_WAIT`], tells why (refused, no route, reset, no answer).
+async fn why_unreachable(options: &PgConnectOptions, limit: Duration) -> Option<sqlx::Error> {
+    let limit = limit.min(CAUSE_WAIT);
+    match tokio::time::timeout(limit, PgConnection::connect_with(options)).await {
+        Ok(Err(cause)) => Some(cause),
+        Ok(Ok(_answers)) => None,
+        Err(_) => Some(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {}", humantime::format_duration(limit)),
+        ))),
+    }
+}
+
+/// Why the server refuses TCP connections outright (stopped, or nothing at the address), or `None`: a hung
+/// server's kernel still accepts them, and a socket path is not looked at.
+async fn refused(options: &PgConnectOptions) -> Option<std::io::Error> {
+    if options.get_socket().is_some() || options.get_host().starts_with('/') {
+        return None;
+    }
+    let connect = tokio::net::TcpStream::connect((options.get_host(), options.get_port()));
+    tokio::time::timeout(CAUSE_WAIT, connect).await.ok()?.err()
 }
 
 /// A pending row, as much of it as publishing needs.
@@ -396,23 +431,11 @@ impl OutboxStore {
         let options = PgConnectOptions::from_str(url)?;
         let pool = || PgPoolOptions::new().max_connections(POOL_SIZE).acquire_timeout(connect_timeout);
         let pool = match pool().connect_with(options.clone()).await {
-            // The pool retries a refused connection until its timeout and then says only that it timed out:
-            // one more attempt of our own tells why (refused, no route, reset, ...).
-            Err(sqlx::Error::PoolTimedOut) => {
-                let attempt = PgConnection::connect_with(&options);
-                match tokio::time::timeout(connect_timeout.min(CAUSE_WAIT), attempt).await {
-                    Ok(Err(cause)) => Err(cause),
-                    // It answers now: it was starting up.
-                    Ok(Ok(connection)) => {
-                        drop(connection);
-                        pool().connect_with(options).await
-                    }
-                    Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no answer within {}", humantime::format_duration(connect_timeout)),
-                    ))),
-                }
-            }
+            Err(sqlx::Error::PoolTimedOut) => match why_unreachable(&options, connect_timeout).await {
+                Some(cause) => Err(cause),
+                // It answers now: it was starting up.
+                None => pool().connect_with(options).await,
+            },
             result => result,
         }?;
         Ok(Self::new(pool, relay, Scope::One(Shard::WHOLE)))
@@ -533,9 +556,24 @@ impl OutboxStore {
         work: impl std::future::Future<Output = Result<T, sqlx::Error>>,
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.statement_timeout, work).await {
+            Ok(Err(sqlx::Error::PoolTimedOut)) => {
+                let source = why_unreachable(&self.pool.connect_options(), self.statement_timeout)
+                    .await
+                    .unwrap_or(sqlx::Error::PoolTimedOut);
+                Err(StoreError::Unreachable { server: self.server(), source })
+            }
             Ok(result) => result.map_err(StoreError::from_driver),
-            Err(_) => Err(StoreError::TimedOut(self.statement_timeout)),
+            // Waiting for a connection to a stopped server looks like a hung one from here.
+            Err(_) => match refused(&self.pool.connect_options()).await {
+                Some(cause) => Err(StoreError::Unreachable { server: self.server(), source: cause.into() }),
+                None => Err(StoreError::TimedOut(self.statement_timeout)),
+            },
         }
+    }
+
+    /// The server the pool connects to: `host:port`, or the socket path.
+    pub fn server(&self) -> String {
+        postgres_address(&self.pool.connect_options())
     }
 
     /// The pool, for health checks.

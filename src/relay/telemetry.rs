@@ -29,6 +29,11 @@ pub enum LogFormat {
 const QUIET_LIBRARIES: &[&str] =
     &["async_nats", "sqlx", "sqlx_core", "sqlx_postgres", "hyper", "hyper_util", "redis", "rustls"];
 
+/// A library's target silenced unless a directive names its library: async-nats' connector logs each failed
+/// (re)connect at error, and the relay reports each one itself, with the server (a credentials error would
+/// otherwise be logged twice, and every 2 s during an outage).
+const SILENCED: &[(&str, &str)] = &[("async_nats", "async_nats::connector")];
+
 /// The crate's own target, which a bare level applies to.
 const OWN_TARGET: &str = "qx_relay";
 
@@ -78,6 +83,13 @@ fn directives(written: &str) -> String {
     out.extend(
         QUIET_LIBRARIES.iter().filter(|library| !names(library)).map(|library| format!("{library}=warn")),
     );
+    let names_library = |library: &str| named.iter().any(|d| d.starts_with(library));
+    out.extend(
+        SILENCED
+            .iter()
+            .filter(|(library, _)| !names_library(library))
+            .map(|(_, target)| format!("{target}=off")),
+    );
     out.join(",")
 }
 
@@ -102,13 +114,14 @@ mod tests {
         assert_eq!(
             directives(""),
             "info,async_nats=warn,sqlx=warn,sqlx_core=warn,sqlx_postgres=warn,hyper=warn,hyper_util=warn,\
-             redis=warn,rustls=warn"
+             redis=warn,rustls=warn,async_nats::connector=off"
         );
         let debug = directives("debug");
         assert!(debug.starts_with("info,qx_relay=debug,async_nats=warn,"), "{debug}");
         let named = directives("qx_relay=debug,async_nats=debug");
         assert!(named.starts_with("info,qx_relay=debug,async_nats=debug,sqlx=warn,"), "{named}");
         assert!(!named.contains("async_nats=warn"), "{named}");
+        assert!(!named.contains("async_nats::connector=off"), "named, it logs as asked: {named}");
         let quiet = directives("warn");
         assert!(quiet.starts_with("warn,qx_relay=warn,"), "{quiet}");
         for written in ["", "debug", "info,qx_relay=debug", "warn,async_nats[connect]=trace", "trace"] {

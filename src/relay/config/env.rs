@@ -1,5 +1,5 @@
 //! The environment: which `QX_*` variables are ours, the variable a setting came from as written, and
-//! warnings about those under Qx's sections that neither the relay nor Qx reads.
+//! warnings about those that look meant for the relay but that neither the relay nor Qx reads.
 //!
 //! A sidecar shares its service's environment, so only the keys listed here are taken from `QX_NATS__`,
 //! `QX_DB__` and `QX_CACHE__`; `QX_RELAY__*` is ours, so a typo there is an error.
@@ -71,31 +71,79 @@ pub(super) fn env_variable_for(section: &str, key: &str) -> Option<String> {
     reads(&key).then(|| format!("QX_{key}").to_ascii_uppercase())
 }
 
-/// Warnings about the variables among `names` under `QX_NATS__`, `QX_DB__` and `QX_CACHE__` that neither the
-/// relay nor Qx reads: such a typo (`QX_NATS__SERVER`) would leave the default in place without a word. Only
-/// warnings, as a service may keep settings of its own under these prefixes.
+/// Sections people reach for that Qx and the relay spell otherwise (there is no `QX_REDIS__` in Qx).
+const SECTION_SLIPS: &[(&str, &str)] =
+    &[("database", "db"), ("postgres", "db"), ("postgresql", "db"), ("pg", "db"), ("redis", "cache")];
+
+/// Warnings about the variables among `names` that look meant for the relay but are not read, each of which
+/// would leave a default in place without a word:
+/// - under `QX_NATS__`, `QX_DB__` and `QX_CACHE__`, a key neither the relay nor Qx reads (`QX_NATS__SERVER`);
+/// - a setting of the relay under a section of another name (`QX_DATABASE__URL`, `QX_REDIS__URL`) or with one
+///   underscore after its section (`QX_RELAY_SUBJECT_PREFIX`).
+///
+/// Only warnings, as a service may keep settings of its own under these prefixes; and Kubernetes names its
+/// service links `<SERVICE>_PORT` and the like, so a name is taken for a slip only when the setting it
+/// points at exists.
 pub fn unknown_env_keys(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    let read: Vec<String> = super::reference::sections()
+        .iter()
+        .flat_map(|section| &section.keys)
+        .filter_map(|key| key.env.as_ref())
+        .map(|variable| variable.to_ascii_lowercase())
+        .collect();
     let mut warnings = Vec::new();
     for name in names {
         let lower = name.to_ascii_lowercase();
-        let Some(key) = lower.strip_prefix("qx_") else { continue };
-        let Some((section, field)) =
-            key.split_once("__").filter(|(section, _)| ["nats", "db", "cache"].contains(section))
-        else {
+        if !lower.starts_with("qx_") || read.contains(&lower) {
             continue;
+        }
+        let key = &lower[3..];
+        let meant = |section: &str, field: &str| {
+            let variable = format!("qx_{section}__{field}");
+            read.contains(&variable).then(|| variable.to_ascii_uppercase())
         };
-        if SHARED_ENV_KEYS.contains(&key) || QX_ONLY_ENV_KEYS.contains(&key) {
-            continue;
+        let warning = match key.split_once("__") {
+            Some((section, field)) if ["nats", "db", "cache"].contains(&section) => {
+                if QX_ONLY_ENV_KEYS.contains(&key) {
+                    continue;
+                }
+                let fields = SHARED_ENV_KEYS.iter().chain(QX_ONLY_ENV_KEYS).filter_map(|known| {
+                    known
+                        .split_once("__")
+                        .filter(|(known_section, _)| *known_section == section)
+                        .map(|(_, f)| f)
+                });
+                match spelling::did_you_mean(field, fields) {
+                    Some(field) => {
+                        format!("did you mean {}?", format!("QX_{section}__{field}").to_ascii_uppercase())
+                    }
+                    None => String::new(),
+                }
+            }
+            Some((section, field)) => {
+                let target =
+                    SECTION_SLIPS.iter().find(|(slip, _)| *slip == section).map(|(_, target)| *target);
+                match target.and_then(|target| meant(target, field)) {
+                    Some(variable) => format!("did you mean {variable}?"),
+                    None => continue,
+                }
+            }
+            None => {
+                let one_underscore = ["nats", "db", "cache", "relay"].iter().find_map(|section| {
+                    key.strip_prefix(section)?.strip_prefix('_').and_then(|field| meant(section, field))
+                });
+                match one_underscore {
+                    Some(variable) => format!("did you mean {variable}? (two underscores after the section)"),
+                    None => continue,
+                }
+            }
+        };
+        let mut line = format!("{name} is not a setting of qx-relay or Qx: ignored");
+        if !warning.is_empty() {
+            line.push_str("; ");
+            line.push_str(&warning);
         }
-        let fields = SHARED_ENV_KEYS.iter().chain(QX_ONLY_ENV_KEYS).filter_map(|known| {
-            known.split_once("__").filter(|(known_section, _)| *known_section == section).map(|(_, f)| f)
-        });
-        let mut warning = format!("{name} is not a setting of qx-relay or Qx: ignored");
-        if let Some(field) = spelling::did_you_mean(field, fields) {
-            let variable = format!("QX_{section}__{field}").to_ascii_uppercase();
-            warning.push_str(&format!("; did you mean {variable}?"));
-        }
-        warnings.push(warning);
+        warnings.push(line);
     }
     warnings.sort();
     warnings
@@ -176,6 +224,15 @@ mod tests {
             "QX_NATS__FROBNICATE",
             "QX_APP__NAME",
             "QX_RELAY__BATCHSIZE",
+            "QX_DATABASE__URL",
+            "QX_REDIS__URL",
+            "QX_POSTGRES__POOL_SIZE",
+            "QX_RELAY_SUBJECT_PREFIX",
+            "QX_DB_URL",
+            "QX_RELAY_PORT",
+            "QX_RELAY_SERVICE_HOST",
+            "QX_RELAY_CONFIG",
+            "QX_RELAY_LOG_FORMAT",
             "PATH",
         ];
         let warnings = unknown_env_keys(names.iter().map(|name| (*name).to_owned()));
@@ -183,10 +240,16 @@ mod tests {
             warnings,
             [
                 "QX_CACHE__TLS_CA is not a setting of qx-relay or Qx: ignored; did you mean QX_CACHE__TLS_CA_FILE?",
+                "QX_DATABASE__URL is not a setting of qx-relay or Qx: ignored; did you mean QX_DB__URL?",
+                "QX_DB_URL is not a setting of qx-relay or Qx: ignored; did you mean QX_DB__URL? (two underscores \
+                 after the section)",
                 "QX_DB__POOL_SIZ is not a setting of qx-relay or Qx: ignored; did you mean QX_DB__POOL_SIZE?",
                 "QX_DB__URI is not a setting of qx-relay or Qx: ignored; did you mean QX_DB__URL?",
                 "QX_NATS__FROBNICATE is not a setting of qx-relay or Qx: ignored",
                 "QX_NATS__SERVER is not a setting of qx-relay or Qx: ignored; did you mean QX_NATS__SERVERS?",
+                "QX_REDIS__URL is not a setting of qx-relay or Qx: ignored; did you mean QX_CACHE__URL?",
+                "QX_RELAY_SUBJECT_PREFIX is not a setting of qx-relay or Qx: ignored; did you mean \
+                 QX_RELAY__SUBJECT_PREFIX? (two underscores after the section)",
             ]
         );
     }

@@ -31,7 +31,7 @@ use super::causes::error_chain;
 use super::config::{RelayConfig, ShardKey};
 use super::health::Heartbeat;
 use super::metrics;
-use super::nats::RelayPublisher;
+use super::nats::{self, RelayPublisher};
 use super::outage::OutageClock;
 use super::shard::{Scope, Shard};
 use super::store::{Backlog, ClaimedBatch, OutboxRow, OutboxStore, StoreError};
@@ -513,9 +513,8 @@ impl Engine {
                 }
                 Notice::NoStream { subject } => error!(
                     %subject,
-                    "no stream captures {subject}: create a JetStream stream whose subjects include it (e.g. {}.>); \
-                     its rows stay pending",
-                    self.rules.subject_prefix
+                    "no stream captures {subject}: its rows stay pending; {}",
+                    nats::no_stream_hint(&self.rules.subject_prefix)
                 ),
                 Notice::IdTaken { row } => {
                     let row = &rows[*row];
@@ -606,7 +605,8 @@ impl Engine {
         metrics::set_store_up(false);
         match self.store_outage.failed(started) {
             Ok(down_for) => {
-                warn!(error = %error_chain(&err), ?down_for, "Postgres unavailable; retrying");
+                warn!(error = %error_chain(&err), server = %self.store.server(), ?down_for,
+                      "Postgres unavailable; retrying");
                 Ok(())
             }
             Err(_) => {

@@ -20,9 +20,23 @@ pub(super) enum Acquired {
 /// Why the lock's backend could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    /// Redis failed or did not answer in time.
-    #[error("redis")]
-    Redis(#[from] ::redis::RedisError),
+    /// Redis failed.
+    #[error("Redis at cache.url {url}")]
+    Redis {
+        /// `cache.url`, redacted.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: ::redis::RedisError,
+    },
+    /// Redis did not answer in time.
+    #[error("Redis at cache.url {url}: no answer within {}", humantime::format_duration(*.limit))]
+    RedisTimedOut {
+        /// `cache.url`, redacted.
+        url: String,
+        /// How long it had.
+        limit: Duration,
+    },
     /// Redis refused our TLS settings or credentials.
     #[error("{refusal}: Redis at cache.url {url}")]
     RedisRefused {

@@ -288,7 +288,7 @@ impl RedisLink {
         let result = match timeout(limit, cmd.query_async(connection)).await {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(err)) => Err(self.redis_error(err)),
-            Err(_) => Err(LockError::TimedOut),
+            Err(_) => Err(self.timed_out(limit)),
         };
         self.connection = None;
         result
@@ -299,7 +299,7 @@ impl RedisLink {
     /// does not answer at all.
     async fn connect_timed_out(&self, limit: Duration) -> LockError {
         let ConnectionAddr::TcpTls { host, port, .. } = self.client.get_connection_info().addr() else {
-            return LockError::TimedOut;
+            return self.timed_out(limit);
         };
         let probe = async {
             let mut stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await.ok()?;
@@ -311,14 +311,18 @@ impl RedisLink {
         };
         match timeout(limit.min(PROBE_LIMIT), probe).await {
             Ok(Some(true)) => LockError::RedisWithoutTls { url: self.url.clone() },
-            _ => LockError::TimedOut,
+            _ => self.timed_out(limit),
         }
+    }
+
+    fn timed_out(&self, limit: Duration) -> LockError {
+        LockError::RedisTimedOut { url: self.url.clone(), limit }
     }
 
     fn redis_error(&self, err: redis::RedisError) -> LockError {
         match refusal::of_redis(&err) {
             Some(refusal) => LockError::RedisRefused { refusal, url: self.url.clone(), source: err },
-            None => LockError::Redis(err),
+            None => LockError::Redis { url: self.url.clone(), source: err },
         }
     }
 }
@@ -346,7 +350,8 @@ fn redis_client(cache: &CacheConfig) -> Result<redis::Client, LockError> {
         _ => None,
     };
     if root_cert.is_none() && client_tls.is_none() {
-        return Ok(redis::Client::open(cache.url.as_str())?);
+        return redis::Client::open(cache.url.as_str())
+            .map_err(|source| LockError::Redis { url: cache.redacted_url(), source });
     }
     redis::Client::build_with_tls(cache.url.as_str(), TlsCertificates { client_tls, root_cert })
         .map_err(LockError::Certificates)

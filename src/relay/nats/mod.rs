@@ -254,3 +254,11 @@ async fn connect_options(
     }
     Ok(options)
 }
+
+/// What to do when no stream captures `prefix`; `check`, the start and the engine all say it.
+pub fn no_stream_hint(prefix: &str) -> String {
+    format!(
+        "create a JetStream stream whose subjects include {prefix}.> (e.g. `nats stream add --subjects \
+         '{prefix}.>'`), or set relay.ensure_stream = true (QX_RELAY__ENSURE_STREAM) for the relay to create one"
+    )
+}
