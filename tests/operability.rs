@@ -72,6 +72,26 @@ fn a_setting_under_another_section_name_or_with_one_underscore_is_warned_about()
 }
 
 #[test]
+fn a_password_under_a_name_postgres_does_not_read_stops_the_relay_unprinted() {
+    for parameter in ["passwd", "PASSWORD"] {
+        let env =
+            offline_env(&[("QX_DB__URL", &format!("postgres://relay@127.0.0.1:1/qx?{parameter}=pw-81c2"))]);
+        for command in ["config", "run"] {
+            let (code, stdout, stderr) = run_command(&env, &[command]);
+            assert_eq!(code, Some(78), "{command}: {stdout}{stderr}");
+            assert!(
+                !stdout.contains("pw-81c2") && !stderr.contains("pw-81c2"),
+                "{command}: {stdout}{stderr}"
+            );
+            assert!(
+                stderr.contains(&format!("db.url: {parameter} is not a parameter Postgres reads")),
+                "{stderr}"
+            );
+        }
+    }
+}
+
+#[test]
 fn config_shows_every_key_unset_ones_too_as_toml_or_json() {
     let env = offline_env(&[("QX_NATS__USER", "relay"), ("QX_NATS__PASSWORD", "pw-4410")]);
     let (code, stdout, stderr) = run_command(&env, &["config"]);
@@ -403,4 +423,26 @@ async fn a_lost_nats_connection_names_the_server_why_it_cannot_come_back_and_whe
     // And it relays again.
     db.insert_events(10, "order.placed").await;
     relay.stop_when_drained(&db, DRAIN).await;
+}
+
+#[tokio::test]
+async fn a_lost_connection_names_the_server_lost_and_the_one_reached_after() {
+    let mut servers = [NatsServer::start().await, NatsServer::start().await];
+    let db = TestDb::create().await;
+    let urls: Vec<String> = servers.iter().map(NatsServer::url).collect();
+    let env = RelayEnv::new(&db, "orders").with(&[
+        ("QX_NATS__SERVERS", &serde_json::to_string(&urls).unwrap()),
+        ("QX_NATS__RECONNECT_TIME_WAIT_SECONDS", "0.2"),
+        ("QX_RELAY__ENSURE_STREAM", "true"),
+    ]);
+    let relay = Relay::spawn(&env, &[]);
+    let connected = log_line(&relay, &["connected to Postgres and NATS"]).await;
+    let first = field(&connected, "nats").expect("nats=").to_owned();
+    let (lost, other) =
+        if servers[0].port.to_string() == first.rsplit(':').next().unwrap() { (0, 1) } else { (1, 0) };
+    servers[lost].kill9();
+    let other = format!("server=127.0.0.1:{}", servers[other].port);
+    log_line(&relay, &[" WARN ", "NATS connection lost; reconnecting", &format!("server={first}")]).await;
+    log_line(&relay, &[" INFO ", "NATS connection back", &other]).await;
+    relay.stop().await;
 }

@@ -29,10 +29,12 @@ pub enum LogFormat {
 const QUIET_LIBRARIES: &[&str] =
     &["async_nats", "sqlx", "sqlx_core", "sqlx_postgres", "hyper", "hyper_util", "redis", "rustls"];
 
-/// A library's target silenced unless a directive names its library: async-nats' connector logs each failed
-/// (re)connect at error, and the relay reports each one itself, with the server (a credentials error would
-/// otherwise be logged twice, and every 2 s during an outage).
-const SILENCED: &[(&str, &str)] = &[("async_nats", "async_nats::connector")];
+/// Library targets silenced unless a directive names their library:
+/// - async-nats' connector logs each failed (re)connect at error, and the relay reports each one itself, with
+///   the server (a credentials error would otherwise be logged twice, and every 2 s during an outage);
+/// - sqlx logs every statement over a second at warn, and a claim that waits on rows another relay holds (up
+///   to `lock_wait`) or on a busy server is no news: the relay reports a step that fails or times out itself.
+const SILENCED: &[(&str, &str)] = &[("async_nats", "async_nats::connector"), ("sqlx", "sqlx::query")];
 
 /// The crate's own target, which a bare level applies to.
 const OWN_TARGET: &str = "qx_relay";
@@ -114,7 +116,7 @@ mod tests {
         assert_eq!(
             directives(""),
             "info,async_nats=warn,sqlx=warn,sqlx_core=warn,sqlx_postgres=warn,hyper=warn,hyper_util=warn,\
-             redis=warn,rustls=warn,async_nats::connector=off"
+             redis=warn,rustls=warn,async_nats::connector=off,sqlx::query=off"
         );
         let debug = directives("debug");
         assert!(debug.starts_with("info,qx_relay=debug,async_nats=warn,"), "{debug}");

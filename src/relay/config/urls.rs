@@ -41,6 +41,18 @@ impl DbConfig {
                 "sslpassword is not supported: give an unencrypted key in sslkey",
             ));
         }
+        // Any other secret under a name sqlx does not read (`passwd`, `PASSWORD`) would be logged by sqlx with
+        // its value, and the connection made without it.
+        let unread_secret = pairs
+            .iter()
+            .map(|(key, _)| percent_decode(key))
+            .find(|key| is_secret_param(key) && key != "password");
+        if let Some(key) = unread_secret {
+            return Err(ConfigError::invalid(
+                "db.url",
+                format!("{key} is not a parameter Postgres reads: give the password as password= or in user:password@"),
+            ));
+        }
         let asyncpg = pairs.iter().any(|(key, _)| is(&[ASYNCPG_SSL], key));
         if asyncpg && pairs.iter().any(|(key, _)| is(SSLMODE_KEYS, key)) {
             return Err(ConfigError::invalid("db.url", "has both ssl (asyncpg's) and sslmode: keep one"));
@@ -446,5 +458,20 @@ mod tests {
     #[test]
     fn an_encrypted_key_password_is_refused_rather_than_logged() {
         assert_eq!(sqlx_url("postgres://u@h/qx?sslkey=/k&sslpassword=x").unwrap_err().key, "db.url");
+    }
+
+    #[test]
+    fn a_secret_under_a_name_postgres_does_not_read_is_refused_without_its_value() {
+        for url in [
+            "postgres://u@h/qx?passwd=s3cr3t",
+            "postgres://u@h/qx?PASSWORD=s3cr3t",
+            "postgres://u@h/qx?pass%77d=s3cr3t",
+        ] {
+            let err = sqlx_url(url).unwrap_err();
+            assert_eq!(err.key, "db.url");
+            assert!(!err.to_string().contains("s3cr3t"), "{err}");
+            assert!(err.to_string().contains("not a parameter Postgres reads"), "{err}");
+        }
+        assert!(sqlx_url("postgres://u@h/qx?password=s3cr3t").is_ok());
     }
 }

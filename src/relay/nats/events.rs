@@ -30,6 +30,9 @@ pub struct ConnectionLog {
 struct State {
     /// The server connected to, or being tried.
     server: Option<ServerAddr>,
+    /// The server of the connection made last: the one a loss is of. The client may ask for the next server
+    /// to try before it tells of the loss.
+    connected_to: Option<ServerAddr>,
     /// Whether the first connection was made; reconnects are chosen by us from then on.
     connected: bool,
     /// When the connection was lost, while it is.
@@ -56,6 +59,7 @@ impl ConnectionLog {
         };
         let mut state = self.lock();
         state.connected = true;
+        state.connected_to.clone_from(&server);
         state.server = server;
     }
 
@@ -95,6 +99,7 @@ impl ConnectionLog {
         let server = state.server.as_ref().map_or_else(|| "?".to_owned(), address);
         match event {
             Event::Connected if state.connected => {
+                state.connected_to = state.server.clone();
                 if let Some(since) = state.down_since.take() {
                     let down_for = humantime::format_duration(round_to_ms(since.elapsed()));
                     info!(%server, %down_for, failed_attempts = state.failures, "NATS connection back");
@@ -105,11 +110,14 @@ impl ConnectionLog {
             Event::Connected => {}
             Event::Disconnected => {
                 state.down_since.get_or_insert_with(Instant::now);
-                warn!(%server, "NATS connection lost; reconnecting");
+                let lost = state.connected_to.as_ref().map_or(server, address);
+                warn!(server = %lost, "NATS connection lost; reconnecting");
             }
-            Event::LameDuckMode => {
-                warn!(%server, "NATS server shutting down (lame duck mode); the client moves to another")
-            }
+            Event::LameDuckMode => warn!(
+                %server,
+                "NATS server entering lame duck mode (shutting down): publishing goes on until it closes the \
+                 connection, then the client reconnects to another server"
+            ),
             Event::ServerError(err) => warn!(%server, error = %err, "NATS server error"),
             Event::SlowConsumer(_) => {
                 warn!("the NATS client dropped messages for a slow subscription (PubAcks among them are retried)")
