@@ -138,7 +138,7 @@ impl Health {
         let postgres = tokio::time::timeout(PROBE_TIMEOUT, sqlx::query("SELECT 1").execute(store.pool()))
             .await
             .is_ok_and(|r| r.is_ok());
-        let nats = publisher.is_connected();
+        let nats = publisher.is_up();
         let role = if self.inner.leading.load(Ordering::Acquire) { "leader" } else { "standby" };
         let status = if postgres && nats { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         (status, format!("postgres: {}\nnats: {}\nrole: {role}\n", up(postgres), up(nats)))

@@ -50,7 +50,7 @@ pub async fn run(
             delete_expired(&store, retention, &shutdown).await;
         }
         if gauges {
-            metrics::set_nats_up(publisher.is_connected());
+            metrics::set_nats_up(publisher.is_up());
         }
         let shards = owned.borrow().clone();
         if shards.is_empty() {

@@ -62,7 +62,7 @@ families! {
     gauge STORE_UP = "qx_relay_postgres_up",
         "1 while Postgres answers: set on connecting, then by the loop of the relay publishing the shard.";
     gauge NATS_UP = "qx_relay_nats_up",
-        "1 while the NATS connection is up.";
+        "1 while NATS takes messages: connected, and JetStream stored the last batch it answered.";
     gauge BUILD_INFO = "qx_relay_build_info",
         "Always 1; the version and source revision of this build are its labels.";
 }

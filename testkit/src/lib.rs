@@ -31,7 +31,7 @@ pub use db::TestDb;
 pub use env::{env_var, RelayEnv};
 pub use http::{http, HttpResponse};
 pub use relay::{run_command, Relay};
-pub use servers::{free_port, NatsServer, PgCluster, RedisServer};
+pub use servers::{free_port, NatsCluster, NatsServer, PgCluster, RedisServer};
 pub use stream::TestStream;
 pub use wait::{eventually, poll};
 

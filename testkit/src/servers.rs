@@ -200,6 +200,48 @@ impl NatsServer {
     }
 }
 
+/// A JetStream cluster of `nats-server`s on loopback: each one a [`NatsServer`] to kill, freeze and restart.
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// `size` servers routed to each other, JetStream on; returns once each accepts clients (the cluster
+    /// elects its meta leader shortly after).
+    pub async fn start(size: usize) -> Self {
+        let name = format!("qxr{}", Uuid::new_v4().simple());
+        let routes: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let route_urls: Vec<String> = routes.iter().map(|port| format!("nats://127.0.0.1:{port}")).collect();
+        let mut servers = Vec::with_capacity(size);
+        for (index, route) in routes.iter().enumerate() {
+            let server_name = format!("n{index}");
+            let args = [
+                "--server_name",
+                &server_name,
+                "--cluster_name",
+                &name,
+                "--cluster",
+                &format!("nats://127.0.0.1:{route}"),
+                "--routes",
+                &route_urls.join(","),
+            ];
+            servers.push(NatsServer::start_with(&args).await);
+        }
+        Self { servers }
+    }
+
+    /// Every server's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(NatsServer::url).collect()
+    }
+
+    /// The server named `n<index>`, as `nats-server` reports it (a stream's leader).
+    pub fn named(&mut self, name: &str) -> &mut NatsServer {
+        let index: usize = name.strip_prefix('n').and_then(|n| n.parse().ok()).expect("a name n<index>");
+        &mut self.servers[index]
+    }
+}
+
 impl RedisServer {
     pub async fn start() -> Self {
         Self::start_with(|_| Vec::new()).await

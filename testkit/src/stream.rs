@@ -6,7 +6,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 use uuid::Uuid;
 
-use crate::servers::NatsServer;
+use crate::servers::{NatsCluster, NatsServer};
 use crate::{clean_up_blocking, env_var};
 
 /// The dedupe window of [`TestStream::config`]: longer than any test.
@@ -47,9 +47,18 @@ impl TestStream {
         Self::connect(&server.url(), None).await
     }
 
+    /// Names and a connection to a private cluster, reconnecting to any of its servers, but no stream yet.
+    pub async fn unattached_on_cluster(cluster: &NatsCluster) -> Self {
+        Self::connect(&cluster.urls().join(","), None).await
+    }
+
+    /// `url` may list several servers, comma-separated.
     async fn connect(url: &str, shared_url: Option<String>) -> Self {
-        let client =
-            async_nats::connect(url).await.unwrap_or_else(|err| panic!("connect to NATS at {url}: {err}"));
+        let servers: Vec<async_nats::ServerAddr> =
+            url.split(',').map(|server| server.parse().expect("a NATS server URL")).collect();
+        let client = async_nats::connect(servers)
+            .await
+            .unwrap_or_else(|err| panic!("connect to NATS at {url}: {err}"));
         let id = Uuid::new_v4().simple().to_string();
         Self {
             name: format!("T{id}"),

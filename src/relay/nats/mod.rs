@@ -8,6 +8,7 @@ mod events;
 mod outcome;
 mod pipeline;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,6 +91,10 @@ pub struct RelayPublisher {
     ack_timeout: Duration,
     /// What happened to the connection, and which server it is on.
     connection: Arc<ConnectionLog>,
+    /// Whether JetStream stored the last batch that had an answer: false after one it neither stored nor
+    /// refused (an election, a lost quorum, JetStream missing or a full stream) until it stores again. A
+    /// connected client is not enough to be up.
+    storing: Arc<AtomicBool>,
 }
 
 impl RelayPublisher {
@@ -130,6 +135,7 @@ impl RelayPublisher {
             max_in_flight_bytes: usize::try_from(relay.max_batch_bytes).unwrap_or(usize::MAX),
             ack_timeout: relay.ack_timeout,
             connection: Arc::default(),
+            storing: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -141,6 +147,12 @@ impl RelayPublisher {
     /// Whether the client is connected right now.
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == State::Connected
+    }
+
+    /// Whether NATS takes messages: connected, and JetStream stored the last batch it answered (see
+    /// `storing`). `/readyz` and `qx_relay_nats_up` say this.
+    pub fn is_up(&self) -> bool {
+        self.is_connected() && self.storing.load(Ordering::Relaxed)
     }
 
     /// Waits until the client reconnects, for at most `limit`.

@@ -93,8 +93,9 @@ impl Failure {
         Self::new(FailureKind::Unavailable, format!("subscribing to PubAcks: {err}"))
     }
 
-    /// Publishes got no responder because JetStream itself is missing, not a stream.
-    pub(super) fn jetstream_missing(reason: &str) -> Self {
+    /// Publishes got no responder for a reason other than a missing stream: JetStream missing or not
+    /// answering, or the stream without a leader.
+    pub(super) fn unanswered_by_jetstream(reason: impl Into<String>) -> Self {
         Self::new(FailureKind::Unavailable, reason)
     }
 

@@ -11,9 +11,10 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
 
 use async_nats::header::HeaderValue;
-use async_nats::jetstream::context::AccountErrorKind;
+use async_nats::jetstream::context::{AccountErrorKind, GetStreamByNameErrorKind};
 use async_nats::jetstream::{stream, ErrorCode};
 use async_nats::{Message, Subject, Subscriber};
 use bytes::Bytes;
@@ -136,15 +137,30 @@ impl RelayPublisher {
         for index in self.clashes(rows, duplicates).await {
             outcomes[index] = Outcome::IdTaken;
         }
+        // "No responders" says only that nobody answered for the subject: the stream is missing only if
+        // JetStream says so.
         let no_stream = |o: &Outcome| matches!(o, Outcome::Failed(f) if f.kind == FailureKind::NoStream);
-        if outcomes.iter().any(no_stream) {
-            if let Some(reason) = self.jetstream_missing().await {
-                // Not a missing stream but a missing JetStream: an outage, with its real name.
-                let failure = Failure::jetstream_missing(reason);
-                for outcome in outcomes.iter_mut().filter(|o| no_stream(o)) {
-                    *outcome = Outcome::Failed(failure.clone());
-                }
+        let mut verdicts: HashMap<&str, Option<Failure>> = HashMap::new();
+        for (index, outcome) in outcomes.iter_mut().enumerate() {
+            if !no_stream(outcome) {
+                continue;
             }
+            let Some(Ok(name)) = names.get(rows[index].event_name.as_str()) else { continue };
+            let verdict = match verdicts.entry(name.subject.as_str()) {
+                Entry::Occupied(entry) => entry.into_mut(),
+                Entry::Vacant(entry) => {
+                    let verdict = self.why_unanswered(entry.key()).await;
+                    entry.insert(verdict)
+                }
+            };
+            if let Some(failure) = verdict {
+                *outcome = Outcome::Failed(failure.clone());
+            }
+        }
+        let stored = outcomes.iter().any(|o| matches!(o, Outcome::Published { .. }));
+        let unavailable = |o: &Outcome| matches!(o, Outcome::Failed(f) if f.kind == FailureKind::Unavailable);
+        if stored || outcomes.iter().any(unavailable) {
+            self.storing.store(stored, Ordering::Relaxed);
         }
         outcomes
     }
@@ -296,20 +312,34 @@ impl RelayPublisher {
         clashes
     }
 
-    /// After publishes nobody answered: whether JetStream itself is missing on the server (disabled, or still
-    /// starting) rather than a stream for the subject.
-    async fn jetstream_missing(&self) -> Option<&'static str> {
+    /// After publishes to `subject` nobody answered: `None` when JetStream answers that no stream captures
+    /// it; otherwise the outage it is: JetStream missing on the server (disabled, or still starting) or not
+    /// answering, or a stream that captures the subject but has no leader (an election, a lost quorum).
+    async fn why_unanswered(&self, subject: &str) -> Option<Failure> {
+        // Both requests are bounded by the context's timeout, ack_timeout.
         match self.jetstream.query_account().await.map_err(|err| err.kind()) {
             Err(AccountErrorKind::JetStreamUnavailable) => {
-                Some("JetStream is not running on the server (not enabled, or still starting)")
+                return Some(Failure::unanswered_by_jetstream(
+                    "JetStream is not running on the server (not enabled, or still starting)",
+                ));
             }
             Err(AccountErrorKind::JetStream(err))
                 if [ErrorCode::JETSTREAM_NOT_ENABLED, ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT]
                     .contains(&err.error_code()) =>
             {
-                Some("JetStream is not enabled for this account")
+                return Some(Failure::unanswered_by_jetstream("JetStream is not enabled for this account"));
             }
-            _ => None,
+            _ => {}
+        }
+        match self.jetstream.stream_by_subject(subject).await {
+            Err(err) if err.kind() == GetStreamByNameErrorKind::NotFound => None,
+            Ok(stream) => Some(Failure::unanswered_by_jetstream(format!(
+                "stream {stream} captures the subject but did not answer: it has no leader (an election, or its \
+                 quorum lost)"
+            ))),
+            Err(err) => Some(Failure::unanswered_by_jetstream(format!(
+                "JetStream did not answer which stream captures the subject: {err}"
+            ))),
         }
     }
 }
