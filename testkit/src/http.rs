@@ -1,5 +1,5 @@
-//! Plain HTTP/1.1 to the relay's endpoint, as read off the wire, so a test sees exactly what a probe or a
-//! scraper gets.
+//! Plain HTTP/1.1 to the relay's endpoint (and to a test's Prometheus), as read off the wire, so a test sees
+//! exactly what a probe or a scraper gets.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,5 +21,21 @@ pub async fn http(port: u16, method: &str, path: &str) -> Option<HttpResponse> {
     stream.read_to_string(&mut response).await.ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
     let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some(HttpResponse { status, head: head.to_owned(), body: body.to_owned() })
+    let chunked = head.lines().any(|line| line.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    let body = if chunked { unchunked(body)? } else { body.to_owned() };
+    Some(HttpResponse { status, head: head.to_owned(), body })
+}
+
+/// A chunked body's content: `<size in hex>\r\n<data>\r\n` until a chunk of size 0.
+fn unchunked(mut body: &str) -> Option<String> {
+    let mut content = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(content);
+        }
+        content.push_str(rest.get(..size)?);
+        body = rest.get(size..)?.strip_prefix("\r\n")?;
+    }
 }

@@ -8,11 +8,14 @@
 //! - [`handover`]: relays' JSON logs and what the stream holds after handovers: each row once, keys in order.
 //! - [`outbox`]: the qx-db table, its fixture rows and every INSERT into it.
 //! - [`servers`]: `nats-server`, `redis-server` and Postgres clusters of a run's own, to kill, freeze and restart.
+//! - [`prometheus`] and [`crash_loop`]: a real Prometheus evaluating the shipped alerting rules, and a relay
+//!   restarted with a kubelet's back-off, to see alerts fire as an on-call person would.
 //! - [`wait`]: one way to wait for a condition. [`http`], [`proc`], [`proxy`], [`pki`] and [`redis_keys`]: the
 //!   rest a test looks at the relay and its services with.
 //!
 //! A missing variable or server fails the run and names it; nothing is skipped silently.
 
+pub mod crash_loop;
 pub mod db;
 pub mod env;
 pub mod handover;
@@ -20,6 +23,7 @@ pub mod http;
 pub mod outbox;
 pub mod pki;
 pub mod proc;
+pub mod prometheus;
 pub mod proxy;
 pub mod redis_keys;
 pub mod relay;
