@@ -94,6 +94,43 @@ async fn nats_credentials_in_the_server_url_are_used_and_never_logged() {
 }
 
 #[tokio::test]
+async fn a_password_rotated_under_a_running_relay_is_named_as_the_cause() {
+    const OLD: &str = "pw-old-7d1e";
+    const NEW: &str = "pw-new-3b9a";
+    let mut nats = NatsServer::start_with(&["--user", "relay", "--pass", OLD]).await;
+    let db = TestDb::create().await;
+    let url = format!("nats://relay:{OLD}@127.0.0.1:{}", nats.port);
+    let env = RelayEnv::new(&db, "orders").with(&[
+        ("QX_NATS__SERVERS", &url),
+        ("QX_NATS__RECONNECT_TIME_WAIT_SECONDS", "0.2"),
+        ("QX_RELAY__ENSURE_STREAM", "true"),
+        ("QX_RELAY__GIVE_UP_AFTER", "5s"),
+        ("QX_RELAY__ACK_TIMEOUT", "2s"),
+    ]);
+    let relay = Relay::spawn(&env, &[]);
+    relay.eventually("the relay to run", EXIT, || async { relay.log().contains("stream created") }).await;
+    // The server restarts with a new password; the relay still has the old one.
+    nats.kill9();
+    nats.replace_arg(OLD, NEW);
+    nats.restart().await;
+    let status = relay.wait(EXIT).await;
+    let log = relay.log();
+    assert_eq!(status.code(), Some(69), "{log}");
+    let server = format!("127.0.0.1:{}", nats.port);
+    let warned = log.lines().find(|l| l.contains(" WARN ") && l.contains("authorization violation"));
+    assert!(warned.is_some_and(|l| l.contains(&format!("server={server}"))), "the rejection at warn:\n{log}");
+    let last = log.lines().last().unwrap_or_default();
+    for part in [
+        "NATS unavailable for longer than 5s",
+        &format!("reconnecting to {server} failed"),
+        "authorization violation",
+    ] {
+        assert!(last.contains(part), "{part:?} missing from the last line: {last}");
+    }
+    assert!(!log.contains(OLD) && !log.contains(NEW), "a password was logged:\n{log}");
+}
+
+#[tokio::test]
 async fn nats_tls_problems_stop_the_relay_with_one_line_naming_the_server() {
     let pki = Pki::create("relay");
     let (cert, key, ca) = (pki.text("server"), pki.text("server-key"), pki.text("ca"));

@@ -99,6 +99,12 @@ impl<P: Program> PrivateServer<P> {
         self.child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(None)))
     }
 
+    /// Makes later (re)starts pass `new` where they passed `old`: a rotated password, another certificate.
+    pub fn replace_arg(&mut self, old: &str, new: &str) {
+        let arg = self.args.iter_mut().find(|arg| *arg == old).unwrap_or_else(|| panic!("no argument {old}"));
+        *arg = new.to_owned();
+    }
+
     /// Starts it again (same port, same data) unless it runs; returns when it accepts connections.
     pub async fn restart(&mut self) {
         if self.is_running() {

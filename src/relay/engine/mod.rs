@@ -637,10 +637,11 @@ impl Engine {
             self.nats_outage.recovered();
             return Ok(());
         }
+        let why = self.publisher.why_disconnected().unwrap_or_else(|| "not connected".to_owned());
         self.nats_outage
             .failed(Instant::now())
             .map(drop)
-            .map_err(|_| EngineError::NatsUnavailable(self.relay.give_up_after, "not connected".to_owned()))
+            .map_err(|_| EngineError::NatsUnavailable(self.relay.give_up_after, why))
     }
 
     /// After a batch NATS did not confirm (its publishing started at `started`): waits for the connection,
@@ -653,7 +654,11 @@ impl Engine {
         stop: &CancellationToken,
     ) -> Result<Duration, EngineError> {
         let give_up_after = self.relay.give_up_after;
-        let gave_up = |reason| EngineError::NatsUnavailable(give_up_after, reason);
+        // A failed reconnect's reason (credentials, a certificate) is the cause, not the batch's unanswered acks.
+        let publisher = self.publisher.clone();
+        let gave_up = |reason| {
+            EngineError::NatsUnavailable(give_up_after, publisher.why_disconnected().unwrap_or(reason))
+        };
         if self.nats_outage.failed(started).is_err() {
             return Err(gave_up(reason));
         }

@@ -1,6 +1,6 @@
-//! What happens to the NATS connection, logged with the server it concerns: a lost connection and the first
-//! failed reconnect of an outage at warn (with the client's error), later failures at debug, the connection
-//! back at info. async-nats' own lines stay at warn: at debug it writes one line per message, and it names a
+//! What happens to the NATS connection, logged with the server it concerns: a lost connection and each failed
+//! reconnect with a new reason at warn (with the client's error), the same failure again at debug, the
+//! connection back at info. async-nats' own lines stay at warn: at debug it writes one line per message, and it names a
 //! server by its port alone.
 //!
 //! To know which server each reconnect tries, the relay picks it (the client's own rule: fewest failed
@@ -39,6 +39,8 @@ struct State {
     down_since: Option<Instant>,
     /// Failed reconnects in this outage.
     failures: u32,
+    /// The last failed reconnect of this outage: the server and the client's error.
+    last_failure: Option<(String, String)>,
     /// Turns taken among equally good servers.
     turn: usize,
 }
@@ -68,6 +70,12 @@ impl ConnectionLog {
         self.lock().server.as_ref().map_or_else(|| "?".to_owned(), address)
     }
 
+    /// Why the last reconnect of this outage failed, naming the server; `None` while none has.
+    pub fn last_failure(&self) -> Option<String> {
+        let state = self.lock();
+        state.last_failure.as_ref().map(|(server, error)| format!("reconnecting to {server} failed: {error}"))
+    }
+
     /// The client's reconnect callback: logs why the last attempt failed, then picks the next server. `None`
     /// before the first connection, which the client makes by its own rule (trying every server in one go).
     pub fn next_server(&self, pool: &[Server]) -> Option<ReconnectToServer> {
@@ -79,12 +87,15 @@ impl ConnectionLog {
         if let Some(Server { addr, last_error: Some(error), failed_attempts, .. }) = failed {
             if *failed_attempts > 0 {
                 state.failures += 1;
-                let server = address(addr);
-                if state.failures == 1 {
-                    warn!(%server, %error, "NATS reconnect failed; retrying (further failures at debug)");
+                let (server, error) = (address(addr), error.to_string());
+                // A new reason (refused, then credentials rejected after a rotation) is news; the same again is not.
+                let news = state.last_failure.as_ref().is_none_or(|(_, last)| *last != error);
+                if news {
+                    warn!(%server, %error, "NATS reconnect failed; retrying (the same failure again at debug)");
                 } else {
                     debug!(%server, %error, failures = state.failures, "NATS reconnect failed; retrying");
                 }
+                state.last_failure = Some((server, error));
             }
         }
         let next = choose(pool, state.turn)?.addr.clone();
@@ -105,6 +116,7 @@ impl ConnectionLog {
                     info!(%server, %down_for, failed_attempts = state.failures, "NATS connection back");
                 }
                 state.failures = 0;
+                state.last_failure = None;
             }
             // The first connection; the relay logs it.
             Event::Connected => {}

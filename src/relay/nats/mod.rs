@@ -149,6 +149,12 @@ impl RelayPublisher {
         self.client.connection_state() == State::Connected
     }
 
+    /// While disconnected, why the last reconnect failed (the server and the client's error, such as
+    /// `authorization violation` after a credential rotation); `None` when connected or not tried yet.
+    pub fn why_disconnected(&self) -> Option<String> {
+        (!self.is_connected()).then(|| self.connection.last_failure()).flatten()
+    }
+
     /// Whether NATS takes messages: connected, and JetStream stored the last batch it answered (see
     /// `storing`). `/readyz` and `qx_relay_nats_up` say this.
     pub fn is_up(&self) -> bool {
