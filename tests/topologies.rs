@@ -1,13 +1,19 @@
-//! The topologies platform teams run, on private servers: a 3-node JetStream cluster whose R3 stream loses its
-//! leader, or the cluster its quorum, while the relay publishes. Either is an outage of NATS, said as one
-//! (not ready, `give_up_after`, exit 69), never a missing stream; nothing is lost or stored twice.
+//! The topologies platform teams run, on private servers:
+//! - a 3-node JetStream cluster whose R3 stream loses its leader, or the cluster its quorum, while the relay
+//!   publishes: an outage of NATS, said as one (not ready, `give_up_after`, exit 69), never a missing stream;
+//! - a Postgres that is read-only, as a hot standby or an old primary after a failover is: refused at start by
+//!   `check` and `run`, and while running an outage whose connections are dropped and made anew.
+//!
+//! Nothing is lost or stored twice.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::stream;
-use qx_relay_testkit::{http, poll, NatsCluster, Relay, RelayEnv, TestDb, TestStream};
+use qx_relay_testkit::{
+    http, poll, run_command, NatsCluster, PgCluster, Relay, RelayEnv, TestDb, TestStream,
+};
 use tokio::time::Instant;
 
 const DRAIN: Duration = Duration::from_secs(90);
@@ -105,6 +111,98 @@ async fn a_cluster_without_quorum_is_not_ready_then_exit_69_and_nothing_lost() {
     cluster.servers[2].restart().await;
     let relay = Relay::spawn(&env.set("QX_RELAY__GIVE_UP_AFTER", "60s"), &[]);
     relay.stop_when_drained(&db, DRAIN).await;
+    let ids: HashSet<_> = stream
+        .messages()
+        .await
+        .iter()
+        .map(|message| message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|id| id.to_string()))
+        .collect();
+    assert_eq!(ids.len(), rows, "every row in the stream");
+}
+
+/// The relay's sessions on the server of `admin`, by the `application_name` it gives them.
+async fn relay_sessions(admin: &sqlx::PgPool, relay: &Relay) -> Vec<i32> {
+    let name = format!("qx-relay % {}", relay.pid());
+    sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name LIKE $1 ORDER BY pid")
+        .bind(name)
+        .fetch_all(admin)
+        .await
+        .expect("list the relay's sessions")
+}
+
+/// Makes every session of the server read-only from its next transaction on, as a demoted primary or a hot
+/// standby is; or writable again.
+async fn read_only(admin: &sqlx::PgPool, on: bool) {
+    let set = if on {
+        "ALTER SYSTEM SET default_transaction_read_only = on"
+    } else {
+        "ALTER SYSTEM RESET default_transaction_read_only"
+    };
+    // The admin session itself stays writable whatever the server's default.
+    let mut connection = admin.acquire().await.expect("an admin session");
+    sqlx::query("SET default_transaction_read_only = off")
+        .execute(&mut *connection)
+        .await
+        .expect("stay writable");
+    sqlx::query(set).execute(&mut *connection).await.expect("change the default");
+    sqlx::query("SELECT pg_reload_conf()").execute(&mut *connection).await.expect("reload");
+}
+
+#[tokio::test]
+async fn a_read_only_server_fails_check_and_run_naming_it() {
+    let postgres = PgCluster::start().await;
+    let (db, stream) = (TestDb::create_on(&postgres).await, TestStream::create().await);
+    let admin = sqlx::PgPool::connect(&postgres.url("postgres")).await.expect("admin pool");
+    read_only(&admin, true).await;
+    let env = RelayEnv::new(&db, &stream.prefix)
+        .with(&[("QX_RELAY__GIVE_UP_AFTER", "5s"), ("QX_RELAY__ACK_TIMEOUT", "2s")]);
+    let (code, stdout, _) = run_command(&env, &["check"]);
+    assert_eq!(code, Some(69), "{stdout}");
+    let line =
+        stdout.lines().find(|l| l.starts_with("FAIL  postgres:")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains("read-only"), "{line}");
+    let relay = Relay::spawn(&env, &[]);
+    let status = relay.wait(Duration::from_secs(30)).await;
+    let log = relay.log();
+    assert_eq!(status.code(), Some(69), "{log}");
+    assert!(log.lines().last().is_some_and(|l| l.contains("the server is read-only")), "{log}");
+}
+
+#[tokio::test]
+async fn a_primary_turned_read_only_is_an_outage_whose_connections_are_replaced() {
+    let rows = 20_000;
+    let postgres = PgCluster::start().await;
+    let (db, stream) = (TestDb::create_on(&postgres).await, TestStream::create().await);
+    db.insert_events(rows, "order.placed").await;
+    let admin = sqlx::PgPool::connect(&postgres.url("postgres")).await.expect("admin pool");
+    let env = RelayEnv::new(&db, &stream.prefix).set("QX_RELAY__BATCH_SIZE", "500");
+    let (relay, port) = Relay::spawn_serving(&env);
+    relay.eventually("the relay to publish", DRAIN, || async { stream.count().await >= 2000 }).await;
+    let before = relay_sessions(&admin, &relay).await;
+    assert!(!before.is_empty(), "the relay's sessions are named");
+
+    read_only(&admin, true).await;
+    // /readyz and the gauge agree, and the log names the cause.
+    let both_down = poll(Duration::from_secs(20), || async {
+        let ready = http(port, "GET", "/readyz").await?;
+        let metrics = http(port, "GET", "/metrics").await?;
+        (ready.status == 503
+            && ready.body.contains("postgres: down")
+            && metrics.body.contains("qx_relay_postgres_up 0"))
+        .then_some(())
+    });
+    assert!(both_down.await.is_some(), "/readyz and qx_relay_postgres_up say down:\n{}", relay.log());
+    assert!(relay.log().contains("is read-only"), "{}", relay.log());
+
+    // The failover completes: the relay goes on, on connections made since.
+    read_only(&admin, false).await;
+    db.wait_for("published_at IS NULL", 0, DRAIN).await;
+    let after = relay_sessions(&admin, &relay).await;
+    relay.stop().await;
+    assert!(
+        after.iter().all(|pid| !before.contains(pid)),
+        "sessions from before: {before:?}, now: {after:?}"
+    );
     let ids: HashSet<_> = stream
         .messages()
         .await

@@ -468,7 +468,10 @@ fn unavailable(what: &str, err: &StoreError) -> ExitCode {
         StoreError::Database(err) => {
             err.as_database_error().and_then(|e| e.code()).is_some_and(|c| c == "42P01")
         }
-        StoreError::TimedOut(_) | StoreError::TableLocked | StoreError::Unreachable { .. } => false,
+        StoreError::TimedOut(_)
+        | StoreError::TableLocked
+        | StoreError::Unreachable { .. }
+        | StoreError::ReadOnly { .. } => false,
     };
     if undefined_table {
         ExitCode::Config

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -16,6 +17,7 @@ use sqlx::{Arguments, Connection, PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::config::{LeaderMode, OnPublish, RelayConfig, ShardKey};
+use super::identity::Identity;
 use super::refusal::postgres_address;
 use super::shard::{Scope, Shard};
 
@@ -121,6 +123,13 @@ pub enum StoreError {
     /// `LOCK TABLE`); not an outage.
     #[error("the table is locked by another session")]
     TableLocked,
+    /// A statement found the server read-only: a hot standby, or an old primary after a failover. An outage:
+    /// the pool drops its connections and makes new ones, which find the new primary once the address does.
+    #[error("Postgres at {server} is read-only (a hot standby, or an old primary after a failover)")]
+    ReadOnly {
+        /// `host:port`, or the socket path.
+        server: String,
+    },
     /// The pool found no connection in time; `source` is why a fresh one failed (refused, reset, no answer).
     #[error("Postgres at {server} unreachable")]
     Unreachable {
@@ -150,13 +159,48 @@ impl StoreError {
 /// [`CAUSE_WAIT`], tells why (refused, no route, reset, no answer).
 async fn why_unreachable(options: &PgConnectOptions, limit: Duration) -> Option<sqlx::Error> {
     let limit = limit.min(CAUSE_WAIT);
-    match tokio::time::timeout(limit, PgConnection::connect_with(options)).await {
+    let attempt = async {
+        let mut connection = PgConnection::connect_with(options).await?;
+        refuse_read_only(&mut connection).await
+    };
+    match tokio::time::timeout(limit, attempt).await {
         Ok(Err(cause)) => Some(cause),
-        Ok(Ok(_answers)) => None,
+        Ok(Ok(())) => None,
         Err(_) => Some(sqlx::Error::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!("no answer within {}", humantime::format_duration(limit)),
         ))),
+    }
+}
+
+/// SQLSTATE read_only_sql_transaction: a write on a read-only server.
+const READ_ONLY: &str = "25006";
+
+/// Fails a new connection to a read-only server (a hot standby, an old primary after a failover).
+async fn refuse_read_only(connection: &mut PgConnection) -> Result<(), sqlx::Error> {
+    let read_only: String =
+        sqlx::query_scalar("SHOW transaction_read_only").fetch_one(&mut *connection).await?;
+    if read_only == "on" {
+        return Err(sqlx::Error::Io(std::io::Error::other(
+            "the server is read-only (a hot standby, or an old primary after a failover)",
+        )));
+    }
+    Ok(())
+}
+
+/// When a statement last found the server read-only.
+#[derive(Debug, Default)]
+struct ReadOnlySeen(std::sync::Mutex<Option<std::time::Instant>>);
+
+impl ReadOnlySeen {
+    fn now(&self) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::time::Instant::now());
+    }
+
+    /// Whether a connection opened `age` ago was opened after the server was last found read-only.
+    fn after(&self, age: Duration) -> bool {
+        let seen = *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        seen.is_none_or(|seen| std::time::Instant::now().checked_sub(age).is_some_and(|opened| opened > seen))
     }
 }
 
@@ -396,6 +440,8 @@ pub enum Requeue {
 #[derive(Debug, Clone)]
 pub struct OutboxStore {
     pool: PgPool,
+    /// When a statement last found the server read-only; the pool's connections from before are dropped.
+    read_only_seen: Arc<ReadOnlySeen>,
     max_attempts: i32,
     max_batch_bytes: usize,
     statement_timeout: Duration,
@@ -428,8 +474,25 @@ impl OutboxStore {
         relay: &RelayConfig,
         connect_timeout: Duration,
     ) -> Result<Self, sqlx::Error> {
-        let options = PgConnectOptions::from_str(url)?;
-        let pool = || PgPoolOptions::new().max_connections(POOL_SIZE).acquire_timeout(connect_timeout);
+        let mut options = PgConnectOptions::from_str(url)?;
+        // So that pg_stat_activity tells the relay's sessions, and which relay's, unless the URL names them.
+        if options.get_application_name().is_none() {
+            options = options.application_name(&Identity::current().application_name());
+        }
+        let read_only_seen = Arc::new(ReadOnlySeen::default());
+        let pool = || {
+            let seen = read_only_seen.clone();
+            PgPoolOptions::new()
+                .max_connections(POOL_SIZE)
+                .acquire_timeout(connect_timeout)
+                // A failover can leave the old primary up and read-only, or point the address at a standby: such a
+                // server is no connection of ours, and after a statement found one, nor is any connection from before.
+                .after_connect(|connection, _| Box::pin(refuse_read_only(connection)))
+                .before_acquire(move |_, metadata| {
+                    let fresh = seen.after(metadata.age);
+                    Box::pin(async move { Ok(fresh) })
+                })
+        };
         let pool = match pool().connect_with(options.clone()).await {
             Err(sqlx::Error::PoolTimedOut) => match why_unreachable(&options, connect_timeout).await {
                 Some(cause) => Err(cause),
@@ -438,15 +501,15 @@ impl OutboxStore {
             },
             result => result,
         }?;
-        Ok(Self::new(pool, relay, Scope::One(Shard::WHOLE)))
+        Ok(Self::new(pool, read_only_seen, relay, Scope::One(Shard::WHOLE)))
     }
 
     /// The same pool, claiming the rows of `scope` only.
     pub fn for_scope(&self, relay: &RelayConfig, scope: Scope) -> Self {
-        Self::new(self.pool.clone(), relay, scope)
+        Self::new(self.pool.clone(), self.read_only_seen.clone(), relay, scope)
     }
 
-    fn new(pool: PgPool, relay: &RelayConfig, scope: Scope) -> Self {
+    fn new(pool: PgPool, read_only_seen: Arc<ReadOnlySeen>, relay: &RelayConfig, scope: Scope) -> Self {
         let table = relay.table.clone();
         let key_sql = key_sql(&relay.shard_key);
         let ordered = relay.shard_key != ShardKey::Id;
@@ -531,6 +594,7 @@ impl OutboxStore {
         let lock_wait = LOCK_WAIT_MAX.min(statement_timeout / 2);
         Self {
             pool,
+            read_only_seen,
             max_attempts: relay.max_attempts,
             max_batch_bytes: usize::try_from(relay.max_batch_bytes).unwrap_or(usize::MAX),
             statement_timeout,
@@ -561,6 +625,10 @@ impl OutboxStore {
                     .await
                     .unwrap_or(sqlx::Error::PoolTimedOut);
                 Err(StoreError::Unreachable { server: self.server(), source })
+            }
+            Ok(Err(err)) if err.as_database_error().and_then(|e| e.code()).as_deref() == Some(READ_ONLY) => {
+                self.read_only_seen.now();
+                Err(StoreError::ReadOnly { server: self.server() })
             }
             Ok(result) => result.map_err(StoreError::from_driver),
             // Waiting for a connection to a stopped server looks like a hung one from here.
