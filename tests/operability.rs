@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use qx_relay_testkit::{
-    env_var, free_port, http, run_command, NatsServer, Relay, RelayEnv, TestDb, TestStream,
+    env_var, free_port, http, run_command, run_command_unread, NatsServer, Relay, RelayEnv, TestDb,
+    TestStream,
 };
 use serde_json::Value;
 use uuid::Uuid;
@@ -88,6 +89,16 @@ fn a_password_under_a_name_postgres_does_not_read_stops_the_relay_unprinted() {
                 "{stderr}"
             );
         }
+    }
+}
+
+#[test]
+fn a_reader_that_stops_early_ends_the_output_without_a_panic() {
+    let env = offline_env(&[]);
+    for args in [&["config"][..], &["config", "--json"]] {
+        let (code, stderr) = run_command_unread(&env, args);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
 

@@ -19,6 +19,23 @@ use super::store::{
     PUBLISHED_COUNT_MAX, SAMPLE_ROWS,
 };
 
+/// `print!` and `println!` for the commands' output. A reader that stops early (`qx-relay status | head`)
+/// closes the pipe, and what is left unprinted was not wanted: a failed write is dropped, where `println!`
+/// would panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// One check's result, as `check --json` prints it.
 #[derive(Serialize)]
 struct CheckResult {
@@ -54,8 +71,8 @@ impl Checks {
         if !self.json {
             let status = if result.ok { "ok  " } else { "FAIL" };
             match &result.hint {
-                Some(hint) => println!("{status}  {}: {}; {hint}", result.check, result.detail),
-                None => println!("{status}  {}: {}", result.check, result.detail),
+                Some(hint) => outln!("{status}  {}: {}; {hint}", result.check, result.detail),
+                None => outln!("{status}  {}: {}", result.check, result.detail),
             }
         }
         self.results.push(result);
@@ -68,7 +85,7 @@ impl Checks {
                 "exit_code": self.worst as u8,
                 "checks": self.results,
             });
-            println!("{}", serde_json::to_string_pretty(&report).expect("results serialize"));
+            outln!("{}", serde_json::to_string_pretty(&report).expect("results serialize"));
         }
         self.worst
     }
@@ -147,7 +164,7 @@ pub fn print_config(config: &Config, json: bool) -> ExitCode {
         }
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&merged).expect("JSON prints"));
+        outln!("{}", serde_json::to_string_pretty(&merged).expect("JSON prints"));
         return ExitCode::Ok;
     }
     let mut text = String::new();
@@ -164,7 +181,7 @@ pub fn print_config(config: &Config, json: bool) -> ExitCode {
             }
         }
     }
-    print!("{text}");
+    out!("{text}");
     ExitCode::Ok
 }
 
@@ -235,14 +252,14 @@ pub async fn status(config: &Config, json: bool) -> ExitCode {
         shards,
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&status).expect("status serializes"));
+        outln!("{}", serde_json::to_string_pretty(&status).expect("status serializes"));
         return ExitCode::Ok;
     }
-    print!("table {}", status.table);
+    out!("table {}", status.table);
     if let Some(members) = status.members {
-        print!(", shared by {members} live replica(s)");
+        out!(", shared by {members} live replica(s)");
     }
-    println!();
+    outln!();
     for s in &status.shards {
         let backlog = &s.stats.backlog;
         let oldest = backlog.oldest_pending_seconds.map_or("-".to_owned(), |secs| format!("{secs:.1}s"));
@@ -250,7 +267,7 @@ pub async fn status(config: &Config, json: bool) -> ExitCode {
         let at_least =
             |count: i64, capped: bool| if capped { format!("{count}+") } else { count.to_string() };
         let recent = s.stats.published_last_5m;
-        println!(
+        outln!(
             "shard {}/{}: pending {}  oldest pending {oldest}  parked {}  published (5m) {}",
             s.shard,
             s.shard_count,
@@ -259,10 +276,10 @@ pub async fn status(config: &Config, json: bool) -> ExitCode {
             at_least(recent, recent >= PUBLISHED_COUNT_MAX)
         );
         if backlog.more {
-            println!("  counts are of the {SAMPLE_ROWS} oldest unpublished rows of the table");
+            outln!("  counts are of the {SAMPLE_ROWS} oldest unpublished rows of the table");
         }
         if let Some(lock) = &s.leader_lock {
-            println!("  {}", lock_line(lock));
+            outln!("  {}", lock_line(lock));
         }
     }
     ExitCode::Ok
@@ -315,13 +332,13 @@ pub async fn dead_list(config: &Config, limit: i64, event_name: Option<&str>, js
         Err(err) => return unavailable("postgres", &err),
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows).expect("rows serialize"));
+        outln!("{}", serde_json::to_string_pretty(&rows).expect("rows serialize"));
         return ExitCode::Ok;
     }
     for row in &rows {
-        println!("{}", parked_line(row));
+        outln!("{}", parked_line(row));
     }
-    println!("{} parked row(s)", rows.len());
+    outln!("{} parked row(s)", rows.len());
     ExitCode::Ok
 }
 
@@ -345,16 +362,16 @@ pub async fn dead_requeue(config: &Config, which: &Requeue, dry_run: bool, json:
         };
         if json {
             let report = serde_json::json!({ "dry_run": true, "would_requeue": rows.len(), "rows": rows });
-            println!("{}", serde_json::to_string_pretty(&report).expect("rows serialize"));
+            outln!("{}", serde_json::to_string_pretty(&report).expect("rows serialize"));
         } else {
-            rows.iter().for_each(|row| println!("{}", parked_line(row)));
-            println!("would requeue {} row(s) (dry run: nothing changed)", rows.len());
+            rows.iter().for_each(|row| outln!("{}", parked_line(row)));
+            outln!("would requeue {} row(s) (dry run: nothing changed)", rows.len());
         }
         return ExitCode::Ok;
     }
     match store.requeue(which).await {
-        Ok(count) if json => println!("{}", serde_json::json!({ "requeued": count })),
-        Ok(count) => println!("requeued {count} row(s)"),
+        Ok(count) if json => outln!("{}", serde_json::json!({ "requeued": count })),
+        Ok(count) => outln!("requeued {count} row(s)"),
         Err(err) => return unavailable("postgres", &err),
     }
     ExitCode::Ok
@@ -388,9 +405,9 @@ pub async fn dead_show(config: &Config, id: uuid::Uuid, json: bool) -> ExitCode 
         return ExitCode::NotFound;
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&shown_json(&row)).expect("a row serializes"));
+        outln!("{}", serde_json::to_string_pretty(&shown_json(&row)).expect("a row serializes"));
     } else {
-        print!("{}", shown_text(&row));
+        out!("{}", shown_text(&row));
     }
     ExitCode::Ok
 }

@@ -193,3 +193,18 @@ pub fn run_command(env: &RelayEnv, args: &[&str]) -> (Option<i32>, String, Strin
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// Runs `qx-relay args` with `env` while nobody reads its output (`qx-relay status | head -0`): its exit code
+/// and stderr.
+pub fn run_command_unread(env: &RelayEnv, args: &[&str]) -> (Option<i32>, String) {
+    let mut child = env
+        .command(relay_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run qx-relay");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("wait for qx-relay");
+    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
