@@ -2,7 +2,9 @@
 //! - a 3-node JetStream cluster whose R3 stream loses its leader, or the cluster its quorum, while the relay
 //!   publishes: an outage of NATS, said as one (not ready, `give_up_after`, exit 69), never a missing stream;
 //! - a Postgres that is read-only, as a hot standby or an old primary after a failover is: refused at start by
-//!   `check` and `run`, and while running an outage whose connections are dropped and made anew.
+//!   `check` and `run`, and while running an outage whose connections are dropped and made anew;
+//! - Debian's PgBouncer with its stock settings: in session pooling, for the relay, its commands and a Postgres
+//!   leader lock; in transaction pooling, refused at start with one line that says why.
 //!
 //! Nothing is lost or stored twice.
 
@@ -12,7 +14,7 @@ use std::time::Duration;
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::stream;
 use qx_relay_testkit::{
-    http, poll, run_command, NatsCluster, PgCluster, Relay, RelayEnv, TestDb, TestStream,
+    http, poll, run_command, NatsCluster, PgBouncer, PgCluster, Relay, RelayEnv, TestDb, TestStream,
 };
 use tokio::time::Instant;
 
@@ -210,4 +212,49 @@ async fn a_primary_turned_read_only_is_an_outage_whose_connections_are_replaced(
         .map(|message| message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|id| id.to_string()))
         .collect();
     assert_eq!(ids.len(), rows, "every row in the stream");
+}
+
+#[tokio::test]
+async fn behind_a_stock_pgbouncer_in_session_pooling_the_relay_and_its_commands_work() {
+    let postgres = PgCluster::start().await;
+    let bouncer = PgBouncer::start(postgres.port, "session").await;
+    let (db, stream) = (TestDb::create_on(&postgres).await, TestStream::create().await);
+    db.insert_events(2000, "order.placed").await;
+    let env = RelayEnv::new(&db, &stream.prefix).set("QX_DB__URL", bouncer.url(&db.name));
+    for args in [&["check"][..], &["status"], &["dead", "list"]] {
+        let (code, stdout, stderr) = run_command(&env, args);
+        assert_eq!(code, Some(0), "{args:?}: {stdout}{stderr}\n{}", bouncer.log());
+    }
+    let relay = Relay::spawn(&env, &[]);
+    relay.stop_when_drained(&db, DRAIN).await;
+
+    // A Postgres leader lock holds its session, and ends it after leader_ttl idle, through the pooler too.
+    db.insert_events(2000, "order.placed").await;
+    let leader = env.with(&[("QX_RELAY__LEADER", "postgres"), ("QX_RELAY__LEADER_TTL", "3s")]);
+    let relay = Relay::spawn(&leader, &[]);
+    relay.stop_when_drained(&db, DRAIN).await;
+    assert!(relay.log().contains("leader lock acquired"), "{}", relay.log());
+    assert_eq!(stream.count().await, 4000);
+}
+
+#[tokio::test]
+async fn behind_pgbouncer_in_transaction_pooling_the_relay_refuses_to_start_and_says_why() {
+    let postgres = PgCluster::start().await;
+    let bouncer = PgBouncer::start(postgres.port, "transaction").await;
+    let (db, stream) = (TestDb::create_on(&postgres).await, TestStream::create().await);
+    db.insert_events(100, "order.placed").await;
+    let env = RelayEnv::new(&db, &stream.prefix).set("QX_DB__URL", bouncer.url(&db.name));
+    let (code, stdout, _) = run_command(&env, &["check"]);
+    assert_eq!(code, Some(78), "{stdout}");
+    let line =
+        stdout.lines().find(|l| l.starts_with("FAIL  postgres:")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains("transaction pooling") && line.contains("session-mode pool"), "{line}");
+    let relay = Relay::spawn(&env, &[]);
+    let status = relay.wait(Duration::from_secs(30)).await;
+    let log = relay.log();
+    assert_eq!(status.code(), Some(78), "{log}");
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "one line:\n{log}");
+    assert!(errors[0].contains("transaction pooling"), "{log}");
+    assert_eq!(db.unpublished().await, 100, "nothing was touched");
 }

@@ -24,6 +24,9 @@ pub enum Refusal {
     Credentials,
     /// The server has no database of the name we asked for.
     NoDatabase,
+    /// `db.url` leads to a pooler that shares server sessions between transactions (PgBouncer's
+    /// `pool_mode = transaction`): a statement prepared on one session would be run on another.
+    TransactionPooler,
 }
 
 impl fmt::Display for Refusal {
@@ -32,6 +35,7 @@ impl fmt::Display for Refusal {
             Self::Tls => "TLS/certificate problem",
             Self::Credentials => "credentials refused",
             Self::NoDatabase => "no such database",
+            Self::TransactionPooler => "transaction pooling",
         })
     }
 }
@@ -70,6 +74,7 @@ pub fn of_postgres(err: &sqlx::Error) -> Option<Refusal> {
         }
         // 3D000 invalid_catalog_name: db.url names a database the server does not have.
         sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000") => Some(Refusal::NoDatabase),
+        sqlx::Error::Configuration(err) if err.is::<SharedSessions>() => Some(Refusal::TransactionPooler),
         err if is_tls(err) => Some(Refusal::Tls),
         _ => None,
     }
@@ -101,6 +106,14 @@ pub fn of_redis(err: &redis::RedisError) -> Option<Refusal> {
     // The URL is validated before any connection, so an invalid client config is its TLS settings.
     (err.kind() == ErrorKind::InvalidClientConfig || is_tls(err)).then_some(Refusal::Tls)
 }
+
+/// The connections of a pool reach the same server session in turn: a transaction pooler.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "two connections of the relay shared one server session (PgBouncer's pool_mode = transaction?), and its \
+     statements are prepared per session: point db.url at a session-mode pool or at Postgres itself"
+)]
+pub struct SharedSessions;
 
 /// The server `options` point at: `host:port`, or the socket path.
 pub fn postgres_address(options: &PgConnectOptions) -> String {

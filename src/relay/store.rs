@@ -13,12 +13,12 @@ use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::query::QueryAs;
-use sqlx::{Arguments, Connection, PgConnection, Postgres, Transaction};
+use sqlx::{Arguments, Connection, PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::config::{LeaderMode, OnPublish, RelayConfig, ShardKey};
 use super::identity::Identity;
-use super::refusal::postgres_address;
+use super::refusal::{postgres_address, SharedSessions};
 use super::shard::{Scope, Shard};
 
 /// Starts a claim transaction, in the same round trip as `BEGIN`:
@@ -176,16 +176,34 @@ async fn why_unreachable(options: &PgConnectOptions, limit: Duration) -> Option<
 /// SQLSTATE read_only_sql_transaction: a write on a read-only server.
 const READ_ONLY: &str = "25006";
 
-/// Fails a new connection to a read-only server (a hot standby, an old primary after a failover).
+/// Fails a new connection to a read-only server (a hot standby, an old primary after a failover). By the simple
+/// protocol, as it may run before the pool knows it is behind a transaction pooler: no statement is prepared.
 async fn refuse_read_only(connection: &mut PgConnection) -> Result<(), sqlx::Error> {
-    let read_only: String =
-        sqlx::query_scalar("SHOW transaction_read_only").fetch_one(&mut *connection).await?;
+    let row =
+        sqlx::Executor::fetch_one(&mut *connection, sqlx::raw_sql("SHOW transaction_read_only")).await?;
+    let read_only: String = row.try_get(0)?;
     if read_only == "on" {
         return Err(sqlx::Error::Io(std::io::Error::other(
             "the server is read-only (a hot standby, or an old primary after a failover)",
         )));
     }
     Ok(())
+}
+
+/// Whether two connections of `pool` reach the same server session in turn, as through PgBouncer in
+/// `pool_mode = transaction`: there the relay's prepared statements would land on sessions that lack them, or
+/// that hold others of the same name. One connection's session is freed by the pooler after its statement, and
+/// a pooler hands out the session freed last (PgBouncer's default), so a transaction pooler lets the other
+/// connection see the same backend; a session pooler or Postgres itself never does. By the simple protocol.
+async fn shares_sessions(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    let backend = |row: sqlx::postgres::PgRow| row.try_get::<i32, _>(0);
+    let (mut first, mut second) = (pool.acquire().await?, pool.acquire().await?);
+    let backend_of = || sqlx::raw_sql("SELECT pg_backend_pid()");
+    let freed = backend(sqlx::Executor::fetch_one(&mut *first, backend_of()).await?)?;
+    let mut transaction = second.begin().await?;
+    let held = backend(sqlx::Executor::fetch_one(&mut *transaction, backend_of()).await?)?;
+    transaction.rollback().await?;
+    Ok(freed == held)
 }
 
 /// When a statement last found the server read-only.
@@ -479,6 +497,8 @@ impl OutboxStore {
         if options.get_application_name().is_none() {
             options = options.application_name(&Identity::current().application_name());
         }
+        // The relay reads no floats, and PgBouncer refuses a startup parameter it is not told to ignore.
+        options = options.extra_float_digits(None);
         let read_only_seen = Arc::new(ReadOnlySeen::default());
         let pool = || {
             let seen = read_only_seen.clone();
@@ -501,6 +521,9 @@ impl OutboxStore {
             },
             result => result,
         }?;
+        if shares_sessions(&pool).await? {
+            return Err(sqlx::Error::Configuration(Box::new(SharedSessions)));
+        }
         Ok(Self::new(pool, read_only_seen, relay, Scope::One(Shard::WHOLE)))
     }
 

@@ -34,8 +34,8 @@ pub mod wait;
 pub use db::TestDb;
 pub use env::{env_var, RelayEnv};
 pub use http::{http, HttpResponse};
-pub use relay::{run_command, Relay};
-pub use servers::{free_port, NatsCluster, NatsServer, PgCluster, RedisServer};
+pub use relay::{run_command, run_command_unread, Relay};
+pub use servers::{free_port, NatsCluster, NatsServer, PgBouncer, PgCluster, RedisServer};
 pub use stream::TestStream;
 pub use wait::{eventually, poll};
 

@@ -490,3 +490,58 @@ fn pg_bin() -> PathBuf {
     let newest = versions.last().unwrap_or_else(|| panic!("no bin/initdb under {}", root.display()));
     root.join(newest.to_string()).join("bin")
 }
+
+/// Debian's PgBouncer in front of the Postgres on loopback port `postgres_port`, as a team runs it: the
+/// package's settings but for the address, trust auth and `pool_mode`. As root it runs as `postgres`.
+pub struct PgBouncer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl PgBouncer {
+    /// Starts one pooling in `pool_mode` (`session` or `transaction`); returns when it accepts connections.
+    pub async fn start(postgres_port: u16, pool_mode: &str) -> Self {
+        let (port, dir) = (free_port(), temp_dir("pgbouncer"));
+        let ini = format!(
+            "[databases]\n* = host=127.0.0.1 port={postgres_port}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
+             listen_port = {port}\nunix_socket_dir =\nauth_type = trust\nauth_file = {dir}/userlist.txt\n\
+             pool_mode = {pool_mode}\nlogfile = {dir}/pgbouncer.log\npidfile = {dir}/pgbouncer.pid\n",
+            dir = dir.display()
+        );
+        fs::write(dir.join("pgbouncer.ini"), ini).expect("write pgbouncer.ini");
+        fs::write(dir.join("userlist.txt"), "\"postgres\" \"\"\n").expect("write userlist.txt");
+        let mut command = Command::new("pgbouncer");
+        if is_root() {
+            let status = Command::new("chown").arg("-R").arg("postgres:").arg(&dir).status();
+            assert!(status.is_ok_and(|s| s.success()), "chown {} to postgres", dir.display());
+            command.args(["-u", "postgres"]);
+        }
+        let child = command
+            .arg(dir.join("pgbouncer.ini"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| panic!("start pgbouncer (is it installed?): {err}"));
+        wait_for_port(port, "pgbouncer").await;
+        Self { port, dir, child }
+    }
+
+    /// A connection URL for `database` through it.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

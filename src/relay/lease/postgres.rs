@@ -119,11 +119,16 @@ async fn session(url: &str, lease: Duration, limit: Duration) -> Result<PgConnec
     let options = url
         .parse::<PgConnectOptions>()?
         .application_name(&Identity::current().application_name())
-        .options([("idle_session_timeout", lease.as_millis().to_string())]);
-    timeout(limit, PgConnection::connect_with(&options))
-        .await
-        .map_err(|_| LockError::TimedOut)?
-        .map_err(Into::into)
+        .extra_float_digits(None);
+    // Set by a statement, not the `options` startup parameter, which PgBouncer refuses or (told to ignore it)
+    // drops without a word: a lease that never ends would keep a frozen relay's shards.
+    let lease = format!("SET idle_session_timeout = {}", lease.as_millis());
+    let open = async {
+        let mut connection = PgConnection::connect_with(&options).await?;
+        sqlx::query(&lease).execute(&mut connection).await?;
+        Ok::<_, sqlx::Error>(connection)
+    };
+    timeout(limit, open).await.map_err(|_| LockError::TimedOut)?.map_err(Into::into)
 }
 
 /// The outcome of a step on the session in `slot`, given its deadline: a session that failed or did not answer
