@@ -3,8 +3,9 @@
 //!   publishes: an outage of NATS, said as one (not ready, `give_up_after`, exit 69), never a missing stream;
 //! - a Postgres that is read-only, as a hot standby or an old primary after a failover is: refused at start by
 //!   `check` and `run`, and while running an outage whose connections are dropped and made anew;
-//! - Debian's PgBouncer with its stock settings: in session pooling, for the relay, its commands and a Postgres
-//!   leader lock; in transaction pooling, refused at start with one line that says why.
+//! - Debian's PgBouncer with its stock settings, in session pooling (the relay, its commands, a Postgres leader
+//!   lock) and in transaction pooling (two relays and the commands; a Postgres lock and LISTEN refused at start
+//!   with one line that says why).
 //!
 //! Nothing is lost or stored twice.
 
@@ -238,23 +239,55 @@ async fn behind_a_stock_pgbouncer_in_session_pooling_the_relay_and_its_commands_
 }
 
 #[tokio::test]
-async fn behind_pgbouncer_in_transaction_pooling_the_relay_refuses_to_start_and_says_why() {
+async fn behind_pgbouncer_in_transaction_pooling_the_relay_works_and_refuses_what_needs_a_session() {
     let postgres = PgCluster::start().await;
     let bouncer = PgBouncer::start(postgres.port, "transaction").await;
     let (db, stream) = (TestDb::create_on(&postgres).await, TestStream::create().await);
-    db.insert_events(100, "order.placed").await;
-    let env = RelayEnv::new(&db, &stream.prefix).set("QX_DB__URL", bouncer.url(&db.name));
-    let (code, stdout, _) = run_command(&env, &["check"]);
-    assert_eq!(code, Some(78), "{stdout}");
-    let line =
-        stdout.lines().find(|l| l.starts_with("FAIL  postgres:")).unwrap_or_else(|| panic!("{stdout}"));
-    assert!(line.contains("transaction pooling") && line.contains("session-mode pool"), "{line}");
-    let relay = Relay::spawn(&env, &[]);
-    let status = relay.wait(Duration::from_secs(30)).await;
-    let log = relay.log();
-    assert_eq!(status.code(), Some(78), "{log}");
-    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
-    assert_eq!(errors.len(), 1, "one line:\n{log}");
-    assert!(errors[0].contains("transaction pooling"), "{log}");
-    assert_eq!(db.unpublished().await, 100, "nothing was touched");
+    let rows = 20_000;
+    db.insert_events(rows, "order.placed").await;
+    // Rows that fail for good, to see `dead` work too.
+    for _ in 0..3 {
+        db.insert_raw("order..bad", r#"{"event_id": null}"#).await;
+    }
+    let env = RelayEnv::new(&db, &stream.prefix)
+        .with(&[("QX_DB__URL", &bouncer.url(&db.name)), ("QX_RELAY__BATCH_SIZE", "500")]);
+    // Two relays: their connections share the pooler's sessions, as other services' would.
+    let relays = [Relay::spawn(&env, &[]), Relay::spawn(&env, &[])];
+    db.wait_for("published_at IS NULL AND attempts = 0", 0, DRAIN).await;
+    for relay in &relays {
+        let log = relay.log();
+        assert!(log.contains("db.url leads to a transaction pooler"), "{log}");
+        assert!(!log.contains("prepared statement"), "{log}");
+        relay.stop().await;
+    }
+    let ids: HashSet<_> = stream
+        .messages()
+        .await
+        .iter()
+        .map(|message| message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|id| id.to_string()))
+        .collect();
+    assert_eq!(ids.len(), rows, "every row in the stream");
+    for args in [&["check"][..], &["status"], &["dead", "list"]] {
+        let (code, stdout, stderr) = run_command(&env, args);
+        assert_eq!(code, Some(0), "{args:?}: {stdout}{stderr}\n{}", bouncer.log());
+    }
+    let (code, stdout, _) = run_command(&env, &["dead", "requeue", "--all"]);
+    assert_eq!((code, stdout.trim()), (Some(0), "requeued 3 row(s)"));
+
+    // What needs a session is refused at start, with one line that says why and what to do.
+    let session_settings = [
+        ("QX_RELAY__LEADER", "postgres", "relay.leader"),
+        ("QX_RELAY__NOTIFY_CHANNEL", "qx_outbox", "LISTEN"),
+    ];
+    for (key, value, named) in session_settings {
+        let relay = Relay::spawn(&env.clone().set(key, value), &[]);
+        let status = relay.wait(Duration::from_secs(30)).await;
+        let log = relay.log();
+        assert_eq!(status.code(), Some(78), "{key}: {log}");
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+        assert_eq!(errors.len(), 1, "one line:\n{log}");
+        for part in ["transaction pooling", named, "session-mode pool"] {
+            assert!(errors[0].contains(part), "{part:?}: {}", errors[0]);
+        }
+    }
 }

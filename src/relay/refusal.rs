@@ -25,7 +25,7 @@ pub enum Refusal {
     /// The server has no database of the name we asked for.
     NoDatabase,
     /// `db.url` leads to a pooler that shares server sessions between transactions (PgBouncer's
-    /// `pool_mode = transaction`): a statement prepared on one session would be run on another.
+    /// `pool_mode = transaction`), and a setting needs a session of its own (a Postgres lock, LISTEN).
     TransactionPooler,
 }
 
@@ -74,7 +74,7 @@ pub fn of_postgres(err: &sqlx::Error) -> Option<Refusal> {
         }
         // 3D000 invalid_catalog_name: db.url names a database the server does not have.
         sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000") => Some(Refusal::NoDatabase),
-        sqlx::Error::Configuration(err) if err.is::<SharedSessions>() => Some(Refusal::TransactionPooler),
+        sqlx::Error::Configuration(err) if err.is::<SessionNeeded>() => Some(Refusal::TransactionPooler),
         err if is_tls(err) => Some(Refusal::Tls),
         _ => None,
     }
@@ -107,13 +107,13 @@ pub fn of_redis(err: &redis::RedisError) -> Option<Refusal> {
     (err.kind() == ErrorKind::InvalidClientConfig || is_tls(err)).then_some(Refusal::Tls)
 }
 
-/// The connections of a pool reach the same server session in turn: a transaction pooler.
+/// `db.url` leads to a transaction pooler, and a setting needs what only a session keeps.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "two connections of the relay shared one server session (PgBouncer's pool_mode = transaction?), and its \
-     statements are prepared per session: point db.url at a session-mode pool or at Postgres itself"
+    "{0} needs a session of its own, which a transaction pooler (PgBouncer's pool_mode = transaction) does not \
+     keep: point db.url at a session-mode pool or at Postgres itself"
 )]
-pub struct SharedSessions;
+pub struct SessionNeeded(pub &'static str);
 
 /// The server `options` point at: `host:port`, or the socket path.
 pub fn postgres_address(options: &PgConnectOptions) -> String {

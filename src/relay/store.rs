@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::config::{LeaderMode, OnPublish, RelayConfig, ShardKey};
 use super::identity::Identity;
-use super::refusal::{postgres_address, SharedSessions};
+use super::refusal::{postgres_address, SessionNeeded};
 use super::shard::{Scope, Shard};
 
 /// Starts a claim transaction, in the same round trip as `BEGIN`:
@@ -173,6 +173,20 @@ async fn why_unreachable(options: &PgConnectOptions, limit: Duration) -> Option<
     }
 }
 
+/// `$statement` (a future run on the transaction `$tx`) in a transaction of its own. Behind a transaction
+/// pooler a statement's round trips (prepare, then bind and execute) reach one server session only inside a
+/// transaction; anywhere else the transaction is the one Postgres would have made for the statement alone.
+macro_rules! in_transaction {
+    ($pool:expr, |$tx:ident| $statement:expr) => {
+        async {
+            let mut $tx = $pool.begin().await?;
+            let value = $statement.await?;
+            $tx.commit().await?;
+            Ok::<_, sqlx::Error>(value)
+        }
+    };
+}
+
 /// SQLSTATE read_only_sql_transaction: a write on a read-only server.
 const READ_ONLY: &str = "25006";
 
@@ -191,19 +205,26 @@ async fn refuse_read_only(connection: &mut PgConnection) -> Result<(), sqlx::Err
 }
 
 /// Whether two connections of `pool` reach the same server session in turn, as through PgBouncer in
-/// `pool_mode = transaction`: there the relay's prepared statements would land on sessions that lack them, or
-/// that hold others of the same name. One connection's session is freed by the pooler after its statement, and
-/// a pooler hands out the session freed last (PgBouncer's default), so a transaction pooler lets the other
-/// connection see the same backend; a session pooler or Postgres itself never does. By the simple protocol.
+/// `pool_mode = transaction`: there a statement prepared on one session and kept would be run on another,
+/// which lacks it or holds another of the same name. The pooler frees one connection's session after its
+/// statement and hands out the session freed last (PgBouncer's default), so the other connection sees the same
+/// backend; a session pooler or Postgres itself never lets it. Another client of the pooler may take the
+/// freed session first, so it is asked a few times. By the simple protocol: nothing is prepared.
 async fn shares_sessions(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    const TRIES: usize = 3;
     let backend = |row: sqlx::postgres::PgRow| row.try_get::<i32, _>(0);
-    let (mut first, mut second) = (pool.acquire().await?, pool.acquire().await?);
     let backend_of = || sqlx::raw_sql("SELECT pg_backend_pid()");
-    let freed = backend(sqlx::Executor::fetch_one(&mut *first, backend_of()).await?)?;
-    let mut transaction = second.begin().await?;
-    let held = backend(sqlx::Executor::fetch_one(&mut *transaction, backend_of()).await?)?;
-    transaction.rollback().await?;
-    Ok(freed == held)
+    let (mut first, mut second) = (pool.acquire().await?, pool.acquire().await?);
+    for _ in 0..TRIES {
+        let freed = backend(sqlx::Executor::fetch_one(&mut *first, backend_of()).await?)?;
+        let mut transaction = second.begin().await?;
+        let held = backend(sqlx::Executor::fetch_one(&mut *transaction, backend_of()).await?)?;
+        transaction.rollback().await?;
+        if freed == held {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// When a statement last found the server read-only.
@@ -460,6 +481,10 @@ pub struct OutboxStore {
     pool: PgPool,
     /// When a statement last found the server read-only; the pool's connections from before are dropped.
     read_only_seen: Arc<ReadOnlySeen>,
+    /// Whether statements are prepared once per connection and kept: not behind a transaction pooler, whose
+    /// sessions change under a connection between transactions. There every statement is parsed anew, within
+    /// a transaction.
+    prepared: bool,
     max_attempts: i32,
     max_batch_bytes: usize,
     statement_timeout: Duration,
@@ -521,18 +546,35 @@ impl OutboxStore {
             },
             result => result,
         }?;
-        if shares_sessions(&pool).await? {
-            return Err(sqlx::Error::Configuration(Box::new(SharedSessions)));
+        let pooled = shares_sessions(&pool).await?;
+        let needs_session = match (&relay.leader, &relay.notify_channel) {
+            (LeaderMode::Postgres, _) => Some("relay.leader = \"postgres\" (a session advisory lock)"),
+            (_, Some(_)) => Some("relay.notify_channel (LISTEN)"),
+            _ => None,
+        };
+        if let (true, Some(setting)) = (pooled, needs_session) {
+            return Err(sqlx::Error::Configuration(Box::new(SessionNeeded(setting))));
         }
-        Ok(Self::new(pool, read_only_seen, relay, Scope::One(Shard::WHOLE)))
+        if pooled {
+            tracing::info!(
+                "db.url leads to a transaction pooler: each statement is parsed anew, in a transaction of its own"
+            );
+        }
+        Ok(Self::new(pool, read_only_seen, !pooled, relay, Scope::One(Shard::WHOLE)))
     }
 
     /// The same pool, claiming the rows of `scope` only.
     pub fn for_scope(&self, relay: &RelayConfig, scope: Scope) -> Self {
-        Self::new(self.pool.clone(), self.read_only_seen.clone(), relay, scope)
+        Self::new(self.pool.clone(), self.read_only_seen.clone(), self.prepared, relay, scope)
     }
 
-    fn new(pool: PgPool, read_only_seen: Arc<ReadOnlySeen>, relay: &RelayConfig, scope: Scope) -> Self {
+    fn new(
+        pool: PgPool,
+        read_only_seen: Arc<ReadOnlySeen>,
+        prepared: bool,
+        relay: &RelayConfig,
+        scope: Scope,
+    ) -> Self {
         let table = relay.table.clone();
         let key_sql = key_sql(&relay.shard_key);
         let ordered = relay.shard_key != ShardKey::Id;
@@ -618,6 +660,7 @@ impl OutboxStore {
         Self {
             pool,
             read_only_seen,
+            prepared,
             max_attempts: relay.max_attempts,
             max_batch_bytes: usize::try_from(relay.max_batch_bytes).unwrap_or(usize::MAX),
             statement_timeout,
@@ -708,14 +751,15 @@ impl OutboxStore {
         self.bounded(async {
             let tx = self.pool.begin_with(self.pinned_begin.clone()).await?;
             let args = |limit| self.rescan_args(limit, held, skipped_names, assigned, from);
-            let query = sqlx::query_as_with(&self.claim_sql, args(i64::from(limit))?);
+            let query =
+                sqlx::query_as_with(&self.claim_sql, args(i64::from(limit))?).persistent(self.prepared);
             let mut batch = ClaimedBatch::read(tx, query, limit, self.max_batch_bytes).await?;
             if let Some(sql) = &self.oldest_pending_sql {
-                let query = sqlx::query_scalar_with(sql, args(1)?);
+                let query = sqlx::query_scalar_with(sql, args(1)?).persistent(self.prepared);
                 batch.first_seen = query.fetch_optional(&mut *batch.tx).await?;
             }
             if from.is_none() {
-                let oldest = sqlx::query_scalar(&self.oldest_of_table_sql);
+                let oldest = sqlx::query_scalar(&self.oldest_of_table_sql).persistent(self.prepared);
                 batch.oldest_of_table = oldest.fetch_optional(&mut *batch.tx).await?;
             }
             Ok(batch)
@@ -738,7 +782,8 @@ impl OutboxStore {
             let mut tx = self.pool.begin_with(self.pinned_begin.clone()).await?;
             let explain = format!("EXPLAIN (ANALYZE, COSTS OFF) {}", self.claim_sql);
             let args = self.rescan_args(i64::from(limit), &[], &[], assigned, from)?;
-            let lines: Vec<String> = sqlx::query_scalar_with(&explain, args).fetch_all(&mut *tx).await?;
+            let lines: Vec<String> =
+                sqlx::query_scalar_with(&explain, args).persistent(self.prepared).fetch_all(&mut *tx).await?;
             tx.rollback().await?;
             Ok(lines.join("\n"))
         })
@@ -784,6 +829,7 @@ impl OutboxStore {
         self.bounded(async {
             let tx = self.pool.begin_with(self.pinned_begin.clone()).await?;
             let mut query = sqlx::query_as(&self.claim_after_sql)
+                .persistent(self.prepared)
                 .bind(self.max_attempts)
                 .bind(i64::from(limit))
                 .bind(held)
@@ -819,17 +865,31 @@ impl OutboxStore {
                     }
                 }
                 if !located.is_empty() {
-                    sqlx::query(&self.settle_located_sql).bind(located).execute(&mut *tx).await?;
+                    sqlx::query(&self.settle_located_sql)
+                        .persistent(self.prepared)
+                        .bind(located)
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 if !by_id.is_empty() {
-                    sqlx::query(&self.settle_by_id_sql).bind(by_id).execute(&mut *tx).await?;
+                    sqlx::query(&self.settle_by_id_sql)
+                        .persistent(self.prepared)
+                        .bind(by_id)
+                        .execute(&mut *tx)
+                        .await?;
                 }
             }
             if !failures.is_empty() {
                 let ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
                 let attempts: Vec<i32> = failures.iter().map(|f| f.attempts).collect();
                 let errors: Vec<String> = failures.iter().map(|f| truncate_chars(&f.last_error)).collect();
-                sqlx::query(&self.fail_sql).bind(ids).bind(attempts).bind(errors).execute(&mut *tx).await?;
+                sqlx::query(&self.fail_sql)
+                    .persistent(self.prepared)
+                    .bind(ids)
+                    .bind(attempts)
+                    .bind(errors)
+                    .execute(&mut *tx)
+                    .await?;
             }
             tx.commit().await
         })
@@ -842,7 +902,8 @@ impl OutboxStore {
     /// # Errors
     /// Any database error or a timeout.
     pub async fn mark_published(&self, ids: &[Uuid]) -> Result<(), StoreError> {
-        self.bounded(sqlx::query(&self.settle_by_id_sql).bind(ids).execute(&self.pool)).await.map(|_| ())
+        let mark = sqlx::query(&self.settle_by_id_sql).persistent(self.prepared).bind(ids);
+        self.bounded(in_transaction!(self.pool, |tx| mark.execute(&mut *tx))).await.map(|_| ())
     }
 
     /// Deletes up to `limit` rows published before `older_than` ago; returns how many. Skips rows another
@@ -859,7 +920,8 @@ impl OutboxStore {
         );
         let older_than =
             sqlx::postgres::types::PgInterval::try_from(older_than).map_err(sqlx::Error::Encode)?;
-        let done = self.bounded(sqlx::query(&sql).bind(older_than).bind(limit).execute(&self.pool)).await?;
+        let delete = sqlx::query(&sql).persistent(self.prepared).bind(older_than).bind(limit);
+        let done = self.bounded(in_transaction!(self.pool, |tx| delete.execute(&mut *tx))).await?;
         Ok(done.rows_affected())
     }
 
@@ -883,22 +945,22 @@ impl OutboxStore {
     /// A database error or a timeout.
     pub async fn table_problem(&self) -> Result<Option<TableProblem>, StoreError> {
         let exists: Option<String> = self
-            .bounded(
-                sqlx::query_scalar("SELECT to_regclass($1)::text").bind(&self.table).fetch_one(&self.pool),
-            )
+            .bounded(in_transaction!(self.pool, |tx| sqlx::query_scalar("SELECT to_regclass($1)::text")
+                .persistent(self.prepared)
+                .bind(&self.table)
+                .fetch_one(&mut *tx)))
             .await?;
         if exists.is_none() {
             return Ok(Some(TableProblem::Missing));
         }
         let columns: Vec<(String, bool)> = self
-            .bounded(
-                sqlx::query_as(
-                    "SELECT attname::text, attnotnull FROM pg_attribute \
+            .bounded(in_transaction!(self.pool, |tx| sqlx::query_as(
+                "SELECT attname::text, attnotnull FROM pg_attribute \
                      WHERE attrelid = to_regclass($1) AND NOT attisdropped",
-                )
-                .bind(&self.table)
-                .fetch_all(&self.pool),
             )
+            .persistent(self.prepared)
+            .bind(&self.table)
+            .fetch_all(&mut *tx)))
             .await?;
         let find = |name: &str| columns.iter().find(|(have, _)| have == name);
         let missing: Vec<&'static str> =
@@ -952,18 +1014,21 @@ impl OutboxStore {
                 let mut tx = self.pool.begin_with(self.pinned_begin.clone()).await?;
                 let (pending, mut oldest, parked, sampled): (i64, Option<DateTime<Utc>>, i64, i64) =
                     sqlx::query_as(&sample)
+                        .persistent(self.prepared)
                         .bind(self.max_attempts)
                         .bind(SAMPLE_ROWS)
                         .fetch_one(&mut *tx)
                         .await?;
                 if oldest.is_none() && sampled >= SAMPLE_ROWS {
                     oldest = sqlx::query_scalar(&oldest_pending)
+                        .persistent(self.prepared)
                         .bind(self.max_attempts)
                         .bind(from)
                         .fetch_optional(&mut *tx)
                         .await?;
                 }
-                let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&mut *tx).await?;
+                let now: DateTime<Utc> =
+                    sqlx::query_scalar("SELECT now()").persistent(self.prepared).fetch_one(&mut *tx).await?;
                 tx.rollback().await?;
                 Ok((pending, oldest, parked, sampled, now))
             })
@@ -986,8 +1051,9 @@ impl OutboxStore {
             self.table,
             shard.sql_clause(&self.key_sql)
         );
+        let count = sqlx::query_scalar(&sql).persistent(self.prepared).bind(PUBLISHED_COUNT_MAX);
         let published_last_5m =
-            self.bounded(sqlx::query_scalar(&sql).bind(PUBLISHED_COUNT_MAX).fetch_one(&self.pool)).await?;
+            self.bounded(in_transaction!(self.pool, |tx| count.fetch_one(&mut *tx))).await?;
         Ok(OutboxStats { backlog, published_last_5m })
     }
 
@@ -1002,10 +1068,13 @@ impl OutboxStore {
              ORDER BY occurred_at, id LIMIT $3",
             self.table
         );
-        self.bounded(
-            sqlx::query_as(&sql).bind(self.max_attempts).bind(event_name).bind(limit).fetch_all(&self.pool),
-        )
-        .await
+        self.bounded(in_transaction!(self.pool, |tx| sqlx::query_as(&sql)
+            .persistent(self.prepared)
+            .bind(self.max_attempts)
+            .bind(event_name)
+            .bind(limit)
+            .fetch_all(&mut *tx)))
+            .await
     }
 
     /// Gives parked rows a fresh start (`attempts = 0`, `last_error = NULL`); returns how many.
@@ -1018,13 +1087,13 @@ impl OutboxStore {
             self.table,
             Self::parked_where(which)
         );
-        let query = sqlx::query(&sql).bind(self.max_attempts);
+        let query = sqlx::query(&sql).persistent(self.prepared).bind(self.max_attempts);
         let query = match which {
             Requeue::Ids(ids) => query.bind(ids),
             Requeue::EventName(name) => query.bind(name),
             Requeue::All => query,
         };
-        Ok(self.bounded(query.execute(&self.pool)).await?.rows_affected())
+        Ok(self.bounded(in_transaction!(self.pool, |tx| query.execute(&mut *tx))).await?.rows_affected())
     }
 
     /// The parked rows [`OutboxStore::requeue`] would requeue, oldest first, changing nothing.
@@ -1037,13 +1106,13 @@ impl OutboxStore {
             self.table,
             Self::parked_where(which)
         );
-        let query = sqlx::query_as(&sql).bind(self.max_attempts);
+        let query = sqlx::query_as(&sql).persistent(self.prepared).bind(self.max_attempts);
         let query = match which {
             Requeue::Ids(ids) => query.bind(ids),
             Requeue::EventName(name) => query.bind(name),
             Requeue::All => query,
         };
-        self.bounded(query.fetch_all(&self.pool)).await
+        self.bounded(in_transaction!(self.pool, |tx| query.fetch_all(&mut *tx))).await
     }
 
     /// Parked rows matching `which`, with `$1` the parked threshold and `$2` the ids or the event name.
@@ -1068,7 +1137,8 @@ impl OutboxStore {
              FROM {} WHERE id = ANY($2) ORDER BY occurred_at, id",
             self.table
         );
-        self.bounded(sqlx::query_as(&sql).bind(self.max_attempts).bind(ids).fetch_all(&self.pool)).await
+        let rows = sqlx::query_as(&sql).persistent(self.prepared).bind(self.max_attempts).bind(ids);
+        self.bounded(in_transaction!(self.pool, |tx| rows.fetch_all(&mut *tx))).await
     }
 }
 
