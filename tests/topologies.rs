@@ -33,10 +33,10 @@ async fn replicated_stream(cluster: &NatsCluster) -> TestStream {
     stream
 }
 
-#[tokio::test]
-async fn a_stream_leader_killed_mid_drain_is_a_nats_outage_never_a_missing_stream() {
-    let rows = 20_000;
-    let mut cluster = NatsCluster::start(3).await;
+/// A 3-node cluster with an R3 stream, `rows` pending rows, and a relay's settings for both: every server
+/// listed, reconnecting every 200 ms.
+async fn on_a_cluster(rows: usize) -> (NatsCluster, TestStream, TestDb, RelayEnv) {
+    let cluster = NatsCluster::start(3).await;
     let stream = replicated_stream(&cluster).await;
     let db = TestDb::create().await;
     db.insert_events(rows, "order.placed").await;
@@ -45,6 +45,23 @@ async fn a_stream_leader_killed_mid_drain_is_a_nats_outage_never_a_missing_strea
         ("QX_NATS__RECONNECT_TIME_WAIT_SECONDS", "0.2"),
         ("QX_RELAY__BATCH_SIZE", "500"),
     ]);
+    (cluster, stream, db, env)
+}
+
+/// How many messages the stream holds, and how many distinct `Nats-Msg-Id`s among them.
+async fn messages_and_distinct_ids(stream: &TestStream) -> (usize, usize) {
+    let messages = stream.messages().await;
+    let ids: HashSet<_> = messages
+        .iter()
+        .map(|message| message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|id| id.to_string()))
+        .collect();
+    (messages.len(), ids.len())
+}
+
+#[tokio::test]
+async fn a_stream_leader_killed_mid_drain_is_a_nats_outage_never_a_missing_stream() {
+    let rows = 20_000;
+    let (mut cluster, stream, db, env) = on_a_cluster(rows).await;
     let relay = Relay::spawn(&env, &[]);
     relay.eventually("the relay to publish", DRAIN, || async { stream.count().await >= 2000 }).await;
 
@@ -66,27 +83,15 @@ async fn a_stream_leader_killed_mid_drain_is_a_nats_outage_never_a_missing_strea
     eprintln!("stream leader {leader} killed: publishing went on after {stall:.1?}");
 
     assert!(!log.contains("no stream captures"), "an election is not a missing stream:\n{log}");
-    let mut ids = HashSet::new();
-    let mut messages = 0;
-    for message in stream.messages().await {
-        messages += 1;
-        ids.insert(message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|id| id.to_string()));
-    }
-    assert_eq!((messages, ids.len()), (rows, rows), "every row in the stream once");
+    assert_eq!(messages_and_distinct_ids(&stream).await, (rows, rows), "every row in the stream once");
     assert_eq!(db.count("attempts > 0").await, 0, "an election burns no attempts");
 }
 
 #[tokio::test]
 async fn a_cluster_without_quorum_is_not_ready_then_exit_69_and_nothing_lost() {
     let rows = 20_000;
-    let mut cluster = NatsCluster::start(3).await;
-    let stream = replicated_stream(&cluster).await;
-    let db = TestDb::create().await;
-    db.insert_events(rows, "order.placed").await;
-    let env = RelayEnv::new(&db, &stream.prefix).with(&[
-        ("QX_NATS__SERVERS", &serde_json::to_string(&cluster.urls()).unwrap()),
-        ("QX_NATS__RECONNECT_TIME_WAIT_SECONDS", "0.2"),
-        ("QX_RELAY__BATCH_SIZE", "500"),
+    let (mut cluster, stream, db, env) = on_a_cluster(rows).await;
+    let env = env.with(&[
         ("QX_RELAY__ACK_TIMEOUT", "1s"),
         ("QX_RELAY__GIVE_UP_AFTER", "5s"),
         ("QX_RELAY__DRAIN_TIMEOUT", "5s"),
@@ -114,13 +119,7 @@ async fn a_cluster_without_quorum_is_not_ready_then_exit_69_and_nothing_lost() {
     cluster.servers[2].restart().await;
     let relay = Relay::spawn(&env.set("QX_RELAY__GIVE_UP_AFTER", "60s"), &[]);
     relay.stop_when_drained(&db, DRAIN).await;
-    let ids: HashSet<_> = stream
-        .messages()
-        .await
-        .iter()
-        .map(|message| message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|id| id.to_string()))
-        .collect();
-    assert_eq!(ids.len(), rows, "every row in the stream");
+    assert_eq!(messages_and_distinct_ids(&stream).await.1, rows, "every row in the stream");
 }
 
 /// The relay's sessions on the server of `admin`, by the `application_name` it gives them.
@@ -206,13 +205,7 @@ async fn a_primary_turned_read_only_is_an_outage_whose_connections_are_replaced(
         after.iter().all(|pid| !before.contains(pid)),
         "sessions from before: {before:?}, now: {after:?}"
     );
-    let ids: HashSet<_> = stream
-        .messages()
-        .await
-        .iter()
-        .map(|message| message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|id| id.to_string()))
-        .collect();
-    assert_eq!(ids.len(), rows, "every row in the stream");
+    assert_eq!(messages_and_distinct_ids(&stream).await.1, rows, "every row in the stream");
 }
 
 #[tokio::test]
@@ -260,13 +253,7 @@ async fn behind_pgbouncer_in_transaction_pooling_the_relay_works_and_refuses_wha
         assert!(!log.contains("prepared statement"), "{log}");
         relay.stop().await;
     }
-    let ids: HashSet<_> = stream
-        .messages()
-        .await
-        .iter()
-        .map(|message| message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|id| id.to_string()))
-        .collect();
-    assert_eq!(ids.len(), rows, "every row in the stream");
+    assert_eq!(messages_and_distinct_ids(&stream).await.1, rows, "every row in the stream");
     for args in [&["check"][..], &["status"], &["dead", "list"]] {
         let (code, stdout, stderr) = run_command(&env, args);
         assert_eq!(code, Some(0), "{args:?}: {stdout}{stderr}\n{}", bouncer.log());
