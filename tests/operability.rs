@@ -400,7 +400,12 @@ async fn a_busy_metrics_port_is_named_and_a_bare_port_listens_everywhere() {
 
 /// Waits until the relay's log has a line holding every one of `parts`; the line.
 async fn log_line(relay: &Relay, parts: &[&str]) -> String {
-    let deadline = tokio::time::Instant::now() + DRAIN;
+    log_line_within(relay, parts, DRAIN).await
+}
+
+/// [`log_line`], waiting up to `limit`.
+async fn log_line_within(relay: &Relay, parts: &[&str], limit: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         let log = relay.log();
         if let Some(line) = log.lines().find(|line| parts.iter().all(|part| line.contains(part))) {
@@ -434,6 +439,33 @@ async fn a_lost_nats_connection_names_the_server_why_it_cannot_come_back_and_whe
     // And it relays again.
     db.insert_events(10, "order.placed").await;
     relay.stop_when_drained(&db, DRAIN).await;
+}
+
+#[tokio::test]
+async fn a_server_in_lame_duck_mode_is_named_and_left_when_it_closes_the_connection() {
+    // nats-server's shortest lame duck: 30 s to close every client, after a 1 s grace.
+    let config = std::env::temp_dir().join(format!("qxr-ldm-{}.conf", Uuid::new_v4().simple()));
+    std::fs::write(&config, "lame_duck_duration: \"30s\"\nlame_duck_grace_period: \"1s\"\n").unwrap();
+    let args = ["-c", config.to_str().unwrap()];
+    let servers = [NatsServer::start_with(&args).await, NatsServer::start_with(&args).await];
+    let db = TestDb::create().await;
+    let urls: Vec<String> = servers.iter().map(NatsServer::url).collect();
+    let env = RelayEnv::new(&db, "orders").with(&[
+        ("QX_NATS__SERVERS", &serde_json::to_string(&urls).unwrap()),
+        ("QX_NATS__RECONNECT_TIME_WAIT_SECONDS", "0.2"),
+        ("QX_RELAY__ENSURE_STREAM", "true"),
+    ]);
+    let relay = Relay::spawn(&env, &[]);
+    let connected = log_line(&relay, &["connected to Postgres and NATS"]).await;
+    let first = field(&connected, "nats").expect("nats=").to_owned();
+    let leaving = servers.iter().position(|s| first.ends_with(&format!(":{}", s.port))).expect("a server");
+    servers[leaving].lame_duck();
+    log_line(&relay, &[" WARN ", "lame duck mode", &format!("server={first}")]).await;
+    let other = format!("server=127.0.0.1:{}", servers[1 - leaving].port);
+    // It closes the connection within its 30 s; the relay moves then, not before.
+    log_line_within(&relay, &[" INFO ", "NATS connection back", &other], Duration::from_secs(45)).await;
+    std::fs::remove_file(&config).unwrap();
+    relay.stop().await;
 }
 
 #[tokio::test]

@@ -147,6 +147,12 @@ impl<P: Program> PrivateServer<P> {
         self.signal("CONT");
     }
 
+    /// SIGUSR2: a `nats-server` enters lame duck mode (tells its clients, then closes their connections over
+    /// its `lame_duck_duration`), as before a rolling upgrade.
+    pub fn lame_duck(&self) {
+        self.signal("USR2");
+    }
+
     fn signal(&self, name: &str) {
         let child = self.child.as_ref().unwrap_or_else(|| panic!("{} is not running", P::NAME));
         assert!(signal(child.id(), name), "kill -{name} {}", P::NAME);
