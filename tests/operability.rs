@@ -441,13 +441,10 @@ async fn a_lost_nats_connection_names_the_server_why_it_cannot_come_back_and_whe
     relay.stop_when_drained(&db, DRAIN).await;
 }
 
-#[tokio::test]
-async fn a_server_in_lame_duck_mode_is_named_and_left_when_it_closes_the_connection() {
-    // nats-server's shortest lame duck: 30 s to close every client, after a 1 s grace.
-    let config = std::env::temp_dir().join(format!("qxr-ldm-{}.conf", Uuid::new_v4().simple()));
-    std::fs::write(&config, "lame_duck_duration: \"30s\"\nlame_duck_grace_period: \"1s\"\n").unwrap();
-    let args = ["-c", config.to_str().unwrap()];
-    let servers = [NatsServer::start_with(&args).await, NatsServer::start_with(&args).await];
+/// A relay on the first of two NATS servers started with `args`, each a server of its own (no cluster); the
+/// relay, the servers, and the index of the one it connected to, whose `host:port` it logged.
+async fn on_one_of_two_servers(args: &[&str]) -> (Relay, [NatsServer; 2], usize, TestDb) {
+    let servers = [NatsServer::start_with(args).await, NatsServer::start_with(args).await];
     let db = TestDb::create().await;
     let urls: Vec<String> = servers.iter().map(NatsServer::url).collect();
     let env = RelayEnv::new(&db, "orders").with(&[
@@ -458,9 +455,19 @@ async fn a_server_in_lame_duck_mode_is_named_and_left_when_it_closes_the_connect
     let relay = Relay::spawn(&env, &[]);
     let connected = log_line(&relay, &["connected to Postgres and NATS"]).await;
     let first = field(&connected, "nats").expect("nats=").to_owned();
-    let leaving = servers.iter().position(|s| first.ends_with(&format!(":{}", s.port))).expect("a server");
+    let index = servers.iter().position(|s| first == format!("127.0.0.1:{}", s.port)).expect("one of them");
+    (relay, servers, index, db)
+}
+
+#[tokio::test]
+async fn a_server_in_lame_duck_mode_is_named_and_left_when_it_closes_the_connection() {
+    // nats-server's shortest lame duck: 30 s to close every client, after a 1 s grace.
+    let config = std::env::temp_dir().join(format!("qxr-ldm-{}.conf", Uuid::new_v4().simple()));
+    std::fs::write(&config, "lame_duck_duration: \"30s\"\nlame_duck_grace_period: \"1s\"\n").unwrap();
+    let (relay, servers, leaving, _db) = on_one_of_two_servers(&["-c", config.to_str().unwrap()]).await;
     servers[leaving].lame_duck();
-    log_line(&relay, &[" WARN ", "lame duck mode", &format!("server={first}")]).await;
+    let first = format!("server=127.0.0.1:{}", servers[leaving].port);
+    log_line(&relay, &[" WARN ", "lame duck mode", &first]).await;
     let other = format!("server=127.0.0.1:{}", servers[1 - leaving].port);
     // It closes the connection within its 30 s; the relay moves then, not before.
     log_line_within(&relay, &[" INFO ", "NATS connection back", &other], Duration::from_secs(45)).await;
@@ -470,22 +477,11 @@ async fn a_server_in_lame_duck_mode_is_named_and_left_when_it_closes_the_connect
 
 #[tokio::test]
 async fn a_lost_connection_names_the_server_lost_and_the_one_reached_after() {
-    let mut servers = [NatsServer::start().await, NatsServer::start().await];
-    let db = TestDb::create().await;
-    let urls: Vec<String> = servers.iter().map(NatsServer::url).collect();
-    let env = RelayEnv::new(&db, "orders").with(&[
-        ("QX_NATS__SERVERS", &serde_json::to_string(&urls).unwrap()),
-        ("QX_NATS__RECONNECT_TIME_WAIT_SECONDS", "0.2"),
-        ("QX_RELAY__ENSURE_STREAM", "true"),
-    ]);
-    let relay = Relay::spawn(&env, &[]);
-    let connected = log_line(&relay, &["connected to Postgres and NATS"]).await;
-    let first = field(&connected, "nats").expect("nats=").to_owned();
-    let (lost, other) =
-        if servers[0].port.to_string() == first.rsplit(':').next().unwrap() { (0, 1) } else { (1, 0) };
+    let (relay, mut servers, lost, _db) = on_one_of_two_servers(&[]).await;
     servers[lost].kill9();
-    let other = format!("server=127.0.0.1:{}", servers[other].port);
-    log_line(&relay, &[" WARN ", "NATS connection lost; reconnecting", &format!("server={first}")]).await;
+    let first = format!("server=127.0.0.1:{}", servers[lost].port);
+    log_line(&relay, &[" WARN ", "NATS connection lost; reconnecting", &first]).await;
+    let other = format!("server=127.0.0.1:{}", servers[1 - lost].port);
     log_line(&relay, &[" INFO ", "NATS connection back", &other]).await;
     relay.stop().await;
 }
