@@ -222,12 +222,25 @@ async fn behind_a_stock_pgbouncer_in_session_pooling_the_relay_and_its_commands_
     let relay = Relay::spawn(&env, &[]);
     relay.stop_when_drained(&db, DRAIN).await;
 
-    // A Postgres leader lock holds its session, and ends it after leader_ttl idle, through the pooler too.
-    db.insert_events(2000, "order.placed").await;
+    // A Postgres leader lock holds its session through the pooler, and the lease still ends it: a frozen
+    // leader's lock goes to the standby after leader_ttl, not never.
     let leader = env.with(&[("QX_RELAY__LEADER", "postgres"), ("QX_RELAY__LEADER_TTL", "3s")]);
-    let relay = Relay::spawn(&leader, &[]);
-    relay.stop_when_drained(&db, DRAIN).await;
-    assert!(relay.log().contains("leader lock acquired"), "{}", relay.log());
+    let first = Relay::spawn(&leader, &[]);
+    first.eventually("a leader", DRAIN, || async { first.log().contains("leader lock acquired") }).await;
+    let standby = Relay::spawn(&leader, &[]);
+    first.signal("STOP");
+    let frozen = Instant::now();
+    db.insert_events(2000, "order.placed").await;
+    standby
+        .eventually("the standby to lead", DRAIN, || async { standby.log().contains("leader lock acquired") })
+        .await;
+    let took_over = frozen.elapsed();
+    eprintln!(
+        "a frozen leader's Postgres lock, through PgBouncer, went to the standby after {took_over:.1?}"
+    );
+    assert!(took_over < Duration::from_secs(10), "within leader_ttl and a few checks: {took_over:?}");
+    standby.stop_when_drained(&db, DRAIN).await;
+    first.kill9();
     assert_eq!(stream.count().await, 4000);
 }
 
