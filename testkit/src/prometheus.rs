@@ -3,8 +3,8 @@
 //! fire as an on-call person would, and when.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::env::env_var;
 use crate::free_port;
 use crate::http::http;
-use crate::servers::temp_dir;
+use crate::servers::{temp_dir, Spawned};
 use crate::wait::poll_every;
 
 /// How long Prometheus may take to answer its API after starting.
@@ -30,8 +30,7 @@ pub struct Target<'a> {
 /// A running `prometheus`, killed and its data removed on drop.
 pub struct Prometheus {
     pub port: u16,
-    dir: PathBuf,
-    child: Child,
+    process: Spawned,
     /// Target files written so far.
     files: usize,
 }
@@ -69,7 +68,7 @@ impl Prometheus {
             .stderr(log)
             .spawn()
             .expect("start prometheus");
-        let server = Self { port, dir, child, files: 0 };
+        let server = Self { port, process: Spawned { child, dir }, files: 0 };
         let ready = poll_every(ASK_EVERY, STARTUP, || async {
             http(port, "GET", "/-/ready").await.filter(|response| response.status == 200)
         });
@@ -90,7 +89,7 @@ impl Prometheus {
             .collect();
         self.files += 1;
         // Written whole, then renamed in: the server never reads half a file.
-        let path = self.dir.join("targets").join(format!("{}.json", self.files));
+        let path = self.process.dir.join("targets").join(format!("{}.json", self.files));
         let partial = path.with_extension("partial");
         fs::write(&partial, Value::from(groups).to_string()).expect("write the targets");
         fs::rename(&partial, &path).expect("move the targets in place");
@@ -125,14 +124,6 @@ impl Prometheus {
 
     /// The server's log.
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = fs::remove_dir_all(&self.dir);
+        fs::read_to_string(self.process.dir.join("server.log")).unwrap_or_default()
     }
 }

@@ -501,8 +501,7 @@ fn pg_bin() -> PathBuf {
 /// package's settings but for the address, trust auth and `pool_mode`. As root it runs as `postgres`.
 pub struct PgBouncer {
     pub port: u16,
-    dir: PathBuf,
-    child: Child,
+    process: Spawned,
 }
 
 impl PgBouncer {
@@ -530,7 +529,7 @@ impl PgBouncer {
             .spawn()
             .unwrap_or_else(|err| panic!("start pgbouncer (is it installed?): {err}"));
         wait_for_port(port, "pgbouncer").await;
-        Self { port, dir, child }
+        Self { port, process: Spawned { child, dir } }
     }
 
     /// A connection URL for `database` through it.
@@ -540,11 +539,17 @@ impl PgBouncer {
 
     /// What it logged so far.
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
+        fs::read_to_string(self.process.dir.join("pgbouncer.log")).unwrap_or_default()
     }
 }
 
-impl Drop for PgBouncer {
+/// A program a run started with a temporary directory of its own: killed, and the directory removed, on drop.
+pub(crate) struct Spawned {
+    pub(crate) child: Child,
+    pub(crate) dir: PathBuf,
+}
+
+impl Drop for Spawned {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
