@@ -211,7 +211,7 @@ async fn a_primary_turned_read_only_is_an_outage_whose_connections_are_replaced(
 #[tokio::test]
 async fn behind_a_stock_pgbouncer_in_session_pooling_the_relay_and_its_commands_work() {
     let postgres = PgCluster::start().await;
-    let bouncer = PgBouncer::start(postgres.port, "session").await;
+    let bouncer = PgBouncer::start(postgres.port, &["pool_mode = session"]).await;
     let (db, stream) = (TestDb::create_on(&postgres).await, TestStream::create().await);
     db.insert_events(2000, "order.placed").await;
     let env = RelayEnv::new(&db, &stream.prefix).set("QX_DB__URL", bouncer.url(&db.name));
@@ -247,7 +247,7 @@ async fn behind_a_stock_pgbouncer_in_session_pooling_the_relay_and_its_commands_
 #[tokio::test]
 async fn behind_pgbouncer_in_transaction_pooling_the_relay_works_and_refuses_what_needs_a_session() {
     let postgres = PgCluster::start().await;
-    let bouncer = PgBouncer::start(postgres.port, "transaction").await;
+    let bouncer = PgBouncer::start(postgres.port, &["pool_mode = transaction"]).await;
     let (db, stream) = (TestDb::create_on(&postgres).await, TestStream::create().await);
     let rows = 20_000;
     db.insert_events(rows, "order.placed").await;
@@ -273,6 +273,21 @@ async fn behind_pgbouncer_in_transaction_pooling_the_relay_works_and_refuses_wha
     }
     let (code, stdout, _) = run_command(&env, &["dead", "requeue", "--all"]);
     assert_eq!((code, stdout.trim()), (Some(0), "requeued 3 row(s)"));
+
+    // Handing out the sessions in turn instead of the one freed last hides nothing, once the pooler has two.
+    let round_robin =
+        PgBouncer::start(postgres.port, &["pool_mode = transaction", "server_round_robin = 1"]).await;
+    let options: sqlx::postgres::PgConnectOptions = round_robin.url(&db.name).parse().expect("a URL");
+    let clients =
+        sqlx::PgPool::connect_with(options.extra_float_digits(None)).await.expect("a pool through it");
+    let mut holding = clients.begin().await.expect("a transaction holding one session");
+    sqlx::raw_sql("SELECT 1").execute(&mut *holding).await.expect("on one session");
+    sqlx::raw_sql("SELECT 1").execute(&clients).await.expect("on another");
+    holding.commit().await.expect("both idle now");
+    let (code, stdout, stderr) =
+        run_command(&env.clone().set("QX_DB__URL", round_robin.url(&db.name)), &["check"]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("db.url leads to a transaction pooler"), "{stderr}");
 
     // What needs a session is refused at start, with one line that says why and what to do.
     let session_settings = [

@@ -204,12 +204,13 @@ async fn refuse_read_only(connection: &mut PgConnection) -> Result<(), sqlx::Err
     Ok(())
 }
 
-/// Whether two connections of `pool` reach the same server session in turn, as through PgBouncer in
-/// `pool_mode = transaction`: there a statement prepared on one session and kept would be run on another,
-/// which lacks it or holds another of the same name. The pooler frees one connection's session after its
-/// statement and hands out the session freed last (PgBouncer's default), so the other connection sees the same
-/// backend; a session pooler or Postgres itself never lets it. Another client of the pooler may take the
-/// freed session first, so it is asked a few times. By the simple protocol: nothing is prepared.
+/// Whether the connections of `pool` reach other server sessions between transactions, as through PgBouncer
+/// in `pool_mode = transaction`: there a statement prepared on one session and kept would be run on another,
+/// which lacks it or holds another of the same name. Either sign tells it: the session one connection freed
+/// after its statement is handed to another connection (PgBouncer's default hands out the session freed last),
+/// or one connection's statements run on other sessions in turn (`server_round_robin = 1`). A session pooler or
+/// Postgres itself shows neither. Another client of the pooler may take the freed session first, so it is
+/// asked a few times. By the simple protocol: nothing is prepared.
 async fn shares_sessions(pool: &PgPool) -> Result<bool, sqlx::Error> {
     const TRIES: usize = 3;
     let backend = |row: sqlx::postgres::PgRow| row.try_get::<i32, _>(0);
@@ -220,7 +221,9 @@ async fn shares_sessions(pool: &PgPool) -> Result<bool, sqlx::Error> {
         let mut transaction = second.begin().await?;
         let held = backend(sqlx::Executor::fetch_one(&mut *transaction, backend_of()).await?)?;
         transaction.rollback().await?;
-        if freed == held {
+        let again = backend(sqlx::Executor::fetch_one(&mut *first, backend_of()).await?)?;
+        let once_more = backend(sqlx::Executor::fetch_one(&mut *first, backend_of()).await?)?;
+        if freed == held || again != freed || once_more != again {
             return Ok(true);
         }
     }

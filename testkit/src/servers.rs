@@ -498,21 +498,23 @@ fn pg_bin() -> PathBuf {
 }
 
 /// Debian's PgBouncer in front of the Postgres on loopback port `postgres_port`, as a team runs it: the
-/// package's settings but for the address, trust auth and `pool_mode`. As root it runs as `postgres`.
+/// package's settings but for the address, trust auth and what a test adds. As root it runs as `postgres`.
 pub struct PgBouncer {
     pub port: u16,
     process: Spawned,
 }
 
 impl PgBouncer {
-    /// Starts one pooling in `pool_mode` (`session` or `transaction`); returns when it accepts connections.
-    pub async fn start(postgres_port: u16, pool_mode: &str) -> Self {
+    /// Starts one with `settings` added to its `[pgbouncer]` section (`pool_mode = transaction`, …); returns
+    /// when it accepts connections.
+    pub async fn start(postgres_port: u16, settings: &[&str]) -> Self {
         let (port, dir) = (free_port(), temp_dir("pgbouncer"));
         let ini = format!(
             "[databases]\n* = host=127.0.0.1 port={postgres_port}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
              listen_port = {port}\nunix_socket_dir =\nauth_type = trust\nauth_file = {dir}/userlist.txt\n\
-             pool_mode = {pool_mode}\nlogfile = {dir}/pgbouncer.log\npidfile = {dir}/pgbouncer.pid\n",
-            dir = dir.display()
+             logfile = {dir}/pgbouncer.log\npidfile = {dir}/pgbouncer.pid\n{settings}\n",
+            dir = dir.display(),
+            settings = settings.join("\n"),
         );
         fs::write(dir.join("pgbouncer.ini"), ini).expect("write pgbouncer.ini");
         fs::write(dir.join("userlist.txt"), "\"postgres\" \"\"\n").expect("write userlist.txt");
