@@ -166,11 +166,16 @@ async fn why_unreachable(options: &PgConnectOptions, limit: Duration) -> Option<
     match tokio::time::timeout(limit, attempt).await {
         Ok(Err(cause)) => Some(cause),
         Ok(Ok(())) => None,
-        Err(_) => Some(sqlx::Error::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no answer within {}", humantime::format_duration(limit)),
-        ))),
+        Err(_) => Some(no_answer(limit)),
     }
+}
+
+/// What a wait of `limit` on Postgres that ran out says.
+fn no_answer(limit: Duration) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer within {}", humantime::format_duration(limit)),
+    ))
 }
 
 /// `$statement` (a future run on the transaction `$tx`) in a transaction of its own. Behind a transaction
@@ -549,7 +554,10 @@ impl OutboxStore {
             },
             result => result,
         }?;
-        let pooled = shares_sessions(&pool).await?;
+        // A server that hangs right after answering must not hang the start.
+        let pooled = tokio::time::timeout(connect_timeout, shares_sessions(&pool))
+            .await
+            .map_err(|_| no_answer(connect_timeout))??;
         let needs_session = match (&relay.leader, &relay.notify_channel) {
             (LeaderMode::Postgres, _) => Some("relay.leader = \"postgres\" (a session advisory lock)"),
             (_, Some(_)) => Some("relay.notify_channel (LISTEN)"),
