@@ -101,6 +101,8 @@ impl TestStream {
         let reader = stream
             .create_consumer(consumer::pull::Config {
                 ack_policy: consumer::AckPolicy::None,
+                // One replica: a replicated stream missing a peer still gets a reader.
+                num_replicas: 1,
                 ..Default::default()
             })
             .await
