@@ -91,8 +91,8 @@ pub struct RelayPublisher {
     ack_timeout: Duration,
     /// What happened to the connection, and which server it is on.
     connection: Arc<ConnectionLog>,
-    /// Whether JetStream stored the last batch that had an answer: false after one it neither stored nor
-    /// refused (an election, a lost quorum, JetStream missing or a full stream) until it stores again. A
+    /// Whether JetStream took the last batch that had an answer: false after one with rows it neither stored
+    /// nor refused (an election, a lost quorum, JetStream missing or a full stream) until a batch goes in whole. A
     /// connected client is not enough to be up.
     storing: Arc<AtomicBool>,
 }

@@ -157,10 +157,12 @@ impl RelayPublisher {
                 *outcome = Outcome::Failed(failure.clone());
             }
         }
-        let stored = outcomes.iter().any(|o| matches!(o, Outcome::Published { .. }));
+        // A batch of which some rows went unanswered says NATS is not taking messages, even if others got in.
         let unavailable = |o: &Outcome| matches!(o, Outcome::Failed(f) if f.kind == FailureKind::Unavailable);
-        if stored || outcomes.iter().any(unavailable) {
-            self.storing.store(stored, Ordering::Relaxed);
+        if outcomes.iter().any(unavailable) {
+            self.storing.store(false, Ordering::Relaxed);
+        } else if outcomes.iter().any(|o| matches!(o, Outcome::Published { .. })) {
+            self.storing.store(true, Ordering::Relaxed);
         }
         outcomes
     }
